@@ -1,0 +1,383 @@
+"""ModelConfig: every architectural field of DeepSeek-V3 (SPEC §1), validated, with presets and
+conversion to and from transformers' ``config.json`` (model_type ``deepseek_v3`` / ``deepseek_v2``).
+
+Field names follow the Hugging Face config so a reader can map each one to a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCORING_FUNCS = ("sigmoid", "softmax")
+TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a DeepSeek-V3-style model.
+
+    Attributes mirror the Hugging Face ``DeepseekV3Config`` names. ``q_lora_rank`` of ``None`` (or 0)
+    means a plain ``q_proj`` without query compression (DeepSeek-V2-Lite). YaRN is active when
+    ``rope_scaling_type == "yarn"``.
+    """
+
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 3
+    num_attention_heads: int = 128
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    scoring_func: str = "sigmoid"
+    topk_method: str = "noaux_tc"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    rope_theta: float = 10000.0
+    rope_scaling_type: str | None = "yarn"
+    rope_factor: float = 40.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 1.0
+    max_position_embeddings: int = 163840
+    num_nextn_predict_layers: int = 1
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.006
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 1
+    model_type: str = "deepseek_v3"
+    extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.q_lora_rank == 0:
+            self.q_lora_rank = None
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that makes the architecture impossible."""
+        positive = [
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
+            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_position_embeddings",
+        ]
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        non_negative = [
+            "first_k_dense_replace", "n_routed_experts", "n_shared_experts", "num_nextn_predict_layers",
+            "intermediate_size", "moe_intermediate_size",
+        ]
+        for name in non_negative:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0):
+            raise ValueError(f"ModelConfig.q_lora_rank must be a non-negative integer or None, got {self.q_lora_rank!r}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"ModelConfig.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
+            raise ValueError("ModelConfig.intermediate_size must be positive when there are dense layers")
+        if self.has_moe:
+            if self.n_routed_experts <= 0:
+                raise ValueError("ModelConfig.n_routed_experts must be positive when layers past "
+                                 "first_k_dense_replace are MoE layers")
+            if self.moe_intermediate_size <= 0:
+                raise ValueError("ModelConfig.moe_intermediate_size must be positive for MoE layers")
+            if self.scoring_func not in SCORING_FUNCS:
+                raise ValueError(f"ModelConfig.scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
+            if self.topk_method not in TOPK_METHODS:
+                raise ValueError(f"ModelConfig.topk_method must be one of {TOPK_METHODS}, got {self.topk_method!r}")
+            if self.n_group <= 0 or self.n_routed_experts % self.n_group:
+                raise ValueError(f"ModelConfig.n_routed_experts ({self.n_routed_experts}) must be divisible by "
+                                 f"n_group ({self.n_group})")
+            if not 1 <= self.topk_group <= self.n_group:
+                raise ValueError(f"ModelConfig.topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
+            if self.num_experts_per_tok <= 0:
+                raise ValueError(f"ModelConfig.num_experts_per_tok must be positive, got {self.num_experts_per_tok}")
+            reachable = self.n_routed_experts
+            if self.topk_method != "greedy":
+                reachable = self.topk_group * (self.n_routed_experts // self.n_group)
+            if self.num_experts_per_tok > reachable:
+                raise ValueError(
+                    f"ModelConfig.num_experts_per_tok ({self.num_experts_per_tok}) is larger than the "
+                    f"{reachable} experts that topk_group={self.topk_group} of n_group={self.n_group} groups allow")
+            if self.topk_method == "noaux_tc" and self.n_routed_experts // self.n_group < 2 and self.n_group > 1:
+                raise ValueError("ModelConfig.topk_method 'noaux_tc' scores a group by its top-2 experts: "
+                                 "n_routed_experts / n_group must be at least 2")
+        if self.rope_scaling_type not in (None, "yarn"):
+            raise ValueError(f"ModelConfig.rope_scaling_type must be None or 'yarn', got {self.rope_scaling_type!r}")
+        if self.rope_scaling_type == "yarn":
+            if not self.rope_factor >= 1.0:
+                raise ValueError(f"ModelConfig.rope_factor must be >= 1 for YaRN, got {self.rope_factor}")
+            if self.original_max_position_embeddings <= 0:
+                raise ValueError("ModelConfig.original_max_position_embeddings must be positive for YaRN")
+        if self.rope_theta <= 1.0:
+            raise ValueError(f"ModelConfig.rope_theta must be > 1, got {self.rope_theta}")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"ModelConfig.rms_norm_eps must be positive, got {self.rms_norm_eps}")
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def has_moe(self) -> bool:
+        return self.num_hidden_layers > self.first_k_dense_replace or (
+            self.num_nextn_predict_layers > 0 and self.n_routed_experts > 0)
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Layers ``first_k_dense_replace..`` are MoE; MTP blocks (index >= num_hidden_layers) are MoE too."""
+        return layer_idx >= self.first_k_dense_replace and self.n_routed_experts > 0
+
+    @property
+    def yarn(self) -> bool:
+        return self.rope_scaling_type == "yarn"
+
+    @property
+    def softmax_scale(self) -> float:
+        """(d_h + d_h^R)^-0.5 * m(s, mscale_all_dim)^2 (SPEC §2)."""
+        scale = self.qk_head_dim ** -0.5
+        if self.yarn and self.mscale_all_dim:
+            m = yarn_mscale(self.rope_factor, self.mscale_all_dim)
+            scale = scale * m * m
+        return scale
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("extra")
+        return d
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(sorted(PRESETS))}")
+        return cls(**PRESETS[name])
+
+    # ------------------------------------------------------------------ Hugging Face config.json
+    @classmethod
+    def from_hf(cls, source: dict[str, Any] | str | Path) -> "ModelConfig":
+        """Read a transformers ``config.json`` (a dict, the file, or the directory holding it)."""
+        if not isinstance(source, dict):
+            path = Path(source)
+            if path.is_dir():
+                path = path / "config.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"no config.json at {path}")
+            try:
+                source = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON: {e}") from None
+            if not isinstance(source, dict):
+                raise ValueError(f"{path} must hold a JSON object")
+        return _from_hf_dict(source)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The transformers ``config.json`` dict (legacy ``rope_scaling`` plus ``rope_parameters``)."""
+        d: dict[str, Any] = {
+            "architectures": ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "first_k_dense_replace": self.first_k_dense_replace,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_attention_heads,
+            "q_lora_rank": self.q_lora_rank,
+            "kv_lora_rank": self.kv_lora_rank,
+            "qk_nope_head_dim": self.qk_nope_head_dim,
+            "qk_rope_head_dim": self.qk_rope_head_dim,
+            "v_head_dim": self.v_head_dim,
+            "n_routed_experts": self.n_routed_experts,
+            "n_shared_experts": self.n_shared_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "n_group": self.n_group,
+            "topk_group": self.topk_group,
+            "scoring_func": self.scoring_func,
+            "topk_method": self.topk_method,
+            "norm_topk_prob": self.norm_topk_prob,
+            "routed_scaling_factor": self.routed_scaling_factor,
+            "moe_layer_freq": 1,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "num_nextn_predict_layers": self.num_nextn_predict_layers,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "initializer_range": self.initializer_range,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "use_cache": True,
+            "torch_dtype": "bfloat16",
+        }
+        if self.model_type == "deepseek_v3":
+            d["rope_interleave"] = True
+        rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.yarn:
+            scaling = {
+                "type": "yarn",
+                "factor": self.rope_factor,
+                "original_max_position_embeddings": self.original_max_position_embeddings,
+                "beta_fast": self.beta_fast,
+                "beta_slow": self.beta_slow,
+                "mscale": self.mscale,
+                "mscale_all_dim": self.mscale_all_dim,
+            }
+            d["rope_scaling"] = scaling
+            rope_parameters = {"rope_type": "yarn", "rope_theta": self.rope_theta,
+                               **{k: v for k, v in scaling.items() if k != "type"}}
+        else:
+            d["rope_scaling"] = None
+        d["rope_parameters"] = rope_parameters
+        for key, value in self.extra.items():
+            d.setdefault(key, value)
+        return d
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """m(s, k) = 0.1 k ln s + 1 for s > 1, else 1 (SPEC §2; YaRN eq. for the attention temperature)."""
+    if scale <= 1.0:
+        return 1.0
+    return 0.1 * mscale * math.log(scale) + 1.0
+
+
+# ---------------------------------------------------------------------- config.json parsing
+_KNOWN_HF_KEYS = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
+# Keys transformers writes that carry no architecture (or that we derive).
+_IGNORED_HF_KEYS = {
+    "architectures", "num_key_value_heads", "moe_layer_freq", "hidden_act", "rope_scaling", "rope_parameters",
+    "attention_bias", "attention_dropout", "use_cache", "torch_dtype", "dtype", "rope_interleave",
+    "transformers_version", "head_dim", "qk_head_dim", "pretraining_tp", "aux_loss_alpha", "seq_aux",
+    "ep_size", "auto_map", "pad_token_id", "quantization_config", "output_router_logits", "router_aux_loss_coef",
+    "router_jitter_noise", "mlp_layer_types", "_name_or_path",
+}
+
+
+def _from_hf_dict(d: dict[str, Any]) -> ModelConfig:
+    model_type = d.get("model_type", "deepseek_v3")
+    if model_type not in ("deepseek_v3", "deepseek_v2"):
+        raise ValueError(f"config.json model_type {model_type!r} is not supported (deepseek_v3 or deepseek_v2)")
+    v2 = model_type == "deepseek_v2"
+    kwargs: dict[str, Any] = {"model_type": model_type}
+    # transformers' own defaults for keys a config.json may omit
+    defaults_v2 = dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
+                       n_group=1, topk_group=1, num_nextn_predict_layers=0, first_k_dense_replace=0,
+                       bos_token_id=100000, eos_token_id=100001)
+    defaults_v3 = dict(scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=0)
+    kwargs.update(defaults_v2 if v2 else defaults_v3)
+    for key, value in d.items():
+        if key in _KNOWN_HF_KEYS and key != "model_type":
+            kwargs[key] = value
+    if kwargs.get("n_group") is None:
+        kwargs["n_group"] = 1
+    if kwargs.get("topk_group") is None:
+        kwargs["topk_group"] = 1
+    if kwargs.get("n_shared_experts") is None:
+        kwargs["n_shared_experts"] = 0
+    if kwargs.get("n_routed_experts") is None:
+        kwargs["n_routed_experts"] = 0
+    if isinstance(kwargs.get("eos_token_id"), list):
+        kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
+    # RoPE: the newer ``rope_parameters`` or the legacy ``rope_scaling`` (and top-level rope_theta)
+    rope = d.get("rope_parameters") or {}
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default", "yarn"):
+        raise ValueError(f"config.json rope type {rope.get('rope_type')!r} is not supported (default or yarn)")
+    scaling = d.get("rope_scaling") or {}
+    if scaling and scaling.get("type", scaling.get("rope_type")) not in ("yarn", "default"):
+        raise ValueError(f"config.json rope_scaling type {scaling.get('type')!r} is not supported (yarn)")
+    source = scaling if scaling.get("type", scaling.get("rope_type")) == "yarn" else rope
+    if "rope_theta" in rope:
+        kwargs["rope_theta"] = float(rope["rope_theta"])
+    if source and source.get("type", source.get("rope_type")) == "yarn":
+        kwargs["rope_scaling_type"] = "yarn"
+        factor = source.get("factor")
+        orig = source.get("original_max_position_embeddings", d.get("max_position_embeddings"))
+        if factor is None:
+            factor = d["max_position_embeddings"] / orig
+        kwargs["rope_factor"] = float(factor)
+        kwargs["original_max_position_embeddings"] = int(orig)
+        kwargs["beta_fast"] = float(source.get("beta_fast") or 32)
+        kwargs["beta_slow"] = float(source.get("beta_slow") or 1)
+        kwargs["mscale"] = float(source.get("mscale") or 1.0)
+        kwargs["mscale_all_dim"] = float(source.get("mscale_all_dim") or 0.0)
+    else:
+        kwargs["rope_scaling_type"] = None
+        kwargs["rope_factor"] = 1.0
+    extra = {k: v for k, v in d.items() if k not in _KNOWN_HF_KEYS and k not in _IGNORED_HF_KEYS}
+    kwargs["extra"] = extra
+    try:
+        return ModelConfig(**kwargs)
+    except TypeError as e:  # a field of the wrong type
+        raise ValueError(f"config.json: {e}") from None
+
+
+# ---------------------------------------------------------------------- presets
+PRESETS: dict[str, dict[str, Any]] = {
+    "deepseek-v3": {},
+    "deepseek-r1": {},
+    "deepseek-v2": dict(
+        vocab_size=102400, hidden_size=5120, num_hidden_layers=60, first_k_dense_replace=1, num_attention_heads=128,
+        q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        intermediate_size=12288, moe_intermediate_size=1536, n_routed_experts=160, n_shared_experts=2,
+        num_experts_per_tok=6, n_group=8, topk_group=3, scoring_func="softmax", topk_method="group_limited_greedy",
+        norm_topk_prob=False, routed_scaling_factor=16.0, rope_factor=40.0, original_max_position_embeddings=4096,
+        mscale=0.707, mscale_all_dim=0.707, max_position_embeddings=163840, num_nextn_predict_layers=0,
+        bos_token_id=100000, eos_token_id=100001, model_type="deepseek_v2"),
+    "deepseek-v2-lite": dict(
+        vocab_size=102400, hidden_size=2048, num_hidden_layers=27, first_k_dense_replace=1, num_attention_heads=16,
+        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64, n_shared_experts=2,
+        num_experts_per_tok=6, n_group=1, topk_group=1, scoring_func="softmax", topk_method="greedy",
+        norm_topk_prob=False, routed_scaling_factor=1.0, rope_factor=40.0, original_max_position_embeddings=4096,
+        mscale=0.707, mscale_all_dim=0.707, max_position_embeddings=163840, num_nextn_predict_layers=0,
+        bos_token_id=100000, eos_token_id=100001, model_type="deepseek_v2"),
+    # Tiny: unit and parity tests (dims multiples of 16 so torch._grouped_mm's 16-byte stride rule holds).
+    "tiny": dict(
+        vocab_size=256, hidden_size=64, num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4,
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16,
+        intermediate_size=128, moe_intermediate_size=32, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=4, n_group=4, topk_group=2, rope_factor=4.0, original_max_position_embeddings=128,
+        max_position_embeddings=512, num_nextn_predict_layers=1, initializer_range=0.02),
+    # CPU demo: trains in minutes on 2 cores.
+    "demo": dict(
+        vocab_size=8192, hidden_size=256, num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=8,
+        q_lora_rank=128, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        intermediate_size=768, moe_intermediate_size=128, n_routed_experts=16, n_shared_experts=1,
+        num_experts_per_tok=4, n_group=4, topk_group=2, rope_scaling_type=None, rope_factor=1.0,
+        original_max_position_embeddings=512, max_position_embeddings=2048, num_nextn_predict_layers=1,
+        initializer_range=0.02),
+    # Benchmarks: the small MoE of the training issue (64 fine-grained experts, top-6, 8 groups limit 4).
+    "bench": dict(
+        vocab_size=8192, hidden_size=512, num_hidden_layers=6, first_k_dense_replace=1, num_attention_heads=16,
+        q_lora_rank=256, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+        intermediate_size=1536, moe_intermediate_size=256, n_routed_experts=64, n_shared_experts=1,
+        num_experts_per_tok=6, n_group=8, topk_group=4, rope_scaling_type=None, rope_factor=1.0,
+        original_max_position_embeddings=4096, max_position_embeddings=4096, num_nextn_predict_layers=1,
+        initializer_range=0.02),
+}

@@ -1,0 +1,147 @@
+"""DeepSeekMoE (SPEC §4; DeepSeek-V3 §2.1.2, eqs. 12-16): shared experts plus fine-grained routed experts.
+
+The router scores each token against every expert's centroid (sigmoid for V3, softmax for V2) in fp32,
+selects the top-k among the groups it may use, with the balancing bias added for selection only, and
+weights each selected expert by its normalized, scaled affinity. No token is ever dropped: the routed
+experts run as one grouped matrix product over the tokens sorted by expert.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+
+class Routing(NamedTuple):
+    """What the losses and the balancing need from one MoE layer's router."""
+
+    topk_idx: torch.Tensor  # (B, T, K) selected experts
+    scores: torch.Tensor    # (B, T, E) affinities s_{i,t} (fp32, with gradient)
+    counts: torch.Tensor    # (E,) tokens routed to each expert (no gradient)
+
+
+class Router(nn.Module):
+    """Top-k gate with group-limited (node-limited) selection and the auxiliary-loss-free bias."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        self.top_k = config.num_experts_per_tok
+        self.n_group = config.n_group
+        self.topk_group = config.topk_group
+        self.scoring_func = config.scoring_func
+        self.topk_method = config.topk_method
+        self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))  # centroids e_i
+        if self.topk_method == "noaux_tc":
+            # b_i: used for selection only, updated outside backprop (SPEC §4)
+            self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return gate weights g (T, K) fp32, expert indices (T, K) and affinities s (T, E) fp32."""
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if self.scoring_func == "sigmoid":
+            scores_TE = logits_TE.sigmoid()  # s_i = sigmoid(u^T e_i)  (V3 eq. 15)
+        else:
+            scores_TE = logits_TE.softmax(dim=-1)  # V2 eq. 22
+        choice_TE = scores_TE.detach()
+        if self.e_score_correction_bias is not None:
+            choice_TE = choice_TE + self.e_score_correction_bias  # s_i + b_i, for top-k only (V3 eq. 16)
+        if self.topk_method != "greedy" and self.n_group > 1:
+            choice_TGe = choice_TE.unflatten(-1, (self.n_group, -1))  # (T, G, E/G)
+            if self.topk_method == "noaux_tc":
+                group_score_TG = choice_TGe.topk(2, dim=-1).values.sum(-1)  # sum of each group's top-2
+            else:
+                group_score_TG = choice_TGe.amax(dim=-1)  # V2 group_limited_greedy: the group's best expert
+            keep_TG = group_score_TG.topk(self.topk_group, dim=-1).indices
+            mask_TG = torch.zeros_like(group_score_TG, dtype=torch.bool).scatter_(1, keep_TG, True)
+            choice_TE = choice_TGe.masked_fill(~mask_TG.unsqueeze(-1), float("-inf")).flatten(1)  # (T, E)
+        topk_idx_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
+        weights_TK = scores_TE.gather(1, topk_idx_TK)  # gate values use the unbiased s_i
+        if self.norm_topk_prob and self.top_k > 1:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        return weights_TK * self.routed_scaling_factor, topk_idx_TK, scores_TE
+
+
+def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned rows; on CUDA it wants bf16 on sm90+."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.device.type == "cpu":
+        if x.dtype not in (torch.float32, torch.bfloat16):
+            return False
+    elif x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    else:
+        return False
+    size = x.element_size()
+    return all((w.shape[-1] * size) % 16 == 0 and (w.shape[-2] * size) % 16 == 0 for w in weights) and all(
+        w.dtype == x.dtype for w in weights)
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored as 3-D tensors and run as grouped matrix products (no per-expert loop)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_experts = config.n_routed_experts
+        d, f = config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.n_experts, 2 * f, d))  # [gate; up] per expert, (E, 2F, D)
+        self.down_proj = nn.Parameter(torch.empty(self.n_experts, d, f))  # (E, D, F)
+
+    def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sum_k g_k FFN_{i_k}(x) per token (V3 eq. 12) and the token count per expert (E,)."""
+        T, K = idx_TK.shape
+        flat_idx = idx_TK.flatten()  # (T*K,)
+        order = flat_idx.argsort(stable=True)  # token-slots sorted by expert
+        counts_E = torch.bincount(flat_idx, minlength=self.n_experts)
+        token_of = order // K  # which token each sorted slot belongs to
+        x_SD = x_TD[token_of]  # (S = T*K, D)
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if _grouped_mm_ok(x_SD, gate_up, down):
+            offsets = counts_E.cumsum(0).to(torch.int32)
+            h_SF2 = torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=offsets)  # (S, 2F)
+            gate, up = h_SF2.chunk(2, dim=-1)
+            y_SD = torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)  # (S, D)
+        else:  # fallback: one matmul per expert that received tokens
+            chunks = []
+            for e, x_e in enumerate(x_SD.split(counts_E.tolist())):
+                if x_e.shape[0]:
+                    gate, up = (x_e @ gate_up[e].T).chunk(2, dim=-1)
+                    chunks.append((F.silu(gate) * up) @ down[e].T)
+            y_SD = torch.cat(chunks) if chunks else x_SD.new_zeros(0, x_TD.shape[-1])
+        y_SD = (y_SD.float() * weights_TK.flatten()[order, None]).to(x_TD.dtype)  # g_{i,t} FFN_i(u_t)
+        out_TD = torch.zeros_like(x_TD).index_add_(0, token_of, y_SD)
+        return out_TD, counts_E
+
+
+class MoE(nn.Module):
+    """h' = u + sum_shared FFN_s(u) + sum_routed g_i FFN_i(u)  (the residual is added by the block)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = RoutedExperts(config)
+        width = config.n_shared_experts * config.moe_intermediate_size
+        self.shared_experts = MLP(config.hidden_size, width) if width else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        B, T, D = x.shape
+        x_TD = x.reshape(B * T, D)  # (B*T, D)
+        weights_TK, idx_TK, scores_TE = self.gate(x_TD)
+        routed_TD, counts_E = self.experts(x_TD, weights_TK, idx_TK)
+        out = routed_TD.view(B, T, D)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        routing = Routing(idx_TK.view(B, T, -1), scores_TE.view(B, T, -1), counts_E.detach())
+        return out, routing
