@@ -79,7 +79,7 @@ class ModelConfig:
         ]
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         non_negative = [
             "first_k_dense_replace", "n_routed_experts", "n_shared_experts", "num_nextn_predict_layers",
@@ -87,14 +87,26 @@ class ModelConfig:
         ]
         for name in non_negative:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            if not _is_int(value) or value < 0:
                 raise ValueError(f"ModelConfig.{name} must be a non-negative integer, got {value!r}")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0):
+        if self.q_lora_rank is not None and (not _is_int(self.q_lora_rank) or self.q_lora_rank < 0):
             raise ValueError(f"ModelConfig.q_lora_rank must be a non-negative integer or None, got {self.q_lora_rank!r}")
+        numbers = ["routed_scaling_factor", "rope_theta", "rope_factor", "beta_fast", "beta_slow", "mscale",
+                   "mscale_all_dim", "rms_norm_eps", "initializer_range"]
+        for name in numbers:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"ModelConfig.{name} must be a finite number, got {value!r}")
+        for name in ("norm_topk_prob", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.model_type not in ("deepseek_v3", "deepseek_v2"):
+            raise ValueError(f"ModelConfig.model_type must be 'deepseek_v3' or 'deepseek_v2', got {self.model_type!r}")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"ModelConfig.qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
         if self.first_k_dense_replace > 0 and self.intermediate_size <= 0:
-            raise ValueError("ModelConfig.intermediate_size must be positive when there are dense layers")
+            raise ValueError("ModelConfig.intermediate_size must be positive when there are dense layers "
+                             f"(first_k_dense_replace={self.first_k_dense_replace}), got {self.intermediate_size}")
         if self.has_moe:
             if self.n_routed_experts <= 0:
                 raise ValueError("ModelConfig.n_routed_experts must be positive when layers past "
@@ -105,13 +117,15 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.scoring_func must be one of {SCORING_FUNCS}, got {self.scoring_func!r}")
             if self.topk_method not in TOPK_METHODS:
                 raise ValueError(f"ModelConfig.topk_method must be one of {TOPK_METHODS}, got {self.topk_method!r}")
-            if self.n_group <= 0 or self.n_routed_experts % self.n_group:
+            for name in ("n_group", "topk_group", "num_experts_per_tok"):
+                value = getattr(self, name)
+                if not _is_int(value) or value <= 0:
+                    raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
+            if self.n_routed_experts % self.n_group:
                 raise ValueError(f"ModelConfig.n_routed_experts ({self.n_routed_experts}) must be divisible by "
                                  f"n_group ({self.n_group})")
-            if not 1 <= self.topk_group <= self.n_group:
+            if self.topk_group > self.n_group:
                 raise ValueError(f"ModelConfig.topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
-            if self.num_experts_per_tok <= 0:
-                raise ValueError(f"ModelConfig.num_experts_per_tok must be positive, got {self.num_experts_per_tok}")
             reachable = self.n_routed_experts
             if self.topk_method != "greedy":
                 reachable = self.topk_group * (self.n_routed_experts // self.n_group)
@@ -127,8 +141,12 @@ class ModelConfig:
         if self.rope_scaling_type == "yarn":
             if not self.rope_factor >= 1.0:
                 raise ValueError(f"ModelConfig.rope_factor must be >= 1 for YaRN, got {self.rope_factor}")
-            if self.original_max_position_embeddings <= 0:
-                raise ValueError("ModelConfig.original_max_position_embeddings must be positive for YaRN")
+            if not _is_int(self.original_max_position_embeddings) or self.original_max_position_embeddings <= 0:
+                raise ValueError("ModelConfig.original_max_position_embeddings must be a positive integer for YaRN, "
+                                 f"got {self.original_max_position_embeddings!r}")
+            if not self.beta_fast > self.beta_slow > 0:
+                raise ValueError(f"ModelConfig.beta_fast ({self.beta_fast}) must be greater than beta_slow "
+                                 f"({self.beta_slow}) > 0 for YaRN")
         if self.rope_theta <= 1.0:
             raise ValueError(f"ModelConfig.rope_theta must be > 1, got {self.rope_theta}")
         if self.rms_norm_eps <= 0:
@@ -179,19 +197,15 @@ class ModelConfig:
     # ------------------------------------------------------------------ Hugging Face config.json
     @classmethod
     def from_hf(cls, source: dict[str, Any] | str | Path) -> "ModelConfig":
-        """Read a transformers ``config.json`` (a dict, the file, or the directory holding it)."""
+        """Read a transformers ``config.json`` (a dict, the file, or the directory holding it).
+
+        Accepts the legacy ``rope_scaling`` form ({"type": "yarn", ...}, with a top-level ``rope_theta``) and
+        the newer ``rope_parameters`` form ({"rope_type": "yarn", "rope_theta": ..., ...}). Raises
+        ``FileNotFoundError`` (naming the path) when there is no file and ``ValueError`` for invalid JSON,
+        an unsupported model, or an impossible architecture.
+        """
         if not isinstance(source, dict):
-            path = Path(source)
-            if path.is_dir():
-                path = path / "config.json"
-            if not path.is_file():
-                raise FileNotFoundError(f"no config.json at {path}")
-            try:
-                source = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON: {e}") from None
-            if not isinstance(source, dict):
-                raise ValueError(f"{path} must hold a JSON object")
+            source = read_config_json(source)
         return _from_hf_dict(source)
 
     def to_hf(self) -> dict[str, Any]:
@@ -234,7 +248,8 @@ class ModelConfig:
             "attention_bias": False,
             "attention_dropout": 0.0,
             "use_cache": True,
-            "torch_dtype": "bfloat16",
+            "dtype": "bfloat16",
+            "torch_dtype": "bfloat16",  # the name transformers < 5 reads
         }
         if self.model_type == "deepseek_v3":
             d["rope_interleave"] = True
@@ -254,10 +269,33 @@ class ModelConfig:
                                **{k: v for k, v in scaling.items() if k != "type"}}
         else:
             d["rope_scaling"] = None
+            # not a RoPE parameter without YaRN, but part of the config (the length a later extension starts from)
+            d["original_max_position_embeddings"] = self.original_max_position_embeddings
         d["rope_parameters"] = rope_parameters
         for key, value in self.extra.items():
-            d.setdefault(key, value)
+            if key not in _NEVER_WRITTEN:
+                d.setdefault(key, value)
         return d
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_config_json(source: str | Path) -> dict[str, Any]:
+    """The JSON object in a ``config.json`` (or the directory holding one), with one-line errors."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json at {path}")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    return raw
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -269,72 +307,114 @@ def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
 
 # ---------------------------------------------------------------------- config.json parsing
 _KNOWN_HF_KEYS = {f.name for f in dataclasses.fields(ModelConfig)} - {"extra"}
-# Keys transformers writes that carry no architecture (or that we derive).
+# Keys transformers writes that carry no architecture (or that we derive or check).
 _IGNORED_HF_KEYS = {
     "architectures", "num_key_value_heads", "moe_layer_freq", "hidden_act", "rope_scaling", "rope_parameters",
-    "attention_bias", "attention_dropout", "use_cache", "torch_dtype", "dtype", "rope_interleave",
+    "attention_bias", "attention_dropout", "use_cache", "torch_dtype", "dtype", "rope_interleave", "mlp_bias",
     "transformers_version", "head_dim", "qk_head_dim", "pretraining_tp", "aux_loss_alpha", "seq_aux",
     "ep_size", "auto_map", "pad_token_id", "quantization_config", "output_router_logits", "router_aux_loss_coef",
-    "router_jitter_noise", "mlp_layer_types", "_name_or_path",
+    "router_jitter_noise", "mlp_layer_types", "_name_or_path", "num_mtp_layers", "num_local_experts",
 }
+# Never carried over from ``extra`` into a written config.json (a dequantized save is not quantized).
+_NEVER_WRITTEN = {"quantization_config"}
+
+# transformers' own defaults for keys a config.json may omit (where they differ from the dataclass's V3 values).
+_HF_DEFAULTS = {
+    "deepseek_v3": dict(scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=0,
+                        max_position_embeddings=4096, initializer_range=0.02),
+    "deepseek_v2": dict(vocab_size=102400, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                        num_attention_heads=32, moe_intermediate_size=1407, n_routed_experts=64, n_shared_experts=2,
+                        scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
+                        routed_scaling_factor=1.0, n_group=1, topk_group=1, num_nextn_predict_layers=0,
+                        first_k_dense_replace=0, max_position_embeddings=2048, initializer_range=0.02,
+                        bos_token_id=1, eos_token_id=2),
+}
+
+
+def _rope_type(params: dict[str, Any]) -> str | None:
+    return params.get("rope_type", params.get("type"))
 
 
 def _from_hf_dict(d: dict[str, Any]) -> ModelConfig:
     model_type = d.get("model_type", "deepseek_v3")
     if model_type not in ("deepseek_v3", "deepseek_v2"):
         raise ValueError(f"config.json model_type {model_type!r} is not supported (deepseek_v3 or deepseek_v2)")
-    v2 = model_type == "deepseek_v2"
-    kwargs: dict[str, Any] = {"model_type": model_type}
-    # transformers' own defaults for keys a config.json may omit
-    defaults_v2 = dict(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, routed_scaling_factor=1.0,
-                       n_group=1, topk_group=1, num_nextn_predict_layers=0, first_k_dense_replace=0,
-                       bos_token_id=100000, eos_token_id=100001)
-    defaults_v3 = dict(scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=0)
-    kwargs.update(defaults_v2 if v2 else defaults_v3)
+    # Features of other architectures this model cannot represent: refuse rather than load wrong weights.
+    if d.get("attention_bias"):
+        raise ValueError("config.json attention_bias=true is not supported (MLA projections have no bias)")
+    if d.get("mlp_bias"):
+        raise ValueError("config.json mlp_bias=true is not supported (the SwiGLU projections have no bias)")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json hidden_act {d['hidden_act']!r} is not supported (silu)")
+    if d.get("moe_layer_freq", 1) != 1:
+        raise ValueError(f"config.json moe_layer_freq {d['moe_layer_freq']!r} is not supported (every layer past "
+                         "first_k_dense_replace is MoE: 1)")
+    if d.get("rope_interleave") is False:
+        raise ValueError("config.json rope_interleave=false is not supported (DeepSeek checkpoints rotate "
+                         "interleaved pairs)")
+    kwargs: dict[str, Any] = {"model_type": model_type, **_HF_DEFAULTS[model_type]}
+    for alias, name in (("num_mtp_layers", "num_nextn_predict_layers"), ("num_local_experts", "n_routed_experts")):
+        if alias in d and name not in d:
+            kwargs[name] = d[alias]
     for key, value in d.items():
         if key in _KNOWN_HF_KEYS and key != "model_type":
             kwargs[key] = value
-    if kwargs.get("n_group") is None:
-        kwargs["n_group"] = 1
-    if kwargs.get("topk_group") is None:
-        kwargs["topk_group"] = 1
-    if kwargs.get("n_shared_experts") is None:
-        kwargs["n_shared_experts"] = 0
-    if kwargs.get("n_routed_experts") is None:
-        kwargs["n_routed_experts"] = 0
+    for key, none_means in (("n_group", 1), ("topk_group", 1), ("n_shared_experts", 0), ("n_routed_experts", 0),
+                            ("first_k_dense_replace", 0), ("num_nextn_predict_layers", 0)):
+        if kwargs.get(key) is None:
+            kwargs[key] = none_means
     if isinstance(kwargs.get("eos_token_id"), list):
-        kwargs["eos_token_id"] = kwargs["eos_token_id"][0]
-    # RoPE: the newer ``rope_parameters`` or the legacy ``rope_scaling`` (and top-level rope_theta)
-    rope = d.get("rope_parameters") or {}
-    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default", "yarn"):
-        raise ValueError(f"config.json rope type {rope.get('rope_type')!r} is not supported (default or yarn)")
-    scaling = d.get("rope_scaling") or {}
-    if scaling and scaling.get("type", scaling.get("rope_type")) not in ("yarn", "default"):
-        raise ValueError(f"config.json rope_scaling type {scaling.get('type')!r} is not supported (yarn)")
-    source = scaling if scaling.get("type", scaling.get("rope_type")) == "yarn" else rope
-    if "rope_theta" in rope:
-        kwargs["rope_theta"] = float(rope["rope_theta"])
-    if source and source.get("type", source.get("rope_type")) == "yarn":
-        kwargs["rope_scaling_type"] = "yarn"
-        factor = source.get("factor")
-        orig = source.get("original_max_position_embeddings", d.get("max_position_embeddings"))
-        if factor is None:
-            factor = d["max_position_embeddings"] / orig
-        kwargs["rope_factor"] = float(factor)
-        kwargs["original_max_position_embeddings"] = int(orig)
-        kwargs["beta_fast"] = float(source.get("beta_fast") or 32)
-        kwargs["beta_slow"] = float(source.get("beta_slow") or 1)
-        kwargs["mscale"] = float(source.get("mscale") or 1.0)
-        kwargs["mscale_all_dim"] = float(source.get("mscale_all_dim") or 0.0)
-    else:
-        kwargs["rope_scaling_type"] = None
-        kwargs["rope_factor"] = 1.0
+        kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
+    kwargs.update(_rope_from_hf(d))
     extra = {k: v for k, v in d.items() if k not in _KNOWN_HF_KEYS and k not in _IGNORED_HF_KEYS}
     kwargs["extra"] = extra
     try:
         return ModelConfig(**kwargs)
     except TypeError as e:  # a field of the wrong type
         raise ValueError(f"config.json: {e}") from None
+
+
+def _rope_from_hf(d: dict[str, Any]) -> dict[str, Any]:
+    """RoPE fields from the legacy ``rope_scaling`` (+ top-level ``rope_theta``) or the newer ``rope_parameters``.
+
+    Same precedence and defaults as transformers: ``rope_scaling`` wins when both are set, a ``rope_theta``
+    inside the dict wins over the top-level one, a missing ``factor`` is max_position_embeddings /
+    original_max_position_embeddings, a missing ``mscale`` means the plain 0.1 ln(s) + 1 cos/sin factor.
+    """
+    scaling = d.get("rope_scaling")
+    params = d.get("rope_parameters")
+    for name, value in (("rope_scaling", scaling), ("rope_parameters", params)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"config.json {name} must be an object or null, got {value!r}")
+    source = scaling or params or {}
+    rope_type = _rope_type(source)
+    if rope_type not in (None, "default", "yarn"):
+        name = "rope_scaling" if scaling else "rope_parameters"
+        raise ValueError(f"config.json {name} type {rope_type!r} is not supported (default or yarn)")
+    theta = source.get("rope_theta", d.get("rope_theta"))
+    if theta is None and params:
+        theta = params.get("rope_theta")
+    out: dict[str, Any] = {"rope_theta": float(theta) if theta is not None else 10000.0}
+    if rope_type != "yarn":
+        return {**out, "rope_scaling_type": None, "rope_factor": 1.0}
+    try:
+        orig = source.get("original_max_position_embeddings") or d.get("max_position_embeddings")
+        factor = source.get("factor")
+        if factor is None:
+            factor = d["max_position_embeddings"] / orig
+        return {
+            **out,
+            "rope_scaling_type": "yarn",
+            "rope_factor": float(factor),
+            "original_max_position_embeddings": int(orig),
+            "beta_fast": float(source.get("beta_fast") or 32),
+            "beta_slow": float(source.get("beta_slow") or 1),
+            # 0 stands for "absent": m(s, mscale) / m(s, mscale_all_dim) needs both (SPEC §2, transformers' yarn)
+            "mscale": float(source.get("mscale") or 0.0),
+            "mscale_all_dim": float(source.get("mscale_all_dim") or 0.0),
+        }
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"config.json yarn rope parameters {source!r} are incomplete or malformed: {e!r}") from None
 
 
 # ---------------------------------------------------------------------- presets

@@ -13,17 +13,18 @@ import math
 import os
 import re
 import shutil
-import tempfile
+import uuid
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import ModelConfig
+from .config import ModelConfig, read_config_json
 from .model import DeepSeekV3
 
 FP8_BLOCK = 128
@@ -104,83 +105,124 @@ def to_hf_state_dict(model: DeepSeekV3) -> Iterator[tuple[str, torch.Tensor]]:
         yield f"model.layers.{layer}.shared_head.head.weight", model.lm_head.weight.detach().clone()
 
 
-class _ExpertAssembler:
-    """Collects per-expert matrices into the (E, 2F, D) / (E, D, F) parameters, one layer at a time."""
-
-    def __init__(self, config: ModelConfig, expected: dict[str, torch.Size]):
-        self.config = config
-        self.expected = expected
-        self.parts: dict[str, dict[tuple[int, str], torch.Tensor]] = defaultdict(dict)
-
-    def add(self, key: str, tensor: torch.Tensor) -> str | None:
-        """Take one expert tensor; return its nanoseek parameter prefix, or None if the key is not an expert."""
-        m = _EXPERT_KEY.match(key)
-        if not m:
-            return None
-        prefix = _expert_prefix_to_nanoseek(self.config, m.group(1))
-        self.parts[prefix][(int(m.group(2)), m.group(3))] = tensor
-        return prefix
-
-    def complete(self, prefix: str) -> dict[str, torch.Tensor] | None:
-        """The stacked parameters once every expert of the layer has arrived."""
-        E = self.config.n_routed_experts
-        parts = self.parts[prefix]
-        if len(parts) < 3 * E:
-            return None
-        del self.parts[prefix]
-        gate_up = torch.stack([torch.cat((parts[(e, "gate_proj")], parts[(e, "up_proj")]), 0) for e in range(E)])
-        down = torch.stack([parts[(e, "down_proj")] for e in range(E)])
-        return {f"{prefix}.gate_up_proj": gate_up, f"{prefix}.down_proj": down}
-
-    def leftovers(self) -> list[str]:
-        out = []
-        for prefix, parts in self.parts.items():
-            E = self.config.n_routed_experts
+def expected_checkpoint_shapes(model: DeepSeekV3) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of ``model`` must hold, by checkpoint name (experts split, no MTP copies)."""
+    config = model.config
+    out: dict[str, tuple[int, ...]] = {}
+    for name, tensor in model.state_dict().items():
+        if _tied(config, name):
+            continue
+        if name.endswith(".experts.gate_up_proj") or name.endswith(".experts.down_proj"):
+            prefix = hf_name(config, name).rsplit(".", 1)[0]
+            E, rows, cols = tensor.shape
             for e in range(E):
-                for proj in ("gate_proj", "up_proj", "down_proj"):
-                    if (e, proj) not in parts:
-                        out.append(f"{prefix}.{e}.{proj}.weight")
-            out += [f"{prefix}.{e}.{proj}.weight" for (e, proj) in parts if e >= E]
-        return out
+                if name.endswith("gate_up_proj"):
+                    out[f"{prefix}.{e}.gate_proj.weight"] = (rows // 2, cols)
+                    out[f"{prefix}.{e}.up_proj.weight"] = (rows // 2, cols)
+                else:
+                    out[f"{prefix}.{e}.down_proj.weight"] = (rows, cols)
+            continue
+        out[hf_name(config, name)] = tuple(tensor.shape)
+    return out
+
+
+def _mtp_copies(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The MTP layers' copies of the embedding and the output head: checked for shape, never loaded."""
+    out = {}
+    for k in range(config.num_nextn_predict_layers):
+        layer = config.num_hidden_layers + k
+        out[f"model.layers.{layer}.embed_tokens.weight"] = (config.vocab_size, config.hidden_size)
+        out[f"model.layers.{layer}.shared_head.head.weight"] = (config.vocab_size, config.hidden_size)
+    return out
 
 
 # ---------------------------------------------------------------------------- FP8
+def _block_dims(block: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    if isinstance(block, int):
+        return block, block
+    b_out, b_in = block
+    return int(b_out), int(b_in)
+
+
+def fp8_scale_shape(shape: tuple[int, ...], block: int | tuple[int, int] = FP8_BLOCK) -> tuple[int, int]:
+    """(ceil(out / 128), ceil(in / 128)): one scale per weight block."""
+    b_out, b_in = _block_dims(block)
+    return math.ceil(shape[0] / b_out), math.ceil(shape[1] / b_in)
+
+
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
-                   block: int = FP8_BLOCK) -> torch.Tensor:
+                   block: int | tuple[int, int] = FP8_BLOCK) -> torch.Tensor:
     """weight (out, in) float8_e4m3fn times its per-(128 x 128)-block scale (ceil(out/128), ceil(in/128))."""
+    if weight.dim() != 2:
+        raise CheckpointError(f"FP8 weight must be 2-D, got shape {tuple(weight.shape)}")
     out_dim, in_dim = weight.shape
-    rows, cols = math.ceil(out_dim / block), math.ceil(in_dim / block)
-    if tuple(scale_inv.shape) != (rows, cols):
+    b_out, b_in = _block_dims(block)
+    expected = fp8_scale_shape((out_dim, in_dim), (b_out, b_in))
+    if tuple(scale_inv.shape) != expected:
         raise CheckpointError(f"FP8 scale of shape {tuple(scale_inv.shape)} does not match weight "
-                              f"{tuple(weight.shape)} (expected {(rows, cols)})")
-    scale = scale_inv.float().repeat_interleave(block, 0)[:out_dim].repeat_interleave(block, 1)[:, :in_dim]
+                              f"{tuple(weight.shape)} (expected {expected})")
+    scale = scale_inv.float().repeat_interleave(b_out, 0)[:out_dim].repeat_interleave(b_in, 1)[:, :in_dim]
     return (weight.float() * scale).to(dtype)
 
 
-def quantize_fp8(weight: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise FP8 quantization as in the public checkpoints (for tests and round trips)."""
+def quantize_fp8(weight: torch.Tensor, block: int | tuple[int, int] = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-wise FP8 quantization as in the public checkpoints: (float8_e4m3fn weight, fp32 scale_inv) with
+    ``dequantize_fp8(*quantize_fp8(w)) ~= w``."""
     out_dim, in_dim = weight.shape
-    rows, cols = math.ceil(out_dim / block), math.ceil(in_dim / block)
-    w = weight.float()
-    padded = torch.zeros(rows * block, cols * block)
-    padded[:out_dim, :in_dim] = w
-    blocks = padded.view(rows, block, cols, block)
+    b_out, b_in = _block_dims(block)
+    rows, cols = fp8_scale_shape((out_dim, in_dim), (b_out, b_in))
+    padded = weight.new_zeros(rows * b_out, cols * b_in, dtype=torch.float32)
+    padded[:out_dim, :in_dim] = weight.float()
+    blocks = padded.view(rows, b_out, cols, b_in)
     amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
     scale = amax / torch.finfo(torch.float8_e4m3fn).max  # (rows, cols)
-    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(rows * block, cols * block)
+    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(rows * b_out, cols * b_in)
     return q[:out_dim, :in_dim].contiguous(), scale
 
 
 # ---------------------------------------------------------------------------- reading
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_SCALE_SUFFIX = "_scale_inv"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of the checkpoint, from the safetensors headers only (nothing is read)."""
+
+    file: Path
+    dtype: str  # safetensors dtype name: "BF16", "F8_E4M3", ...
+    shape: tuple[int, ...]
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype.startswith("F8")
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.startswith(("F", "BF"))
+
+
+def _read_config_json(path: Path) -> dict:
+    try:
+        return read_config_json(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no config.json") from None
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def _checkpoint_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     single = path / "model.safetensors"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is malformed: {e}") from None
-        files = sorted(set(weight_map.values()))
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index} is malformed: {type(e).__name__}: {e}") from None
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise CheckpointError(f"{index} names shards that do not exist: {', '.join(missing)}")
@@ -193,172 +235,324 @@ def _checkpoint_files(path: Path) -> list[Path]:
     raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
+def _open(file: Path):
+    try:
+        return safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # safetensors' SafetensorError, OSError
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+
+
+def _scan(files: list[Path]) -> tuple[dict[str, _Entry], list[str]]:
+    """Every tensor's file, dtype and shape from the headers; keys stored twice are reported."""
+    entries: dict[str, _Entry] = {}
+    duplicated: list[str] = []
+    for file in files:
+        with _open(file) as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                if key in entries:
+                    duplicated.append(f"{key} ({entries[key].file.name} and {file.name})")
+                    continue
+                entries[key] = _Entry(file, sl.get_dtype(), tuple(sl.get_shape()))
+    return entries, duplicated
+
+
+def _target_dtype(dtype: torch.dtype | None, raw: dict, entries: dict[str, _Entry]) -> torch.dtype:
+    """The dtype argument; else bf16 for an FP8 checkpoint; else the dtype that holds most weights."""
+    if dtype is not None:
+        return dtype
+    if raw.get("quantization_config") or any(e.is_fp8 for e in entries.values()):
+        return torch.bfloat16
+    sizes: Counter[str] = Counter()
+    for key, e in entries.items():
+        if e.is_float and not _keeps_fp32(key) and not key.endswith(_SCALE_SUFFIX):
+            sizes[e.dtype] += math.prod(e.shape)
+    if not sizes:
+        return torch.float32
+    name = sizes.most_common(1)[0][0]
+    if name not in _ST_DTYPES:
+        raise CheckpointError(f"unsupported tensor dtype {name} in checkpoint")
+    return _ST_DTYPES[name]
+
+
+def _fp8_block(raw: dict) -> tuple[int, int]:
+    q = raw.get("quantization_config")
+    if not q:
+        return FP8_BLOCK, FP8_BLOCK
+    if not isinstance(q, dict) or q.get("quant_method", "fp8") != "fp8":
+        method = q.get("quant_method") if isinstance(q, dict) else q
+        raise CheckpointError(f"config.json quantization_config quant_method {method!r} is not supported (fp8)")
+    if q.get("fmt", "e4m3") != "e4m3":
+        raise CheckpointError(f"config.json quantization_config fmt {q.get('fmt')!r} is not supported (e4m3)")
+    block = q.get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK]
+    try:
+        b_out, b_in = _block_dims(block)
+        if b_out <= 0 or b_in <= 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise CheckpointError(f"config.json quantization_config weight_block_size {block!r} must be two "
+                              "positive integers") from None
+    return b_out, b_in
+
+
+class _ExpertAssembler:
+    """Writes per-expert matrices straight into preallocated (E, 2F, D) / (E, D, F) tensors, so the
+    experts are never held twice."""
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
+        self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, key: str, tensor: torch.Tensor) -> bool:
+        """Take one expert tensor (shape already checked); False if the key is not a routed expert's."""
+        m = _EXPERT_KEY.match(key)
+        if not m:
+            return False
+        prefix = _expert_prefix_to_nanoseek(self.config, m.group(1))
+        e, proj = int(m.group(2)), m.group(3)
+        if prefix not in self.stacks:
+            E, F, D = self.config.n_routed_experts, self.config.moe_intermediate_size, self.config.hidden_size
+            kw = dict(dtype=tensor.dtype, device=tensor.device)
+            self.stacks[prefix] = (torch.empty(E, 2 * F, D, **kw), torch.empty(E, D, F, **kw))
+        gate_up, down = self.stacks[prefix]
+        F = self.config.moe_intermediate_size
+        if proj == "gate_proj":
+            gate_up[e, :F] = tensor
+        elif proj == "up_proj":
+            gate_up[e, F:] = tensor
+        else:
+            down[e] = tensor
+        return True
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for prefix, (gate_up, down) in self.stacks.items():
+            out[f"{prefix}.gate_up_proj"] = gate_up
+            out[f"{prefix}.down_proj"] = down
+        return out
+
+
+def _listing(label: str, items: list[str], limit: int = 40) -> str:
+    shown = ", ".join(items[:limit])
+    more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"{len(items)} {label}: {shown}{more}"
+
+
+def _natural(key: str) -> list:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
+
+
 def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     device: str | torch.device = "cpu", strict: bool = True) -> DeepSeekV3:
     """Load a Hugging Face DeepSeek-V3/V2 checkpoint directory into :class:`DeepSeekV3`.
 
-    Shards are read one at a time; FP8 weights are dequantized as they are read, so the checkpoint is
-    never held twice. ``dtype`` defaults to the checkpoint's (bf16 for FP8 checkpoints); the router
-    weights and balancing biases stay fp32. Missing, unexpected or mis-shaped tensors raise one
-    :class:`CheckpointError` that lists them all.
+    Shards are read one at a time and each tensor is converted to its final dtype (FP8 weights dequantized)
+    and device as it is read, so the checkpoint is never held twice. ``dtype`` defaults to bf16 for an FP8
+    checkpoint and to the stored dtype otherwise; the router weights and balancing biases stay fp32.
+    Missing, unexpected or mis-shaped tensors raise one :class:`CheckpointError` that lists them all
+    (``strict=False`` tolerates unexpected ones). A checkpoint whose config.json asks for MTP layers it
+    does not hold (as transformers writes them) loads without MTP, with a warning.
     """
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path {path} is not a directory")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point
+                                  and dtype.itemsize >= 2):
+        raise ValueError(f"dtype must be a floating dtype of 16 bits or more, got {dtype!r}")
+    raw = _read_config_json(path)
     try:
-        config = ModelConfig.from_hf(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        config = ModelConfig.from_hf(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+    block = _fp8_block(raw)
     files = _checkpoint_files(path)
-    if config.num_nextn_predict_layers and not _has_mtp_weights(config, files):
+    entries, duplicated = _scan(files)
+    mtp_prefix = f"model.layers.{config.num_hidden_layers}."
+    if config.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in entries):
         # transformers writes num_nextn_predict_layers but never the MTP weights: load the main model only
-        warnings.warn(f"{path} has no MTP weights (model.layers.{config.num_hidden_layers}.*): "
-                      "loading without MTP modules", stacklevel=2)
+        warnings.warn(f"{path} has no MTP weights ({mtp_prefix}*): loading without MTP modules", stacklevel=2)
         config = config.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = DeepSeekV3(config)
-    expected = {name: t.shape for name, t in model.state_dict().items()}
-    target_dtype = dtype
-    loaded: dict[str, torch.Tensor] = {}
+    expected = expected_checkpoint_shapes(model)
+    copies = _mtp_copies(config)
+    target = _target_dtype(dtype, raw, entries)
+
     unexpected: list[str] = []
     mis_shaped: list[str] = []
-    assembler = _ExpertAssembler(config, expected)
+    missing_scales: list[str] = []
+    seen: set[str] = set()
+    loaded: dict[str, torch.Tensor] = {}
+    experts = _ExpertAssembler(config)
+    by_file: dict[Path, list[str]] = defaultdict(list)
+    for key, entry in entries.items():
+        by_file[entry.file].append(key)
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            keys = list(f.keys())
-            key_set = set(keys)
-            for key in keys:
-                if key.endswith("_scale_inv"):
-                    if key[: -len("_scale_inv")] not in key_set:
+        with _open(file) as f:
+            for key in by_file[file]:
+                entry = entries[key]
+                if key.endswith(_SCALE_SUFFIX):
+                    weight = entries.get(key[: -len(_SCALE_SUFFIX)])
+                    if weight is None or not weight.is_fp8:
                         unexpected.append(key)
                     continue
-                tensor = f.get_tensor(key)
-                if tensor.dtype == torch.float8_e4m3fn:
-                    scale_key = key + "_scale_inv"
-                    if scale_key not in key_set:
-                        raise CheckpointError(f"{file.name}: FP8 tensor {key} has no {scale_key}")
-                    tensor = dequantize_fp8(tensor, f.get_tensor(scale_key), dtype or torch.bfloat16)
-                    target_dtype = target_dtype or torch.bfloat16
-                prefix = assembler.add(key, tensor)
-                if prefix is not None:
-                    stacked = assembler.complete(prefix)
-                    for name, value in (stacked or {}).items():
-                        _place(name, value, expected, loaded, mis_shaped, key=name)
+                if key in copies:
+                    if entry.shape != copies[key]:
+                        mis_shaped.append(f"{key} {entry.shape} != {copies[key]}")
                     continue
-                name = nanoseek_name(config, key)
-                if name is None:
-                    continue
-                if name not in expected:
+                if key not in expected:
                     unexpected.append(key)
                     continue
-                _place(name, tensor, expected, loaded, mis_shaped, key=key)
-    unexpected += assembler.leftovers() if strict else []
-    missing = sorted(hf_name(config, n) for n in expected if n not in loaded and not _tied(config, n))
+                seen.add(key)
+                if entry.shape != expected[key]:
+                    mis_shaped.append(f"{key} {entry.shape} != {expected[key]}")
+                    continue
+                out_dtype = torch.float32 if _keeps_fp32(key) else target
+                try:
+                    if entry.is_fp8:
+                        scale_key = key + _SCALE_SUFFIX
+                        scale_entry = entries.get(scale_key)
+                        if scale_entry is None:
+                            missing_scales.append(scale_key)
+                            continue
+                        want = fp8_scale_shape(entry.shape, block) if len(entry.shape) == 2 else None
+                        if scale_entry.shape != want:
+                            mis_shaped.append(f"{scale_key} {scale_entry.shape} != {want}")
+                            continue
+                        scale = _read(f, file, scale_key, scale_entry)
+                        tensor = dequantize_fp8(f.get_tensor(key), scale, out_dtype, block)
+                    else:
+                        tensor = f.get_tensor(key)
+                        if tensor.is_floating_point():
+                            tensor = tensor.to(out_dtype)
+                except CheckpointError:
+                    raise
+                except Exception as e:  # a truncated or corrupt shard
+                    raise CheckpointError(f"cannot read {key} from {file}: {e}") from None
+                tensor = tensor.to(device)
+                if not experts.add(key, tensor):
+                    loaded[nanoseek_name(config, key)] = tensor
+                del tensor
+
+    missing = sorted([k for k in expected if k not in seen] + missing_scales, key=_natural)
     problems = []
     if missing:
-        problems.append(f"missing: {', '.join(missing)}")
+        problems.append(_listing("missing", missing))
     if unexpected and strict:
-        problems.append(f"unexpected: {', '.join(sorted(unexpected))}")
+        problems.append(_listing("unexpected", sorted(unexpected, key=_natural)))
     if mis_shaped:
-        problems.append(f"mis-shaped: {', '.join(mis_shaped)}")
+        problems.append(_listing("mis-shaped", sorted(mis_shaped, key=_natural)))
+    if duplicated:
+        problems.append(_listing("stored twice", duplicated))
     if problems:
-        raise CheckpointError(f"checkpoint {path} does not match its config.json; " + "; ".join(problems))
-    if target_dtype is None:
-        target_dtype = next(iter(loaded.values())).dtype if loaded else torch.float32
-    state = {n: (t if _keeps_fp32(n) else t.to(target_dtype)) for n, t in loaded.items()}
-    model.load_state_dict(_with_tied(config, state), strict=False, assign=True)
-    model.rotary.inv_freq = type(model.rotary)(config).inv_freq  # non-persistent buffer: rebuild off meta
-    return model.to(device)
+        err = CheckpointError(f"checkpoint {path} does not match its config.json: " + "; ".join(problems))
+        err.missing, err.unexpected, err.mis_shaped = missing, unexpected, mis_shaped
+        raise err
+    loaded.update(experts.tensors())
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.inv_freq = type(model.rotary)(config).inv_freq.to(device)  # non-persistent: rebuild off meta
+    left = [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]
+    if left:  # would be a bug here, not a checkpoint problem
+        raise RuntimeError(f"load_pretrained left tensors unloaded: {', '.join(left)}")
+    return model
 
 
-def _has_mtp_weights(config: ModelConfig, files: list[Path]) -> bool:
-    prefix = f"model.layers.{config.num_hidden_layers}."
-    for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            if any(k.startswith(prefix) for k in f.keys()):
-                return True
-    return False
+def _read(f, file: Path, key: str, entry: _Entry) -> torch.Tensor:
+    """A tensor from the open shard, or from the shard that holds it (a scale stored apart from its weight)."""
+    if entry.file == file:
+        return f.get_tensor(key)
+    with _open(entry.file) as g:
+        return g.get_tensor(key)
 
 
 def _tied(config: ModelConfig, name: str) -> bool:
     return config.tie_word_embeddings and name == "lm_head.weight"
 
 
-def _with_tied(config: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if config.tie_word_embeddings:
-        state = dict(state)
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    return state
-
-
 def _keeps_fp32(name: str) -> bool:
     return name.endswith("mlp.gate.weight") or name.endswith("e_score_correction_bias")
-
-
-def _place(name, tensor, expected, loaded, mis_shaped, key):
-    if tuple(tensor.shape) != tuple(expected[name]):
-        mis_shaped.append(f"{key} {tuple(tensor.shape)} != {tuple(expected[name])}")
-        return
-    loaded[name] = tensor
 
 
 # ---------------------------------------------------------------------------- writing
 def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, max_shard_bytes: int = 4 << 30,
                     dtype: torch.dtype | None = None) -> Path:
-    """Write config.json and safetensors (sharded with model.safetensors.index.json above
-    ``max_shard_bytes``) in the checkpoint layout transformers and DeepSeek's tools read.
+    """Write config.json and safetensors (``model-0000i-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json`` above ``max_shard_bytes``, else ``model.safetensors``) in the
+    checkpoint layout transformers and DeepSeek's tools read, MTP layers included (SPEC §5).
 
-    The directory is written next to the target and renamed into place, so an interrupted save never
-    leaves a half-written checkpoint behind; an existing directory's other files (e.g. tokenizer) are kept.
+    Each shard is written as soon as it is full, so at most one shard of converted copies is held. The
+    directory is written next to the target and renamed into place, so an interrupted save never leaves a
+    half-written checkpoint behind; an existing directory's other files (e.g. tokenizer) are kept.
+    Router weights and balancing biases stay fp32 whatever ``dtype`` says.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{path} exists and is not a directory")
+    if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point
+                                  and dtype.itemsize >= 2):
+        raise ValueError(f"save_pretrained writes unquantized weights: dtype must be a floating dtype of "
+                         f"16 bits or more, got {dtype!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()  # unlike mkdtemp, respects the umask: the checkpoint gets ordinary permissions
     try:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        sizes = [0]
+        written: list[tuple[Path, list[str]]] = []
+        shard: dict[str, torch.Tensor] = {}
+        size = total = 0
+
+        def flush() -> None:
+            nonlocal shard, size
+            file = tmp / f"shard-{len(written):05d}.tmp"
+            save_file(shard, file, metadata={"format": "pt"})
+            written.append((file, list(shard)))
+            shard, size = {}, 0
+
         for key, tensor in to_hf_state_dict(model):
             t = tensor.detach()
-            if dtype is not None and t.is_floating_point() and not _keeps_fp32(key):
-                t = t.to(dtype)
+            if t.is_floating_point():
+                if _keeps_fp32(key):
+                    t = t.float()
+                elif dtype is not None:
+                    t = t.to(dtype)
             t = t.to("cpu").contiguous()
             nbytes = t.numel() * t.element_size()
-            if sizes[-1] and sizes[-1] + nbytes > max_shard_bytes:
-                shards.append({})
-                sizes.append(0)
-            shards[-1][key] = t
-            sizes[-1] += nbytes
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+            if shard and size + nbytes > max_shard_bytes:
+                flush()
+            shard[key] = t
+            size += nbytes
+            total += nbytes
+        flush()
+        if len(written) == 1:
+            os.replace(written[0][0], tmp / "model.safetensors")
         else:
             weight_map = {}
-            n = len(shards)
-            for i, shard in enumerate(shards, start=1):
-                fname = f"model-{i:05d}-of-{n:05d}.safetensors"
-                save_file(shard, tmp / fname, metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": dict(sorted(weight_map.items()))}
+            n = len(written)
+            for i, (file, keys) in enumerate(written, start=1):
+                name = f"model-{i:05d}-of-{n:05d}.safetensors"
+                os.replace(file, tmp / name)
+                weight_map.update({k: name for k in keys})
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         hf = model.config.to_hf()
-        if dtype is not None:
-            hf["torch_dtype"] = str(dtype).removeprefix("torch.")
-        else:
-            hf["torch_dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        hf.pop("quantization_config", None)  # the weights written here are not quantized
+        saved = dtype or model.embed_tokens.weight.dtype
+        hf["dtype"] = hf["torch_dtype"] = str(saved).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        if path.exists():  # keep files we do not own (tokenizer, training state)
-            for item in path.iterdir():
-                if item.name.startswith("model") and item.name.endswith((".safetensors", ".json")):
-                    continue
-                if item.name == "config.json":
-                    continue
-                target = tmp / item.name
-                if item.is_dir():
-                    shutil.copytree(item, target)
-                else:
-                    shutil.copy2(item, target)
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
-            os.replace(path, old / "ckpt")
-            os.replace(tmp, path)
+        if path.exists():
+            _carry_over(path, tmp)
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
@@ -366,3 +560,24 @@ def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, max_shard_bytes:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Keep the files of an existing directory that are not the checkpoint's (tokenizer, training state):
+    hard links where possible, copies otherwise."""
+    def link_or_copy(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    for item in old.iterdir():
+        if item.name == "config.json" or (item.name.startswith("model") and item.name.endswith((".safetensors", ".json"))):
+            continue
+        target = new / item.name
+        if item.is_dir() and not item.is_symlink():
+            shutil.copytree(item, target, copy_function=link_or_copy, symlinks=True)
+        elif item.is_symlink():
+            os.symlink(os.readlink(item), target)
+        else:
+            link_or_copy(item, target)

@@ -15,6 +15,11 @@ from ..config import ModelConfig
 from .layers import RMSNorm
 from .rope import apply_rope
 
+# The latent norms (q_a_layernorm, kv_a_layernorm) use a fixed eps in both references: DeepSeek's
+# inference code builds RMSNorm(q_lora_rank) / RMSNorm(kv_lora_rank) with the default 1e-6, and
+# transformers' DeepseekV3Attention / DeepseekV2Attention do the same, ignoring config.rms_norm_eps.
+LATENT_NORM_EPS = 1e-6
+
 
 class MultiHeadLatentAttention(nn.Module):
     """MLA with query compression, joint KV compression and the decoupled shared RoPE key."""
@@ -34,10 +39,10 @@ class MultiHeadLatentAttention(nn.Module):
             self.q_proj = nn.Linear(d, h * self.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=False)  # W_DQ
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(self.q_lora_rank, h * self.qk_head_dim, bias=False)  # [W_UQ; W_QR]
         self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)  # [W_DKV; W_KR]
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_head_dim, d, bias=False)  # W_O
 

@@ -46,6 +46,17 @@ class Router(nn.Module):
         else:
             self.e_score_correction_bias = None
 
+    def _apply(self, fn, recurse=True):
+        """Keep the centroids and the bias in fp32 when the model is cast (``model.to(torch.bfloat16)``):
+        a bias update of gamma = 0.001 would round away in bf16, and the router is computed in fp32."""
+        super()._apply(fn, recurse)
+        if self.weight.is_floating_point() and self.weight.dtype != torch.float32 and not self.weight.is_meta:
+            self.weight.data = self.weight.data.float()
+        bias = self.e_score_correction_bias
+        if bias is not None and bias.dtype != torch.float32:
+            self.e_score_correction_bias = bias.float()
+        return self
+
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return gate weights g (T, K) fp32, expert indices (T, K) and affinities s (T, E) fp32."""
         logits_TE = F.linear(x_TD.float(), self.weight.float())
@@ -67,7 +78,7 @@ class Router(nn.Module):
             choice_TE = choice_TGe.masked_fill(~mask_TG.unsqueeze(-1), float("-inf")).flatten(1)  # (T, E)
         topk_idx_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
         weights_TK = scores_TE.gather(1, topk_idx_TK)  # gate values use the unbiased s_i
-        if self.norm_topk_prob and self.top_k > 1:
+        if self.norm_topk_prob:  # g = s / sum over the selected k (for k = 1 that is 1, as in transformers)
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
         return weights_TK * self.routed_scaling_factor, topk_idx_TK, scores_TE
 

@@ -1,0 +1,97 @@
+"""The ``nanoseek`` command line: ``nanoseek info``, with more subcommands added as features land."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import PRESETS, ModelConfig
+
+
+def _human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
+def model_summary(config: ModelConfig, dtype_bytes: int = 2) -> dict:
+    """Parameter counts (from a meta-device model: no memory) and KV-cache sizes per token."""
+    import torch
+
+    from .model import DeepSeekV3, count_parameters, kv_cache_elements_per_token
+
+    with torch.device("meta"):
+        model = DeepSeekV3(config)
+    summary = count_parameters(model)
+    cache = kv_cache_elements_per_token(config)
+    summary.update(cache)
+    summary["kv_cache_bytes_per_token"] = cache["kv_cache_elements_per_token"] * dtype_bytes
+    summary["mha_cache_bytes_per_token"] = cache["mha_cache_elements_per_token"] * dtype_bytes
+    summary["transformers_cache_bytes_per_token"] = cache["transformers_cache_elements_per_token"] * dtype_bytes
+    summary["cache_dtype_bytes"] = dtype_bytes
+    return summary
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    if args.checkpoint:
+        config = ModelConfig.from_hf(args.checkpoint)
+        name = args.checkpoint
+    else:
+        config = ModelConfig.preset(args.preset)
+        name = args.preset
+    s = model_summary(config)
+    if args.json:
+        print(json.dumps({"model": name, **s, "config": config.to_dict()}, indent=2))
+        return 0
+    c = config
+    print(f"{name}: {c.num_hidden_layers} layers ({c.first_k_dense_replace} dense, "
+          f"{c.num_hidden_layers - c.first_k_dense_replace} MoE), d={c.hidden_size}, {c.num_attention_heads} heads, "
+          f"{c.n_shared_experts} shared + {c.n_routed_experts} routed experts, {c.num_experts_per_tok} active, "
+          f"{c.num_nextn_predict_layers} MTP module(s)")
+    rows = [
+        ("total parameters (main model)", f"{s['total_params']:,}", _human(s["total_params"])),
+        ("MTP parameters (unique)", f"{s['mtp_params']:,}", _human(s["mtp_params"])),
+        ("activated per token", f"{s['activated_params']:,}", _human(s["activated_params"])),
+        ("activated per token, no embedding", f"{s['activated_params_without_embedding']:,}",
+         _human(s["activated_params_without_embedding"])),
+        ("KV cache / token, MLA latent", f"{s['kv_cache_elements_per_token']:,} elements",
+         f"{s['kv_cache_bytes_per_token'] / 1024:.1f} KiB bf16"),
+        ("KV cache / token, MHA same heads", f"{s['mha_cache_elements_per_token']:,} elements",
+         f"{s['mha_cache_bytes_per_token'] / 1024:.1f} KiB bf16"),
+        ("KV cache / token, transformers", f"{s['transformers_cache_elements_per_token']:,} elements",
+         f"{s['transformers_cache_bytes_per_token'] / 1024:.1f} KiB bf16"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    for label, exact, short in rows:
+        print(f"  {label:<{width}}  {exact:>28}  ({short})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 in PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="parameter counts and KV-cache size of a preset or checkpoint")
+    source = info.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(PRESETS), help="a built-in architecture")
+    source.add_argument("--checkpoint", metavar="DIR", help="a Hugging Face checkpoint directory (config.json)")
+    info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 0
+    except (ValueError, FileNotFoundError, OSError) as e:  # bad input: one line, no stack trace
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

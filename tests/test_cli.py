@@ -1,0 +1,71 @@
+"""`nanoseek info`: the figures of SPEC §1 from a meta-device model, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nanoseek.cli import main
+
+
+def test_info_json_matches_spec_for_deepseek_v3(capsys):
+    assert main(["info", "--preset", "deepseek-v3", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["total_params"] == 671_026_404_352
+    assert round(info["mtp_params"] / 1e9, 2) == 11.61
+    assert round(info["activated_params"] / 1e9, 2) == 37.55
+    assert round(info["activated_params_without_embedding"] / 1e9, 2) == 36.63
+    assert info["kv_cache_elements_per_token"] == (512 + 64) * 61 == 35_136
+    assert info["mha_cache_elements_per_token"] == 2 * 128 * 128 * 61
+    assert info["transformers_cache_elements_per_token"] == 128 * (192 + 128) * 61
+
+
+def test_r1_is_v3(capsys):
+    main(["info", "--preset", "deepseek-r1", "--json"])
+    r1 = json.loads(capsys.readouterr().out)
+    main(["info", "--preset", "deepseek-v3", "--json"])
+    v3 = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in r1.items() if k != "model"} == {k: v for k, v in v3.items() if k != "model"}
+
+
+def test_info_v2_presets_match_published_sizes(capsys):
+    main(["info", "--preset", "deepseek-v2", "--json"])
+    v2 = json.loads(capsys.readouterr().out)
+    assert round(v2["total_params"] / 1e9) == 236 and round(v2["activated_params"] / 1e9) == 21
+    main(["info", "--preset", "deepseek-v2-lite", "--json"])
+    lite = json.loads(capsys.readouterr().out)
+    assert round(lite["total_params"] / 1e9, 1) == 15.7
+    assert abs(lite["activated_params_without_embedding"] / 1e9 - 2.4) < 0.1  # published: 2.4B
+
+
+def test_info_text_and_checkpoint(tmp_path, capsys):
+    from nanoseek import ModelConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(ModelConfig.preset("deepseek-v3").to_hf()))
+    assert main(["info", "--checkpoint", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "671,026,404,352" in text and "35,136" in text
+
+
+@pytest.mark.parametrize("args, message", [
+    (["info", "--checkpoint", "/no/such/dir"], "no config.json"),
+    (["info", "--checkpoint", "BAD"], "config.json"),
+])
+def test_info_bad_input_is_one_line(tmp_path, capsys, args, message):
+    if args[-1] == "BAD":
+        (tmp_path / "config.json").write_text("{not json")
+        args = ["info", "--checkpoint", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_console_entry_point_runs_as_module():
+    result = subprocess.run([sys.executable, "-m", "nanoseek", "info", "--preset", "tiny", "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["kv_cache_elements_per_token"] == (32 + 16) * 3
+    bad = subprocess.run([sys.executable, "-m", "nanoseek", "info", "--preset", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

@@ -1,0 +1,463 @@
+"""Unit tests of the model against values computed by hand from the SPEC formulas (RMSNorm, RoPE, YaRN,
+MLA, the router, the grouped experts, MTP alignment, causality, and the DeepSeek-V3 sizes of SPEC §1)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanoseek.model.moe as moe_mod
+from nanoseek.config import ModelConfig
+from nanoseek.model import DeepSeekV3, count_parameters, kv_cache_elements_per_token
+from nanoseek.model.attention import MultiHeadLatentAttention
+from nanoseek.model.layers import RMSNorm
+from nanoseek.model.moe import MoE, RoutedExperts, Router
+from nanoseek.model.rope import (
+    RotaryEmbedding,
+    apply_rope,
+    rope_attention_factor,
+    rope_frequencies,
+    yarn_correction_range,
+)
+
+
+def small_config(**changes) -> ModelConfig:
+    base = dict(
+        vocab_size=64, hidden_size=32, num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=2,
+        q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+        intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=4, topk_group=2, rope_factor=4.0, original_max_position_embeddings=8,
+        max_position_embeddings=32, num_nextn_predict_layers=2, initializer_range=0.1)
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+def rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """SPEC §2: y = w * x / sqrt(mean(x^2) + eps)."""
+    return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps)
+
+
+# ------------------------------------------------------------------------------------------ RMSNorm
+def test_rmsnorm_by_hand():
+    norm = RMSNorm(4, eps=0.5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 0.5, 2.0, -1.0]))
+    y = norm(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    # mean(x^2) = 30 / 4 = 7.5; + eps = 8; 1 / sqrt(8) = 0.35355339
+    r = 1 / math.sqrt(8.0)
+    expected = torch.tensor([1 * 1 * r, 0.5 * 2 * r, 2 * 3 * r, -1 * 4 * r])
+    torch.testing.assert_close(y, expected, atol=1e-6, rtol=0)
+
+
+def test_rmsnorm_bf16_computes_in_fp32():
+    norm = RMSNorm(3, eps=1e-6).to(torch.bfloat16)
+    x = torch.tensor([300.0, -400.0, 1200.0], dtype=torch.bfloat16)
+    y = norm(x)
+    assert y.dtype == torch.bfloat16
+    x32 = x.float()
+    expected = x32 / math.sqrt(float((x32 ** 2).mean()))
+    torch.testing.assert_close(y.float(), expected, atol=1e-2, rtol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------ RoPE
+def test_rope_interleaved_pairs_by_hand():
+    cfg = small_config(qk_rope_head_dim=4, rope_theta=100.0, rope_scaling_type=None, rope_factor=1.0)
+    # theta_i = base^(-2i/d_R): theta_0 = 1, theta_1 = 100^(-1/2) = 0.1
+    torch.testing.assert_close(rope_frequencies(cfg), torch.tensor([1.0, 0.1]))
+    cos, sin = RotaryEmbedding(cfg)(torch.tensor([[3]]))  # position 3: angles 3 and 0.3
+    x = torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 1, 1, 4)
+    y = apply_rope(x, cos, sin).flatten()
+    a, b = 3.0, 0.3
+    expected = torch.tensor([
+        1 * math.cos(a) - 2 * math.sin(a), 2 * math.cos(a) + 1 * math.sin(a),  # pair (x0, x1) by 3 * theta_0
+        3 * math.cos(b) - 4 * math.sin(b), 4 * math.cos(b) + 3 * math.sin(b),  # pair (x2, x3) by 3 * theta_1
+    ])
+    torch.testing.assert_close(y, expected, atol=1e-6, rtol=0)
+
+
+def test_rope_relative_position():
+    cfg = small_config(qk_rope_head_dim=16)  # YaRN-scaled frequencies, attention factor 1
+    rot = RotaryEmbedding(cfg)
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 16, generator=g).unbind(0)
+
+    def score(m: int, n: int) -> float:
+        cos, sin = rot(torch.tensor([[m, n]]))  # (1, 2, 8)
+        qk = apply_rope(torch.stack((q, k)).view(1, 2, 1, 16), cos, sin).view(2, 16)
+        return float(qk[0] @ qk[1])
+
+    ref = score(5, 2)
+    for m, n in [(9, 6), (20, 17), (3, 0)]:
+        assert score(m, n) == pytest.approx(ref, abs=1e-5)
+    assert abs(score(5, 3) - ref) > 1e-3  # a different offset gives a different score
+
+
+# ------------------------------------------------------------------------------------------ YaRN
+def test_yarn_deepseek_v3_by_hand():
+    cfg = ModelConfig.preset("deepseek-v3")
+    d, base, L, s = 64, 10000.0, 4096, 40.0
+
+    def corr(r):  # SPEC §2
+        return d * math.log(L / (2 * math.pi * r)) / (2 * math.log(base))
+
+    assert (math.floor(corr(32)), math.ceil(corr(1))) == (10, 23)
+    assert yarn_correction_range(32, 1, d, base, L) == (10, 23)
+    m = 0.1 * math.log(40) + 1
+    assert m == pytest.approx(1.3689, abs=1e-4)
+    assert cfg.softmax_scale == pytest.approx((128 + 64) ** -0.5 * m * m, rel=1e-12)
+    assert cfg.softmax_scale == pytest.approx(0.13523, abs=5e-6)
+    assert rope_attention_factor(cfg) == 1.0
+
+    theta = rope_frequencies(cfg)
+    assert theta.shape == (32,) and theta.dtype == torch.float32
+    for i, ramp in [(0, 0.0), (5, 0.0), (10, 0.0), (11, 1 / 13), (16, 6 / 13), (22, 12 / 13), (23, 1.0), (31, 1.0)]:
+        assert min(max((i - 10) / 13, 0.0), 1.0) == pytest.approx(ramp)
+        t = base ** (-2 * i / d)
+        expected = t / s * ramp + t * (1 - ramp)
+        assert float(theta[i]) == pytest.approx(expected, rel=1e-6), i
+    # i = 16 by hand: theta_16 = 1e4^(-0.5) = 0.01; 0.01 / 40 * 6/13 + 0.01 * 7/13
+    assert float(theta[16]) == pytest.approx(0.01 / 40 * 6 / 13 + 0.01 * 7 / 13, rel=1e-6)
+    cos, sin = RotaryEmbedding(cfg)(torch.tensor([[1000]]))
+    assert float(cos[0, 0, 16]) == pytest.approx(math.cos(1000 * float(theta[16])), abs=1e-4)
+
+
+def test_yarn_mscale_factors():
+    v2 = ModelConfig.preset("deepseek-v2")  # mscale = mscale_all_dim = 0.707
+    m = 0.1 * 0.707 * math.log(40) + 1
+    assert v2.softmax_scale == pytest.approx(192 ** -0.5 * m * m, rel=1e-12)
+    assert rope_attention_factor(v2) == pytest.approx(1.0)
+    cfg = small_config(rope_factor=40.0, mscale=1.0, mscale_all_dim=0.5)
+    ratio = (0.1 * math.log(40) + 1) / (0.05 * math.log(40) + 1)
+    assert rope_attention_factor(cfg) == pytest.approx(ratio, rel=1e-12)
+    assert cfg.softmax_scale == pytest.approx(16 ** -0.5 * (0.05 * math.log(40) + 1) ** 2, rel=1e-12)
+    cos, sin = RotaryEmbedding(cfg)(torch.tensor([[0]]))  # angle 0: cos = factor, sin = 0
+    torch.testing.assert_close(cos, torch.full_like(cos, ratio))
+    plain = small_config(rope_scaling_type=None, rope_factor=1.0)
+    assert plain.softmax_scale == 16 ** -0.5 and rope_attention_factor(plain) == 1.0
+    torch.testing.assert_close(rope_frequencies(plain), 10000.0 ** (-torch.arange(0, 8, 2) / 8))
+
+
+# ------------------------------------------------------------------------------------------ MLA
+def test_mla_matches_absorbed_latent_attention():
+    """SPEC §3 written out per head over the cached latent (absorbed W_UK / W_UV) equals the module."""
+    cfg = small_config(num_attention_heads=3, qk_nope_head_dim=4, qk_rope_head_dim=6, v_head_dim=5,
+                       kv_lora_rank=12, q_lora_rank=10, rope_factor=2.0, mscale=1.0, mscale_all_dim=0.8)
+    torch.manual_seed(0)
+    attn = MultiHeadLatentAttention(cfg)
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    B, T, H, dh, dR, dv, dc = 2, 7, 3, 4, 6, 5, 12
+    x = torch.randn(B, T, cfg.hidden_size)
+    cos, sin = RotaryEmbedding(cfg)(torch.arange(T)[None])
+    out = attn(x, cos, sin)
+
+    rot = torch.complex(cos, sin)  # (1, T, dR/2), includes the attention factor
+
+    def rope(v):  # DeepSeek's reference: complex view of consecutive pairs
+        vc = torch.view_as_complex(v.reshape(*v.shape[:-1], -1, 2).contiguous())
+        r = rot if v.dim() == 3 else rot.unsqueeze(2)
+        return torch.view_as_real(vc * r).flatten(-2)
+
+    c_q = rms(x @ attn.q_a_proj.weight.T, attn.q_a_layernorm.weight, 1e-6)
+    q = (c_q @ attn.q_b_proj.weight.T).view(B, T, H, dh + dR)
+    q_c, q_r = q[..., :dh], rope(q[..., dh:])
+    kv_a = x @ attn.kv_a_proj_with_mqa.weight.T
+    c_kv = rms(kv_a[..., :dc], attn.kv_a_layernorm.weight, 1e-6)  # (B, T, dc): what the cache holds
+    k_r = rope(kv_a[..., dc:])  # (B, T, dR), shared by all heads
+    w = attn.kv_b_proj.weight.view(H, dh + dv, dc)  # per head: first d_h rows k^C, then d_v rows v
+    w_uk, w_uv = w[:, :dh], w[:, dh:]
+    q_lat = torch.einsum("bthd,hdc->bthc", q_c, w_uk)  # W_UK^T q^C
+    scale = (dh + dR) ** -0.5 * (0.1 * 0.8 * math.log(2.0) + 1) ** 2
+    scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv) + torch.einsum("bthr,bsr->bhts", q_r, k_r)) * scale
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    p = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    o_c = torch.einsum("bhts,bsc->bthc", p, c_kv)
+    o = torch.einsum("bthc,hvc->bthv", o_c, w_uv).reshape(B, T, H * dv)
+    expected = o @ attn.o_proj.weight.T
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ router
+def _router(hidden: int, **changes) -> Router:
+    cfg = small_config(hidden_size=hidden, n_routed_experts=hidden, **changes)
+    router = Router(cfg)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(hidden))  # logits = x
+    router.weight.requires_grad_(False)
+    return router
+
+
+def _logit(p):
+    p = torch.tensor(p, dtype=torch.float64)
+    return torch.log(p / (1 - p)).float()
+
+
+def _sets(idx: torch.Tensor) -> list[set[int]]:
+    return [set(row.tolist()) for row in idx]
+
+
+def _gate_of(weights, idx, expert):
+    row = (idx == expert).nonzero()
+    return float(weights.detach()[row[0, 0], row[0, 1]])
+
+
+# 16 experts in 4 groups of 4. sigmoid scores:
+#   g0 [0.95 .05 .05 .05]: top-2 sum 1.00, max .95, sum 1.10
+#   g1 [0.60 .58 .10 .10]: top-2 sum 1.18, max .60
+#   g2 [0.70 .55 .50 .50]: top-2 sum 1.25, max .70, sum 2.25
+#   g3 [0.45 .45 .45 .45]: top-2 sum 0.90,           sum 1.80
+S16 = [0.95, 0.05, 0.05, 0.05, 0.60, 0.58, 0.10, 0.10, 0.70, 0.55, 0.50, 0.50, 0.45, 0.45, 0.45, 0.45]
+
+
+def test_router_sigmoid_noaux_tc_by_hand():
+    router = _router(16, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5)
+    x = _logit(S16)[None]
+    w, idx, scores = router(x)
+    torch.testing.assert_close(scores[0], torch.tensor(S16), atol=1e-6, rtol=0)
+    # groups by top-2 sum: g2 (1.25) and g1 (1.18); expert 0 (0.95, the best) sits in a dropped group
+    assert _sets(idx) == [{8, 4, 5}]
+    for e, s in [(8, 0.70), (4, 0.60), (5, 0.58)]:
+        assert _gate_of(w, idx, e) == pytest.approx(s / 1.88 * 2.5, rel=1e-5)
+    assert float(w.sum()) == pytest.approx(2.5, rel=1e-6)  # normalized over k, times the scale
+
+
+def test_router_bias_changes_selection_not_gates():
+    router = _router(16, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5)
+    x = _logit(S16)[None]
+    # bias lifts expert 9 (0.55 -> 0.75) inside a kept group: selected, but its gate uses the unbiased 0.55
+    router.e_score_correction_bias[9] = 0.2
+    w, idx, _ = router(x)
+    assert _sets(idx) == [{9, 8, 4}]
+    for e, s in [(9, 0.55), (8, 0.70), (4, 0.60)]:
+        assert _gate_of(w, idx, e) == pytest.approx(s / 1.85 * 2.5, rel=1e-5)
+    # bias on g3 [0.5, 0.4, 0, 0] -> biased g3 [.95 .85 .45 .45] (top-2 sum 1.8): groups g3 and g2 are kept
+    router.e_score_correction_bias.zero_()
+    router.e_score_correction_bias[12:16] = torch.tensor([0.5, 0.4, 0.0, 0.0])
+    w, idx, _ = router(x)
+    assert _sets(idx) == [{12, 13, 8}]
+    for e, s in [(12, 0.45), (13, 0.45), (8, 0.70)]:
+        assert _gate_of(w, idx, e) == pytest.approx(s / 1.60 * 2.5, rel=1e-5)
+
+
+def test_router_without_group_limit_and_without_norm():
+    router = _router(16, n_group=4, topk_group=4, num_experts_per_tok=3, routed_scaling_factor=1.5,
+                     norm_topk_prob=False)
+    w, idx, _ = router(_logit(S16)[None])
+    assert _sets(idx) == [{0, 8, 4}]  # plain top-3 when every group is allowed
+    for e, s in [(0, 0.95), (8, 0.70), (4, 0.60)]:
+        assert _gate_of(w, idx, e) == pytest.approx(s * 1.5, rel=1e-5)  # not normalized, only scaled
+
+
+# softmax experts: 8 experts in 4 groups of 2, weights u (softmax of log u = u / 21.7)
+#   g0 [6, 1] max 6 sum 7 | g1 [5, .5] max 5 sum 5.5 | g2 [4.5, 4.4] max 4.5 sum 8.9 | g3 [.2, .1]
+U8 = [6.0, 1.0, 5.0, 0.5, 4.5, 4.4, 0.2, 0.1]
+
+
+@pytest.mark.parametrize("method, norm, expected", [
+    ("greedy", False, {0, 2, 4}),               # the global top-3
+    ("group_limited_greedy", False, {0, 2, 1}),  # groups by max: g0 (6), g1 (5)
+    ("group_limited_greedy", True, {0, 2, 1}),
+])
+def test_router_softmax_by_hand(method, norm, expected):
+    router = _router(8, scoring_func="softmax", topk_method=method, n_group=4, topk_group=2, num_experts_per_tok=3,
+                     routed_scaling_factor=16.0, norm_topk_prob=norm)
+    assert router.e_score_correction_bias is None
+    x = torch.log(torch.tensor(U8))[None]
+    w, idx, scores = router(x)
+    total = sum(U8)
+    torch.testing.assert_close(scores[0], torch.tensor(U8) / total)
+    assert _sets(idx) == [expected]
+    chosen = sum(U8[e] for e in expected)
+    for e in expected:
+        g = U8[e] / chosen if norm else U8[e] / total
+        assert _gate_of(w, idx, e) == pytest.approx(16.0 * g, rel=1e-5)
+
+
+def test_router_top1_normalized_gate_is_the_scale():
+    router = _router(16, n_group=4, topk_group=2, num_experts_per_tok=1, routed_scaling_factor=2.5)
+    w, idx, _ = router(_logit(S16)[None])
+    assert idx.tolist() == [[8]] and float(w) == pytest.approx(2.5)  # s / sum(s) = 1
+
+
+# ------------------------------------------------------------------------------------------ experts
+def naive_experts(x, weights, idx, gate_up, down):
+    """sum_k g_k down_e(silu(gate_e x) * up_e x), one token and one slot at a time."""
+    F_ = down.shape[-1]
+    rows = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros_like(x[t])
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            h = F.silu(gate_up[e, :F_] @ x[t]) * (gate_up[e, F_:] @ x[t])
+            acc = acc + weights[t, k] * (down[e] @ h)
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("path", ["grouped_mm", "forced_fallback", "unaligned_fallback"])
+def test_routed_experts_match_naive_loop(path, monkeypatch):
+    hidden, width = (10, 6) if path == "unaligned_fallback" else (16, 8)  # 40-byte rows are not 16-byte aligned
+    cfg = small_config(hidden_size=hidden, moe_intermediate_size=width, n_routed_experts=8, num_experts_per_tok=3)
+    torch.manual_seed(0)
+    experts = RoutedExperts(cfg)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 0.3)
+        experts.down_proj.normal_(0, 0.3)
+    T, K, E = 11, 3, 8
+    x = torch.randn(T, hidden, requires_grad=True)
+    weights = torch.rand(T, K, requires_grad=True)
+    idx = torch.stack([torch.randperm(6)[:K] for _ in range(T)])  # experts 6 and 7 get no token
+    aligned = moe_mod._grouped_mm_ok(x, experts.gate_up_proj, experts.down_proj)
+    assert aligned == (path != "unaligned_fallback")
+    if path == "forced_fallback":
+        monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a: False)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    out, counts = experts(x, weights, idx)
+    assert len(calls) == (2 if path == "grouped_mm" else 0)
+    assert counts.tolist() == torch.bincount(idx.flatten(), minlength=E).tolist()
+    assert int(counts.sum()) == T * K and counts[6] == 0 and counts[7] == 0
+
+    ref_params = [p.detach().clone().requires_grad_() for p in (x, weights, experts.gate_up_proj, experts.down_proj)]
+    expected = naive_experts(ref_params[0], ref_params[1], idx, ref_params[2], ref_params[3])
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+    probe = torch.randn_like(out)
+    (out * probe).sum().backward()
+    (expected * probe).sum().backward()
+    for got, ref in zip((x, weights, experts.gate_up_proj, experts.down_proj), ref_params):
+        torch.testing.assert_close(got.grad, ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_moe_drops_no_token_even_when_all_pick_the_same_experts():
+    cfg = small_config(hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, num_experts_per_tok=2,
+                       n_group=4, topk_group=2, n_shared_experts=2)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    moe.gate.e_score_correction_bias[[2, 3]] = 10.0  # every token's selection: experts 2 and 3 (group 1)
+    B, T = 3, 5
+    x = torch.randn(B, T, 16)
+    out, routing = moe(x)
+    assert routing.topk_idx.shape == (B, T, 2)
+    assert all(s == {2, 3} for s in _sets(routing.topk_idx.reshape(-1, 2)))
+    assert routing.counts.tolist() == [0, 0, B * T, B * T, 0, 0, 0, 0]  # no capacity limit: nobody dropped
+    x_TD = x.reshape(-1, 16)
+    s = torch.sigmoid(x_TD @ moe.gate.weight.T)
+    gates = s[:, [2, 3]] / s[:, [2, 3]].sum(-1, keepdim=True) * cfg.routed_scaling_factor
+    expected = naive_experts(x_TD, gates, torch.tensor([[2, 3]]).expand(B * T, 2),
+                             moe.experts.gate_up_proj, moe.experts.down_proj) + moe.shared_experts(x_TD)
+    torch.testing.assert_close(out.reshape(-1, 16), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_every_token_gets_k_distinct_experts():
+    cfg = small_config(n_routed_experts=16, num_experts_per_tok=5, n_group=4, topk_group=3)
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    out, routing = moe(torch.randn(2, 9, cfg.hidden_size))
+    idx = routing.topk_idx.reshape(-1, 5)
+    assert all(len(set(row.tolist())) == 5 for row in idx)
+    # never more than topk_group = 3 of the 4 groups
+    assert all(len({e // 4 for e in row.tolist()}) <= 3 for row in idx)
+    assert int(routing.counts.sum()) == 2 * 9 * 5
+
+
+# ------------------------------------------------------------------------------------------ model
+@pytest.fixture(scope="module")
+def model() -> DeepSeekV3:
+    torch.manual_seed(0)
+    m = DeepSeekV3(small_config()).eval()
+    with torch.no_grad():
+        for name, buf in m.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0, 0.1)
+    return m
+
+
+def _ids(B=2, T=10, seed=0):
+    return torch.randint(0, 64, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def test_mtp_alignment_by_hand(model):
+    cfg = model.config
+    ids = _ids()
+    B, T = ids.shape
+    out = model.forward_train(ids)
+    assert [tuple(x.shape) for x in out.mtp_logits] == [(B, T - 1, 64), (B, T - 2, 64)]
+
+    cos, sin = model.rotary(torch.arange(T)[None])
+    x = model.embed_tokens.weight[ids]
+    for layer in model.layers:
+        x = layer(x, cos, sin)[0]
+    h0 = rms(x, model.norm.weight, cfg.rms_norm_eps)  # h^0: after the final norm
+    torch.testing.assert_close(out.hidden, h0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.logits, h0 @ model.lm_head.weight.T, atol=1e-5, rtol=1e-5)
+
+    d, h = cfg.hidden_size, h0
+    for k in (1, 2):
+        mod = model.mtp[k - 1]
+        n = T - k
+        emb = model.embed_tokens.weight[ids[:, k:]]  # position i: Emb(t_{i+k})
+        M = mod.eh_proj.weight  # d x 2d, embedding half first
+        h_in = (rms(emb, mod.enorm.weight, cfg.rms_norm_eps) @ M[:, :d].T
+                + rms(h[:, :n], mod.hnorm.weight, cfg.rms_norm_eps) @ M[:, d:].T)  # position i: h^{k-1}_i
+        hk = mod.block(h_in, cos[:, :n], sin[:, :n])[0]
+        h = rms(hk, mod.norm.weight, cfg.rms_norm_eps)  # shared_head.norm; feeds depth k + 1
+        torch.testing.assert_close(out.mtp_logits[k - 1], h @ model.lm_head.weight.T, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("j", [3, 7])
+def test_causality_main_and_mtp(model, j):
+    ids = _ids()
+    changed = ids.clone()
+    changed[:, j] = (changed[:, j] + 17) % 64
+    a, b = model.forward_train(ids), model.forward_train(changed)
+
+    def diff(x, y):
+        return (x - y).abs().amax(dim=(0, 2))  # per position
+
+    main = diff(a.logits, b.logits)
+    assert main[:j].max() < 1e-5 and main[j] > 1e-3  # logits at i < j never see t_j
+    for k in (1, 2):
+        dk = diff(a.mtp_logits[k - 1], b.mtp_logits[k - 1])
+        # depth k at position i reads t_0..t_{i+k}: unchanged for i < j - k, changed at i = j - k (Emb(t_{i+k}))
+        assert dk[: j - k].max() < 1e-5 and dk[j - k] > 1e-3, (k, dk)
+
+
+@torch.no_grad()
+def test_expert_counts_shape(model):
+    cfg = model.config
+    ids = _ids(B=3, T=6)
+    out = model.forward_train(ids)
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
+    assert n_moe == 2
+    counts = out.expert_counts
+    assert counts.shape == (n_moe + cfg.num_nextn_predict_layers, cfg.n_routed_experts)
+    K = cfg.num_experts_per_tok
+    assert counts.sum(1).tolist() == [3 * 6 * K] * n_moe + [3 * (6 - k) * K for k in (1, 2)]
+
+
+def test_deepseek_v3_sizes_on_meta():
+    cfg = ModelConfig.preset("deepseek-v3")
+    with torch.device("meta"):
+        m = DeepSeekV3(cfg)
+    counts = count_parameters(m)
+    assert counts["total_params"] == 671_026_404_352
+    assert counts["mtp_params"] == 11_610_067_968
+    assert round(counts["activated_params"] / 1e9, 2) == 37.55
+    assert round(counts["activated_params_without_embedding"] / 1e9, 2) == 36.63
+    assert counts["activated_params"] - counts["activated_params_without_embedding"] == 129280 * 7168
+    kv = kv_cache_elements_per_token(cfg)
+    assert kv["kv_cache_elements_per_token"] == (512 + 64) * 61 == 35_136
+    assert kv["mha_cache_elements_per_token"] == 1_998_848
+    assert kv["transformers_cache_elements_per_token"] == 2_498_560
