@@ -78,7 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--checkpoint", metavar="DIR", help="a Hugging Face checkpoint directory (config.json)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=cmd_info)
+    for register in _subcommand_registrars():
+        register(sub)
     return parser
+
+
+def _subcommand_registrars():
+    """Each feature area adds its own subcommands (``register(subparsers)``) from its own module."""
+    registrars = []
+    # one line per feature area, e.g.:  from .train.cli import register as train; registrars.append(train)
+    return registrars
 
 
 def main(argv: list[str] | None = None) -> int:
