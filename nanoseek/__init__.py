@@ -2,6 +2,8 @@
 
 from .config import ModelConfig
 from .model import DeepSeekV3, ModelOutput
+from .inference import generate
+from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["DeepSeekV3", "ModelConfig", "ModelOutput", "__version__"]
+__all__ = ["DeepSeekV3", "ModelConfig", "ModelOutput", "Tokenizer", "__version__"]

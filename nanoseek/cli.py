@@ -87,6 +87,8 @@ def _subcommand_registrars():
     """Each feature area adds its own subcommands (``register(subparsers)``) from its own module."""
     registrars = []
     # one line per feature area, e.g.:  from .train.cli import register as train; registrars.append(train)
+    from .train.cli import register as train; registrars.append(train)  # noqa: E702
+    from .inference.cli import register as inference; registrars.append(inference)  # noqa: E702  generate, chat, convert
     return registrars
 
 

@@ -275,7 +275,8 @@ def _target_dtype(dtype: torch.dtype | None, raw: dict, entries: dict[str, _Entr
     return _ST_DTYPES[name]
 
 
-def _fp8_block(raw: dict) -> tuple[int, int]:
+def fp8_block_size(raw: dict) -> tuple[int, int]:
+    """The (out, in) block of a config.json's FP8 quantization_config (128 x 128 when absent)."""
     q = raw.get("quantization_config")
     if not q:
         return FP8_BLOCK, FP8_BLOCK
@@ -366,7 +367,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         config = ModelConfig.from_hf(raw)
     except ValueError as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from None
-    block = _fp8_block(raw)
+    block = fp8_block_size(raw)
     files = _checkpoint_files(path)
     entries, duplicated = _scan(files)
     mtp_prefix = f"model.layers.{config.num_hidden_layers}."

@@ -1,11 +1,15 @@
 """Multi-head latent attention (MLA), SPEC §3 / DeepSeek-V2 §2.1, eqs. (37)-(47) of the V2 paper.
 
 Queries are compressed to c_Q (optional), keys and values jointly to the latent c_KV; a decoupled key
-k^R carries RoPE and is shared by all heads. This module is the training / prefill path, which
-up-projects c_KV to per-head keys and values; decoding over the latent lives with the cache.
+k^R carries RoPE and is shared by all heads. ``forward`` is the training path: it up-projects c_KV to
+per-head keys and values. ``forward_cached`` runs against a latent cache (nanoseek.inference.cache) that
+holds only [c_KV ; k^R] per token: either the same up-projected attention over the cached latent (prefill)
+or the absorbed form of SPEC §3 that never leaves the latent space (decoding).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +18,9 @@ from torch import nn
 from ..config import ModelConfig
 from .layers import RMSNorm
 from .rope import apply_rope
+
+if TYPE_CHECKING:
+    from ..inference.cache import LatentCacheLayer
 
 # The latent norms (q_a_layernorm, kv_a_layernorm) use a fixed eps in both references: DeepSeek's
 # inference code builds RMSNorm(q_lora_rank) / RMSNorm(kv_lora_rank) with the default 1e-6, and
@@ -65,14 +72,54 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Causal self-attention over x: (B, T, d). ``attn_mask`` (bool, True = attend) replaces the causal mask."""
-        B, T, _ = x.shape
         q_nope, q_rope = self.queries(x, cos, sin)
         c_kv, k_rope = self.latent(x, cos, sin)
-        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, -1))  # (B, T, H, d_h + d_v): W_UK, W_UV (eqs. 42, 45)
+        return self._attend_expanded(q_nope, q_rope, c_kv, k_rope, attn_mask)
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCacheLayer,
+                       input_pos: torch.Tensor, attn_mask: torch.Tensor, absorb: bool = True) -> torch.Tensor:
+        """Attention of x: (B, T, d) at cache slots ``input_pos`` (B, T) over the cached latent.
+
+        The new tokens' [c_KV ; k^R] are written at ``input_pos`` first (explicit positions: nothing advances
+        implicitly, and a slot left by a rejected draft is simply overwritten later); then the queries attend
+        to cache slots 0..S-1 with ``attn_mask`` (B, 1, T, S), True = attend. ``absorb`` picks the absorbed
+        decode math (cheap for few queries) or the up-projected prefill math (cheap for many); both are exact.
+        """
+        q_nope, q_rope = self.queries(x, cos, sin)
+        kv = cache.update(input_pos, *self.latent(x, cos, sin), length=attn_mask.shape[-1])  # (B, S, d_c + d_R)
+        if not absorb:
+            c_kv, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+            return self._attend_expanded(q_nope, q_rope, c_kv, k_rope, attn_mask)
+        return self._attend_absorbed(q_nope, q_rope, kv, attn_mask)
+
+    def _attend_expanded(self, q_nope: torch.Tensor, q_rope: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor,
+                         attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """Up-project the latent to per-head k^C, v and run standard attention; causal when no mask is given."""
+        B, T = q_nope.shape[:2]
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, -1))  # (B, S, H, d_h + d_v): W_UK, W_UV (eqs. 42, 45)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, d_h + d_h^R)  eq. 40
         k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)), dim=-1)  # eq. 44
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T, .)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T or S, .)
             attn_mask=attn_mask, is_causal=attn_mask is None, scale=self.softmax_scale)  # eq. 46
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))  # eq. 47
+
+    def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor,
+                         attn_mask: torch.Tensor) -> torch.Tensor:
+        """Absorbed attention over the cached latent kv = [c_KV ; k^R] (B, S, d_c + d_R)  (SPEC §3).
+
+        q^C . k^C_j = q^C . (W_UK c_KV_j) = (W_UK^T q^C) . c_KV_j, so W_UK folds into the query; the RoPE part
+        q^R . k^R_j is added as is (RoPE sits between the matrices, so it cannot be absorbed). The values are
+        never formed: o = W_UV (sum_j p_j c_KV_j), i.e. W_UV is applied after attention over the latent.
+        """
+        B, T = q_nope.shape[:2]
+        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_h, d_c), (H, d_v, d_c)
+        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # W_UK^T q^C: (B, T, H, d_c)
+        q = torch.cat((q_latent, q_rope), dim=-1)  # (B, T, H, d_c + d_R), matches the cached [c_KV ; k^R]
+        scores = torch.einsum("bthc,bsc->bhts", q, kv).float() * self.softmax_scale  # q^C.k^C + q^R.k^R (eq. 46)
+        probs = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1).to(kv.dtype)  # (B, H, T, S)
+        o_latent = torch.einsum("bhts,bsc->bthc", probs, kv[..., : self.kv_lora_rank])  # sum_j p_j c_KV_j
+        o = torch.einsum("bthc,hvc->bthv", o_latent, w_uv)  # W_UV after attention: (B, T, H, d_v)
+        return self.o_proj(o.reshape(B, T, self.n_heads * self.v_head_dim))  # eq. 47

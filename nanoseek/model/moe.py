@@ -59,7 +59,8 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return gate weights g (T, K) fp32, expert indices (T, K) and affinities s (T, E) fp32."""
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        with torch.autocast(x_TD.device.type, enabled=False):  # the router stays fp32 under autocast
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
         if self.scoring_func == "sigmoid":
             scores_TE = logits_TE.sigmoid()  # s_i = sigmoid(u^T e_i)  (V3 eq. 15)
         else:
@@ -119,6 +120,9 @@ class RoutedExperts(nn.Module):
         token_of = order // K  # which token each sorted slot belongs to
         x_SD = x_TD[token_of]  # (S = T*K, D)
         gate_up, down = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(x_TD.device.type):  # grouped_mm is not on autocast's list: cast here
+            dtype = torch.get_autocast_dtype(x_TD.device.type)
+            x_SD, gate_up, down = x_SD.to(dtype), gate_up.to(dtype), down.to(dtype)
         if _grouped_mm_ok(x_SD, gate_up, down):
             offsets = counts_E.cumsum(0).to(torch.int32)
             h_SF2 = torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=offsets)  # (S, 2F)

@@ -30,11 +30,12 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(d, config.rms_norm_eps)  # checkpoint: shared_head.norm
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
+                attn_mask: torch.Tensor | None = None, **cache_args) -> tuple[torch.Tensor, Routing | None]:
         """h_prev: h^{k-1} (B, T, d) after its final norm; emb_next: Emb(t_{i+k}) (B, T, d).
 
-        Returns RMSNorm_k(h^k): the input of the shared output head and of depth k + 1.
+        Returns RMSNorm_k(h^k): the input of the shared output head and of depth k + 1. ``cache_args``
+        (cache, input_pos, absorb) run the block against this module's own latent cache layer (drafting).
         """
         h = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))  # eq. 21
-        h, routing = self.block(h, cos, sin, attn_mask)  # eq. 22
+        h, routing = self.block(h, cos, sin, attn_mask, **cache_args)  # eq. 22
         return self.norm(h), routing

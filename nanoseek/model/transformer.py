@@ -7,6 +7,7 @@ The model is a plain ``nn.Module``: parallelism, training state and caches live 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from .layers import MLP, RMSNorm
 from .moe import MoE, Routing, RoutedExperts, Router
 from .mtp import MTPModule
 from .rope import RotaryEmbedding
+
+if TYPE_CHECKING:
+    from ..inference.cache import LatentCache, LatentCacheLayer
 
 
 class Block(nn.Module):
@@ -31,9 +35,15 @@ class Block(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.mlp = MoE(config) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                cache: LatentCacheLayer | None = None, input_pos: torch.Tensor | None = None,
+                absorb: bool = True) -> tuple[torch.Tensor, Routing | None]:
+        """With ``cache``, attention writes this block's latent at ``input_pos`` and reads the cache (see
+        :meth:`MultiHeadLatentAttention.forward_cached`); without it, the training path."""
+        if cache is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        else:
+            x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache, input_pos, attn_mask, absorb)
         if self.is_moe:
             ffn, routing = self.mlp(self.post_attention_layernorm(x))
         else:
@@ -139,6 +149,44 @@ class DeepSeekV3(nn.Module):
             if r is not None:
                 out.routing.append(r)
         return out
+
+    # ------------------------------------------------------------------ inference with a latent cache
+    @staticmethod
+    def cache_mask(input_pos: torch.Tensor) -> torch.Tensor:
+        """(B, 1, T, S) bool: query at slot input_pos[b, t] sees cache slots 0..input_pos[b, t]; S = max slot + 1.
+
+        Slot = token index in its sequence = RoPE position, so sequences of different lengths share a batch
+        without any padding inside the cache; slots past a query (right padding, rejected drafts) are masked.
+        """
+        slots = torch.arange(int(input_pos.max()) + 1, device=input_pos.device)  # (S,)
+        return (slots <= input_pos[..., None]).unsqueeze(1)  # (B, 1, T, S)
+
+    def forward_cached(self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: LatentCache,
+                       absorb: bool = True) -> torch.Tensor:
+        """Main layers for tokens (B, T) at cache slots / positions ``input_pos`` (B, T).
+
+        Each layer writes its [c_KV ; k^R] at ``input_pos`` and attends to the cache (``absorb``: absorbed
+        decode math, else the up-projected prefill math). Returns the final normed hidden state (B, T, d):
+        the input of ``lm_head`` and of the first MTP module.
+        """
+        cos, sin = self.rotary(input_pos)  # (B, T, d_R/2) each
+        mask = self.cache_mask(input_pos)
+        x = self.embed_tokens(input_ids)
+        for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
+            x, _ = layer(x, cos, sin, mask, cache=layer_cache, input_pos=input_pos, absorb=absorb)
+        return self.norm(x)
+
+    def mtp_forward_cached(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, input_pos: torch.Tensor,
+                           cache: LatentCache, absorb: bool = True) -> torch.Tensor:
+        """MTP module k (1-based) at positions ``input_pos`` (B, T) with its own cache layer (SPEC §5).
+
+        Position i combines h^{k-1}_i (B, T, d), normed, with Emb(t_{i+k}) (``next_ids``, B x T); returns
+        RMSNorm_k(h^k) (B, T, d), whose ``lm_head`` logits predict t_{i+k+1}.
+        """
+        cos, sin = self.rotary(input_pos)
+        h, _ = self.mtp[k - 1](h_prev, self.embed_tokens(next_ids), cos, sin, self.cache_mask(input_pos),
+                               cache=cache.mtp_layers[k - 1], input_pos=input_pos, absorb=absorb)
+        return h
 
     # ------------------------------------------------------------------ sizes
     def num_parameters(self) -> dict[str, int]:

@@ -1,0 +1,463 @@
+"""``nanoseek generate``, ``nanoseek chat`` and ``nanoseek convert``.
+
+    nanoseek generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] [--temperature T] [--top-p P]
+                      [--top-k K] [--seed S] [--speculative | --no-speculative] [--chat | --raw]
+                      [--system TEXT] [--dtype auto|bf16|fp16|fp32] [--device DEV]
+    nanoseek chat     --checkpoint DIR [same sampling / model options] [--system TEXT]
+    nanoseek convert  SRC DST [--dtype bf16|fp16|fp32] [--no-progress]
+
+``generate`` streams the new text to stdout as it is produced (the exact model output: an R1 reply starts
+inside its ``<think>`` block and shows ``</think>`` where the reasoning ends) and prints one summary line
+(tokens, prefill / decode tokens/s, MTP acceptance rate) on stderr, so stdout can be piped. ``--prompt -``
+reads the prompt from stdin. With ``--chat`` (the default when the checkpoint has a chat template) the prompt
+is one user turn rendered with the checkpoint's template; ``--raw`` feeds bos + the text as is.
+
+``chat`` is a multi-turn conversation on stdin/stdout. The reasoning part of a reply is shown dim (ANSI) on a
+terminal, and between ``[think]`` and ``[/think]`` markers otherwise (or with NO_COLOR set); the history keeps
+only the text after ``</think>`` (the template drops the rest). ``/reset`` starts over, ``/exit`` (or
+end of input) quits.
+
+Bad input (empty prompt, prompt past the model's context, bad sampling parameters, a checkpoint directory
+that is missing or has no tokenizer) is one ``nanoseek CMD: error: ...`` line on stderr and exit status 2.
+Asking a model without MTP module for speculative decoding warns and decodes plainly.
+:func:`validate_sampling` holds the sampling-parameter checks for other callers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+           "fp32": "float32", "float32": "float32"}
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+# -------------------------------------------------------------------------- validation (reusable)
+def validate_sampling(*, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                      max_new_tokens: int | None = None) -> None:
+    """Raise ``ValueError`` with one line naming the first invalid sampling parameter.
+
+    temperature: a finite number >= 0 (0 = greedy); top_k: None or an integer >= 1; top_p: None or a number in
+    (0, 1]; max_new_tokens: None (not checked) or an integer >= 1. Depends on nothing but the standard library.
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not math.isfinite(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
+def check_prompt_length(n_prompt: int, max_new_tokens: int, context: int) -> int:
+    """The number of new tokens that fit: ``max_new_tokens`` or what is left of the model's ``context``
+    (max_position_embeddings). Raises ``ValueError`` for an empty prompt or one that leaves no room."""
+    if n_prompt == 0:
+        raise ValueError("the prompt is empty")
+    if n_prompt >= context:
+        raise ValueError(f"the prompt is {n_prompt} tokens, which leaves no room in the model's context of "
+                         f"{context} tokens (max_position_embeddings)")
+    return min(max_new_tokens, context - n_prompt)
+
+
+# -------------------------------------------------------------------------- argument parsing
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="DIR",
+                   help="checkpoint directory (config.json, safetensors, tokenizer.json, tokenizer_config.json)")
+    p.add_argument("--max-new-tokens", type=_int, default=max_new_tokens, metavar="N",
+                   help=f"at most N new tokens per reply (default {max_new_tokens})")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 = greedy (default). R1's recommended setting: 0.6 with --top-p 0.95")
+    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: keep mass P, in (0, 1]")
+    p.add_argument("--top-k", type=_int, default=None, metavar="K", help="keep the K most likely tokens")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed for sampling (chat: turn i uses SEED + i)")
+    p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=False,
+                   help="MTP self-speculative decoding (needs a checkpoint with an MTP module; default off)")
+    p.add_argument("--system", default=None, metavar="TEXT", help="system prompt (chat template only)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="weights dtype (default: the checkpoint's; bf16 for FP8 checkpoints)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``generate``, ``chat`` and ``convert`` to the ``nanoseek`` command line."""
+    gen = subparsers.add_parser(
+        "generate", help="stream a completion of a prompt",
+        description="Stream the model's continuation of a prompt to stdout; a summary line goes to stderr.")
+    _add_model_args(gen, max_new_tokens=256)
+    gen.add_argument("--prompt", required=True, metavar="TEXT", help="the prompt ('-' reads it from stdin)")
+    mode = gen.add_mutually_exclusive_group()
+    mode.add_argument("--chat", dest="mode", action="store_const", const="chat",
+                      help="render the prompt as a user turn with the chat template (default when there is one)")
+    mode.add_argument("--raw", dest="mode", action="store_const", const="raw",
+                      help="feed bos + the prompt text as is")
+    gen.set_defaults(func=cmd_generate, mode=None)
+
+    chat = subparsers.add_parser(
+        "chat", help="interactive multi-turn chat (/reset, /exit)",
+        description="Chat on stdin/stdout with the checkpoint's chat template. /reset clears the conversation, "
+                    "/exit quits.")
+    _add_model_args(chat, max_new_tokens=2048)
+    chat.set_defaults(func=cmd_chat)
+
+    conv = subparsers.add_parser(
+        "convert", help="dequantize an FP8 checkpoint to bf16 (shard by shard, on the CPU)",
+        description="Turn an FP8 block-quantized checkpoint into a bf16 (or fp16 / fp32) one, one shard at a "
+                    "time; DST is written next to itself and renamed into place when complete.")
+    conv.add_argument("src", metavar="SRC", help="FP8 checkpoint directory")
+    conv.add_argument("dst", metavar="DST", help="new checkpoint directory (must not exist)")
+    conv.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                      help="dtype of the dequantized weights (default bf16)")
+    conv.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    conv.set_defaults(func=cmd_convert, progress=True)
+
+
+# -------------------------------------------------------------------------- loading
+def _warn(command: str, message: str) -> None:
+    print(f"nanoseek {command}: warning: {message}", file=sys.stderr)
+
+
+def _device(name: str | None):
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"invalid --device {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def load_for_inference(args: argparse.Namespace):
+    """Validate the options, then load (tokenizer, model) from ``args.checkpoint``; warnings become one line."""
+    import torch
+
+    from ..hf import load_pretrained
+    from ..tokenizer import Tokenizer
+
+    validate_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      max_new_tokens=args.max_new_tokens)
+    path = Path(args.checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"checkpoint path {path} is not a directory")
+    tokenizer = Tokenizer.from_pretrained(path)  # before the (large) model: fail fast without tokenizer files
+    device = _device(args.device)
+    dtype = None if args.dtype == "auto" else getattr(torch, _DTYPES[args.dtype])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = load_pretrained(path, dtype=dtype, device=device)
+    for w in caught:
+        _warn(args.command, str(w.message).splitlines()[0])
+    model.eval()
+    if args.speculative and len(getattr(model, "mtp", ())) == 0:
+        _warn(args.command, "the checkpoint has no MTP module: speculative decoding is off, decoding plainly")
+        args.speculative = False
+    return tokenizer, model
+
+
+def _core_generate() -> Callable:
+    """``nanoseek.inference.generate``, imported when a command runs (``nanoseek info`` does not need it)."""
+    from . import generate
+
+    return generate
+
+
+def _stop_tokens(tokenizer, model) -> tuple[int, ...]:
+    stops: list[int] = []
+    for t in (tokenizer.eos_token_id, model.config.eos_token_id):
+        for i in (t if isinstance(t, (list, tuple)) else [t]):
+            if isinstance(i, int) and i not in stops:
+                stops.append(i)
+    return tuple(stops)
+
+
+def _check_vocab(ids: list[int], model) -> None:
+    vocab = model.config.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is outside the model's vocabulary of {vocab}: the tokenizer files do "
+                         "not belong to this checkpoint")
+
+
+# -------------------------------------------------------------------------- streaming
+def _stat(stats: Any, name: str) -> Any:
+    """A field of GenerationResult.stats (a GenerationStats, or a dict), None when absent."""
+    return stats.get(name) if isinstance(stats, dict) else getattr(stats, name, None)
+
+
+def format_summary(stats: Any, n_prompt: int, n_new: int, speculative: bool) -> str:
+    """One line: token counts, prefill / decode speed, MTP acceptance rate, latent cache size."""
+    parts = [f"{n_prompt} prompt + {n_new} new tokens"]
+    for label, name in (("prefill", "prefill_tokens_per_s"), ("decode", "decode_tokens_per_s")):
+        value = _stat(stats, name)
+        if value is not None:
+            parts.append(f"{label} {value:.1f} tok/s")
+    rate = _stat(stats, "acceptance_rate")
+    if speculative and rate is not None:
+        drafted, accepted = _stat(stats, "drafted"), _stat(stats, "accepted")
+        detail = f" ({accepted}/{drafted} drafts)" if drafted is not None and accepted is not None else ""
+        parts.append(f"MTP acceptance {100 * rate:.1f}%{detail}")
+    else:
+        parts.append("MTP acceptance n/a (not speculative)")
+    cache = _stat(stats, "cache_bytes")
+    if cache is not None:
+        parts.append(f"cache {cache / 2**20:.2f} MiB")
+    return "[nanoseek] " + " | ".join(parts)
+
+
+class ThinkDisplay:
+    """Writes a streamed reply, marking its reasoning: dim ANSI on a terminal, ``[think]`` ... ``[/think]``
+    otherwise. The ``<think>`` / ``</think>`` tags themselves are replaced by the markers; a tag split across
+    chunks is held back until it is complete."""
+
+    def __init__(self, out: TextIO, *, color: bool, thinking: bool = False):
+        self.out = out
+        self.color = color
+        self.thinking = False
+        self._pending = ""
+        if thinking:
+            self._enter()
+
+    def _enter(self) -> None:
+        self.thinking = True
+        self.out.write("\x1b[2m" if self.color else "[think]")
+
+    def _leave(self) -> None:
+        self.thinking = False
+        self.out.write("\x1b[0m" if self.color else "[/think]")
+
+    def write(self, text: str) -> None:
+        text = self._pending + text
+        self._pending = ""
+        while text:
+            tag = THINK_CLOSE if self.thinking else THINK_OPEN
+            i = text.find(tag)
+            if i >= 0:
+                self.out.write(text[:i])
+                text = text[i + len(tag):]
+                self._leave() if self.thinking else self._enter()
+                continue
+            keep = _partial_suffix(text, tag)  # the start of a tag cut by the chunk boundary
+            self.out.write(text[:len(text) - keep])
+            self._pending = text[len(text) - keep:]
+            break
+        self.out.flush()
+
+    def close(self) -> None:
+        if self._pending:
+            self.out.write(self._pending)
+            self._pending = ""
+        if self.thinking:  # a reply that ended (or was cut off) inside its reasoning
+            self._leave()
+        self.out.flush()
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+def stream_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int, args: argparse.Namespace,
+                    write: Callable[[str], None], seed: int | None = None) -> tuple[str, list[int], Any]:
+    """Run the inference core on one prompt, writing decoded text through ``write`` as tokens are accepted.
+    Returns (reply text, reply ids without stop tokens, stats)."""
+    generate = _core_generate()
+    stops = _stop_tokens(tokenizer, model)
+    decoder = tokenizer.stream_decoder(skip_special_tokens=True)
+    state = {"done": False, "streamed": False}
+
+    def accept(ids: Iterable[int]) -> None:
+        kept = []
+        for i in ids:
+            i = int(i)
+            if state["done"]:
+                break
+            if i in stops:
+                state["done"] = True
+                break
+            kept.append(i)
+        if kept:
+            text = decoder.push(kept)
+            if text:
+                write(text)
+
+    def on_tokens(new: list[list[int]]) -> None:
+        state["streamed"] = True
+        accept(new[0])
+
+    result = generate(model, [prompt_ids], max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, stop_tokens=stops, seed=seed, speculative=args.speculative,
+                      on_tokens=on_tokens)
+    if not state["streamed"]:  # a core that returned without streaming: print the result at once
+        accept(result.tokens[0])
+    tail = decoder.flush()
+    if tail:
+        write(tail)
+    text = tokenizer.decode(decoder.ids, skip_special_tokens=True)
+    return text, list(decoder.ids), result.stats
+
+
+def _prompt_text(args: argparse.Namespace) -> str:
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not text.strip():
+        raise ValueError("the prompt is empty")
+    return text
+
+
+def _safe_stdout() -> TextIO:
+    out = sys.stdout
+    try:
+        out.reconfigure(errors="replace")  # a terminal that cannot show a character gets '?', not a crash
+    except (AttributeError, ValueError, OSError):
+        pass
+    return out
+
+
+def _color(out: TextIO) -> bool:
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return out.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# -------------------------------------------------------------------------- commands
+def cmd_generate(args: argparse.Namespace) -> int:
+    text = _prompt_text(args)  # an empty prompt fails before anything is loaded
+    tokenizer, model = load_for_inference(args)
+    mode = args.mode or ("chat" if tokenizer.has_chat_template else "raw")
+    if mode == "chat":
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": text})
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        if args.system:
+            _warn("generate", "--system is ignored with --raw")
+        ids = tokenizer.encode(text, add_bos=tokenizer.bos_token_id is not None)
+    _check_vocab(ids, model)
+    context = model.config.max_position_embeddings
+    max_new = check_prompt_length(len(ids), args.max_new_tokens, context)
+    if max_new < args.max_new_tokens:
+        _warn("generate", f"--max-new-tokens {args.max_new_tokens} lowered to {max_new}: the prompt is {len(ids)} "
+                          f"tokens and the model's context is {context}")
+    out = _safe_stdout()
+
+    def write(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    try:
+        reply, reply_ids, stats = stream_generate(model, tokenizer, ids, max_new, args, write, seed=args.seed)
+    except KeyboardInterrupt:
+        write("\n")
+        print("nanoseek generate: interrupted", file=sys.stderr)
+        return 130
+    if not reply.endswith("\n"):
+        write("\n")
+    print(format_summary(stats, len(ids), len(reply_ids), args.speculative), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    tokenizer, model = load_for_inference(args)
+    if not tokenizer.has_chat_template:
+        raise ValueError(f"the tokenizer in {args.checkpoint} has no chat template: use `nanoseek generate --raw`")
+    out = _safe_stdout()
+    color = _color(out)
+    interactive = sys.stdin.isatty()
+    context = model.config.max_position_embeddings
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = list(system)
+    print("nanoseek chat: /reset starts a new conversation, /exit quits", file=sys.stderr)
+    turn = 0
+    while True:
+        if interactive:
+            out.write("\n>>> ")
+            out.flush()
+        try:
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            out.write("\n")
+            return 0
+        if not line:  # end of input
+            return 0
+        text = line.rstrip("\r\n")
+        command = text.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/reset":
+            history = list(system)
+            out.write("[conversation reset]\n")
+            out.flush()
+            continue
+        if command.startswith("/") and " " not in command:
+            print(f"nanoseek chat: unknown command {command} (commands: /reset, /exit)", file=sys.stderr)
+            continue
+        messages = [*history, {"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        try:
+            _check_vocab(ids, model)
+            max_new = check_prompt_length(len(ids), args.max_new_tokens, context)
+        except ValueError as e:
+            print(f"nanoseek chat: error: {e}; /reset starts a new conversation", file=sys.stderr)
+            continue
+        prompt = tokenizer.decode(ids[-8:])
+        display = ThinkDisplay(out, color=color, thinking=prompt.rstrip().endswith(THINK_OPEN))
+        seed = None if args.seed is None else args.seed + turn
+        turn += 1
+        try:
+            reply, reply_ids, stats = stream_generate(model, tokenizer, ids, max_new, args, display.write, seed)
+        except KeyboardInterrupt:
+            display.close()
+            out.write("\n[interrupted]\n")
+            out.flush()
+            continue
+        display.close()
+        out.write("\n")
+        out.flush()
+        print(format_summary(stats, len(ids), len(reply_ids), args.speculative), file=sys.stderr)
+        history = [*messages, {"role": "assistant", "content": reply}]
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..convert import convert_fp8_checkpoint
+
+    start = time.perf_counter()
+    report = convert_fp8_checkpoint(args.src, args.dst, dtype=getattr(torch, _DTYPES[args.dtype]),
+                                    progress=args.progress)
+    print(f"nanoseek convert: {report.dequantized} FP8 weights dequantized to {args.dtype} in {report.shards} "
+          f"shard(s), {report.total_bytes / 2**30:.2f} GiB written to {report.path} "
+          f"({time.perf_counter() - start:.1f} s)")
+    return 0

@@ -1,0 +1,198 @@
+"""``generate``: batched prompts of different lengths -> new tokens, greedy or sampled, plain or speculative.
+
+Prompts are right-padded into one prefill forward; each sequence then lives at its own cache slots (slot =
+token index = RoPE position, see :class:`LatentCache`), so no padding ever enters the attention. Prefill
+uses the up-projected attention over the cached latent; every later step uses the absorbed attention.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from .cache import LatentCache
+from .sampling import check_sampling, logits_to_probs, sample
+from .speculative import MTPSpeculator, chunks
+
+
+@dataclass
+class GenerationStats:
+    """Throughput, cache size and (speculative decoding) acceptance of one ``generate`` call.
+
+    prefill_tokens_per_s: prompt tokens (all sequences) / time to the first new token (MTP prefill included).
+    decode_tokens_per_s: new tokens after the first of each sequence / time after prefill.
+    cache_bytes: bytes of the latent cache allocated for the request (MTP layers included when speculative).
+    drafted / accepted: draft tokens proposed / accepted for sequences still running (0 when not speculative).
+    acceptance_rate: accepted / drafted, None when not speculative.
+    accepted_per_depth[k]: steps in which the draft of depth k + 1 was accepted (it needs depths 1..k too);
+    acceptance_rate_per_depth[k] = accepted_per_depth[k] / draft steps.
+    """
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_tokens_per_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    decode_steps: int = 0
+    cache_bytes: int = 0
+    speculative: bool = False
+    drafted: int = 0
+    accepted: int = 0
+    acceptance_rate: float | None = None
+    draft_steps: int = 0
+    accepted_per_depth: list[int] = field(default_factory=list)
+    acceptance_rate_per_depth: list[float] = field(default_factory=list)
+
+
+@dataclass
+class GenerationResult:
+    """tokens[i]: the new tokens of prompt i (prompt excluded). A sequence ends after max_new_tokens tokens or
+    at the first stop token, which is then its last token. stats: :class:`GenerationStats`."""
+
+    tokens: list[list[int]]
+    stats: GenerationStats
+
+
+class _Output:
+    """Collects accepted tokens per sequence, applies max_new_tokens and stop tokens, streams them."""
+
+    def __init__(self, batch: int, max_new_tokens: int, stop_tokens: set[int], on_tokens: Callable | None):
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.done = [False] * batch
+        self.max_new_tokens, self.stop_tokens, self.on_tokens = max_new_tokens, stop_tokens, on_tokens
+
+    def emit(self, new: list[list[int]]) -> int:
+        """Append each running sequence's new tokens; return how many were kept."""
+        kept: list[list[int]] = []
+        for i, toks in enumerate(new):
+            out: list[int] = []
+            for t in toks if not self.done[i] else ():
+                out.append(t)
+                if t in self.stop_tokens or len(self.tokens[i]) + len(out) == self.max_new_tokens:
+                    self.done[i] = True
+                    break
+            self.tokens[i].extend(out)
+            kept.append(out)
+        if self.on_tokens is not None:
+            self.on_tokens(kept)
+        return sum(map(len, kept))
+
+
+def _check_request(model: torch.nn.Module, prompts, max_new_tokens, stop_tokens, seed) -> None:
+    cfg = model.config
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, (list, tuple)) or not p:
+            raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < cfg.vocab_size for t in p):
+            raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={cfg.vocab_size})")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    longest = max(map(len, prompts))
+    if longest + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"max_position_embeddings ({cfg.max_position_embeddings})")
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_tokens):
+        raise ValueError(f"stop_tokens must be token ids (ints), got {list(stop_tokens)!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
+             seed: int | None = None, speculative: bool = False,
+             on_tokens: Callable[[list[list[int]]], None] | None = None) -> GenerationResult:
+    """Generate up to ``max_new_tokens`` tokens after each prompt.
+
+    Args:
+        model: a :class:`~nanoseek.model.DeepSeekV3` (any dtype / device; the cache follows the model).
+        prompts: token ids per sequence; lengths may differ.
+        temperature: 0 (default) is greedy; otherwise the logits are divided by it. top_k / top_p: keep the k
+            most likely tokens / the smallest set reaching probability top_p. Sampling runs in fp32.
+        stop_tokens: a sequence ends at the first of these it produces (kept as its last token).
+        seed: seeds a private generator, so a call is reproducible; None uses torch's global RNG.
+        speculative: draft with the model's MTP modules and verify with the main model (the output
+            distribution is the main model's; greedy output is identical to plain greedy). Without MTP
+            modules: a warning, then plain decoding.
+        on_tokens: called after every step with the tokens each sequence accepted in it (streaming).
+
+    Raises:
+        ValueError: empty prompts, ids outside the vocabulary, invalid sampling parameters, or a prompt +
+            max_new_tokens longer than ``config.max_position_embeddings``.
+    """
+    check_sampling(temperature, top_k, top_p)
+    stop_tokens = tuple(stop_tokens)
+    _check_request(model, prompts, max_new_tokens, stop_tokens, seed)
+    if speculative and len(model.mtp) == 0:
+        warnings.warn("speculative=True but the model has no MTP module (num_nextn_predict_layers=0): "
+                      "decoding without speculation", stacklevel=2)
+        speculative = False
+
+    device = model.embed_tokens.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    to_probs = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
+    B, depth = len(prompts), len(model.mtp) if speculative else 0
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    P = int(lengths.max())
+    # slots: prompt + new tokens; speculation also writes the D drafts past the last accepted token
+    cache = LatentCache.for_model(model, B, P + max_new_tokens + depth, mtp=speculative)
+    tokens = torch.zeros(B, P + max_new_tokens + depth + 1, dtype=torch.long, device=device)  # ids per slot
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = torch.tensor(p, device=device)
+    rows = torch.arange(B, device=device)
+    out = _Output(B, max_new_tokens, set(stop_tokens), on_tokens)
+    stats = GenerationStats(prompt_tokens=int(lengths.sum()), cache_bytes=cache.nbytes, speculative=speculative,
+                            accepted_per_depth=[0] * depth)
+
+    # prefill: the right-padded prompts in chunks (padding only fills slots each sequence overwrites later)
+    start = time.perf_counter()
+    positions = torch.arange(P, device=device).expand(B, P)
+    hidden = torch.cat([model.forward_cached(tokens[:, s:e], positions[:, s:e], cache, absorb=False)
+                        for s, e in chunks(P)], dim=1)  # (B, P, d)
+    first = sample(to_probs(model.lm_head(hidden[rows, lengths - 1])), generator)  # (B,)
+    n = lengths.clone()  # slot of the newest accepted token t_n, not yet seen by the main model
+    tokens[rows, n] = first
+    if speculative:
+        speculator = MTPSpeculator(model, cache, tokens, to_probs, generator)
+        speculator.prefill(hidden, lengths)
+    stats.new_tokens = out.emit([[t] for t in first.tolist()])
+    stats.prefill_s = time.perf_counter() - start
+
+    # decode: one token per step, or the accepted drafts + one per step
+    start = time.perf_counter()
+    while not all(out.done):
+        active = torch.tensor([not d for d in out.done], device=device)
+        if speculative:
+            new, n_accepted, n = speculator.step(n, active)
+            counts = (n_accepted + 1).tolist()
+            stats.draft_steps += int(active.sum())
+            stats.drafted += depth * int(active.sum())
+            stats.accepted += int(n_accepted[active].sum())
+            for k in range(depth):
+                stats.accepted_per_depth[k] += int((n_accepted[active] > k).sum())
+        else:
+            hidden = model.forward_cached(tokens[rows, n][:, None], n[:, None], cache)  # (B, 1, d)
+            new = sample(to_probs(model.lm_head(hidden[:, 0])), generator)[:, None]  # (B, 1)
+            n = n + active.long()
+            tokens[rows, n] = torch.where(active, new[:, 0], tokens[rows, n])
+            counts = [1] * B
+        stats.decode_steps += 1
+        stats.new_tokens += out.emit([row[:c] for row, c in zip(new.tolist(), counts)])
+    stats.decode_s = time.perf_counter() - start
+
+    stats.prefill_tokens_per_s = stats.prompt_tokens / stats.prefill_s if stats.prefill_s > 0 else 0.0
+    decoded = stats.new_tokens - B
+    stats.decode_tokens_per_s = decoded / stats.decode_s if stats.decode_s > 0 else 0.0
+    if speculative:
+        stats.acceptance_rate = stats.accepted / stats.drafted if stats.drafted else 0.0
+        stats.acceptance_rate_per_depth = [a / stats.draft_steps if stats.draft_steps else 0.0
+                                           for a in stats.accepted_per_depth]
+    return GenerationResult(out.tokens, stats)

@@ -1,0 +1,49 @@
+"""Turning logits into tokens: temperature, top-k, top-p (nucleus), all in fp32, reproducible with a generator."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError (one line) for sampling parameters that define no distribution."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def logits_to_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                    top_p: float | None = None) -> torch.Tensor:
+    """The sampling distribution (..., V) in fp32. Temperature 0 is greedy: a one-hot on the argmax.
+
+    top_k keeps the k largest logits; top_p keeps the smallest set of most likely tokens whose probability
+    reaches top_p (the most likely token is always kept). Both apply after the temperature.
+    """
+    logits = logits.float()
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (..., 1) the k-th largest logit
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # probability mass strictly ahead of each token
+        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # drop tokens once top_p is reached
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs (..., V) -> (...,)."""
+    flat = probs.reshape(-1, probs.shape[-1])  # (N, V)
+    return torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])

@@ -1,0 +1,132 @@
+"""Speculative decoding with the model's own MTP modules as the draft model (SPEC §5; DeepSeek-V3 §5.4.3).
+
+Each step: the D MTP modules draft d_1..d_D from the main model's last hidden state; the main model scores
+[t_n, d_1, ..., d_D] in one forward; the drafts are accepted by the speculative-sampling rule (Leviathan et
+al. 2023, Chen et al. 2023), which keeps the output distribution exactly the main model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .cache import LatentCache
+from .sampling import sample
+
+
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds the (B, H, chunk, S) attention scores
+
+
+def chunks(length: int, size: int | None = None) -> list[tuple[int, int]]:
+    """[(start, stop)) spans covering 0..length in pieces of at most ``size`` (default PREFILL_CHUNK)."""
+    size = size or PREFILL_CHUNK
+    return [(s, min(s + size, length)) for s in range(0, length, size)]
+
+
+def speculative_accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The standard speculative-sampling rule, batched.
+
+    Args:
+        draft_tokens: (B, D) d_1..d_D, drawn from draft_probs.
+        draft_probs: (B, D, V) q_j, the distribution d_j was drawn from.
+        target_probs: (B, D + 1, V) p_j, the main model's distribution for the same slot as q_j; p_D is the
+            distribution after all D drafts (for the bonus token).
+
+    Returns:
+        n_accepted (B,) in 0..D: d_j is accepted with probability min(1, p_j(d_j) / q_j(d_j)), stopping at the
+        first rejection; next_token (B,): after a rejection, a sample from norm(max(0, p_j - q_j)); if every
+        draft was accepted, a bonus sample from p_D.
+    """
+    B, D = draft_tokens.shape
+    p = target_probs[:, :D].gather(-1, draft_tokens[..., None])[..., 0]  # p_j(d_j) (B, D)
+    q = draft_probs.gather(-1, draft_tokens[..., None])[..., 0]  # q_j(d_j) (B, D)
+    u = torch.rand(B, D, generator=generator, device=p.device)
+    accepted = u * q < p  # P(u < p / q) = min(1, p / q)
+    n_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)  # length of the accepted prefix (B,)
+    rows = torch.arange(B, device=p.device)
+    q_padded = torch.cat((draft_probs, draft_probs.new_zeros(B, 1, draft_probs.shape[-1])), dim=1)  # (B, D + 1, V)
+    p_next = target_probs[rows, n_accepted]  # (B, V)
+    residual = (p_next - q_padded[rows, n_accepted]).clamp(min=0)  # = p_D itself when all D were accepted
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)  # p == q: no rejection possible
+    return n_accepted, sample(residual / residual.sum(-1, keepdim=True), generator)
+
+
+class MTPSpeculator:
+    """Drafting and verification state for one batch of sequences.
+
+    Slot n (per sequence) holds the newest accepted token t_n, which the main model has not seen yet; the
+    main cache is valid for slots < n. MTP module k's cache slot i is computed from h^{k-1}_i and Emb(t_{i+k}),
+    so it is final only once t_{i+k} is accepted: drafting from head n leaves slots i > n - k built on drafts.
+    After a step that accepts a <= D drafts the head moves to n' = n + a + 1, and module k must (re)compute
+    slots n - k + 1 .. n' - 1, at most a + k <= 2D of them. So every draft recomputes the W = 2D positions
+    ending at n' - 1 (two for V3's D = 1), which needs the main model's h^0 there: ``h_tail`` (B, W, d).
+    Window positions before 0 (prompts shorter than W) are clamped to slot 0, which recomputes it identically.
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: LatentCache, tokens: torch.Tensor,
+                 to_probs: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator | None):
+        self.model, self.cache, self.tokens = model, cache, tokens  # tokens: (B, slots) accepted + drafted ids
+        self.to_probs, self.generator = to_probs, generator
+        self.depth = len(model.mtp)  # D
+        self.window = 2 * self.depth  # W
+        self.rows = torch.arange(tokens.shape[0], device=tokens.device)
+
+    def prefill(self, hidden: torch.Tensor, lengths: torch.Tensor) -> None:
+        """Run the MTP modules over the whole (right-padded) prompt and draft the first D tokens.
+
+        hidden: (B, P, d) main hidden states of the prompt; lengths (B,): t_n sits at slot n = lengths.
+        """
+        B, P, d = hidden.shape
+        positions = torch.arange(P, device=hidden.device).expand(B, P)
+        self.drafts, self.draft_probs = self._draft(hidden, positions, last=lengths - 1, absorb=False)
+        window = (lengths[:, None] - self.window + torch.arange(self.window, device=hidden.device)).clamp(min=0)
+        self.h_tail = hidden.gather(1, window[..., None].expand(-1, -1, d))  # h^0 at n-W..n-1: (B, W, d)
+
+    def step(self, n: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Verify the pending drafts, accept, draft again. Returns new tokens (B, D + 1) of which the first
+        n_accepted + 1 are real, n_accepted (B,) and the new n (B,); sequences not ``active`` do not move."""
+        D, W = self.depth, self.window
+        # 1. verify: the main model scores [t_n, d_1..d_D] at slots n..n+D in one forward
+        positions = n[:, None] + torch.arange(D + 1, device=n.device)  # (B, D + 1)
+        hidden = self.model.forward_cached(self.tokens.gather(1, positions), positions, self.cache)  # (B, D+1, d)
+        target_probs = self.to_probs(self.model.lm_head(hidden))  # (B, D + 1, V)
+        n_accepted, next_token = speculative_accept(self.drafts, self.draft_probs, target_probs, self.generator)
+        advance = torch.where(active, n_accepted + 1, 0)
+        # a sequence that runs past max_new_tokens here is finished; the clamp keeps its (ignored) slots in range
+        new_n = torch.minimum(n + advance, torch.full_like(n, self.cache.max_length - D - 1))
+        advance = new_n - n
+        # d_1..d_a already sit at slots n+1..n+a; the corrected / bonus token goes after them
+        self.tokens[self.rows, new_n] = torch.where(active, next_token, self.tokens[self.rows, new_n])
+        new_tokens = torch.cat((self.drafts, next_token[:, None]), dim=1)  # (B, D + 1)
+        new_tokens[self.rows, n_accepted] = next_token  # tokens past n_accepted are ignored
+        # 2. h^0 for slots new_n-W..new_n-1, from the old tail (n-W..n-1) and this forward (n..n+D)
+        both = torch.cat((self.h_tail, hidden), dim=1)  # (B, W + D + 1, d)
+        index = advance[:, None] + torch.arange(W, device=n.device)  # (B, W)
+        self.h_tail = both.gather(1, index[..., None].expand(-1, -1, both.shape[-1]))
+        # 3. draft the next D tokens from position new_n - 1
+        window = (new_n[:, None] - W + torch.arange(W, device=n.device)).clamp(min=0)  # (B, W)
+        last = torch.full_like(new_n, W - 1)
+        self.drafts, self.draft_probs = self._draft(self.h_tail, window, last, absorb=True)
+        return new_tokens, n_accepted, new_n
+
+    def _draft(self, h: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
+               absorb: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Modules k = 1..D at ``positions`` (B, T); position i combines h^{k-1}_i with Emb(t_{i+k}).
+
+        The draft d_k (for slot n + k) comes from position n - 1 = positions[b, last[b]]; it is written to the
+        token buffer at n + k so that module k + 1 can embed it. Returns drafts (B, D) and their q (B, D, V).
+        """
+        n = positions[self.rows, last] + 1
+        drafts, probs = [], []
+        for k in range(1, self.depth + 1):
+            h = torch.cat([self.model.mtp_forward_cached(k, h[:, s:e], self.tokens.gather(1, positions[:, s:e] + k),
+                                                         positions[:, s:e], self.cache, absorb=absorb)
+                           for s, e in chunks(positions.shape[1])], dim=1)  # (B, T, d) = RMSNorm_k(h^k)
+            q = self.to_probs(self.model.lm_head(h[self.rows, last]))  # (B, V): predicts t_{n+k}
+            d_k = sample(q, self.generator)
+            self.tokens[self.rows, n + k] = d_k
+            drafts.append(d_k)
+            probs.append(q)
+        return torch.stack(drafts, dim=1), torch.stack(probs, dim=1)

@@ -1,0 +1,214 @@
+"""`nanoseek train`, `nanoseek report` and `nanoseek demo`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import BALANCE_MODES, DTYPES, TrainConfig
+
+# (flag, TrainConfig field, type, help); every default is None so that only the flags given override.
+_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--steps", "steps", int, "optimizer steps (default 360)"),
+    ("--batch-size", "batch_size", int, "sequences per micro-batch (default 16)"),
+    ("--seq-len", "seq_len", int, "tokens per sequence (default 256)"),
+    ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default 1)"),
+    ("--lr", "lr", float, "peak learning rate (default 3e-3)"),
+    ("--min-lr-ratio", "min_lr_ratio", float, "cosine decays to lr x this (default 0.1)"),
+    ("--warmup-steps", "warmup_steps", int, "linear warmup steps (default 30)"),
+    ("--decay-start", "decay_start", float, "fraction of the steps where the cosine decay starts (default 0.5)"),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay (default 0.1)"),
+    ("--grad-clip", "grad_clip", float, "gradient-norm clip, 0 for none (default 1.0)"),
+    ("--mtp-depth", "mtp_depth", int, "MTP modules D (default: the preset's)"),
+    ("--mtp-lambda", "mtp_lambda", float, "MTP loss weight (default 0.3)"),
+    ("--mtp-lambda-later", "mtp_lambda_later", float, "MTP loss weight after the switch (default 0.1)"),
+    ("--mtp-lambda-switch", "mtp_lambda_switch", float, "fraction of the steps where lambda switches (default 0.68)"),
+    ("--balance", "balance", str, "bias: loss-free bias + sequence-wise loss (V3); aux: balance loss only; none"),
+    ("--balance-alpha", "balance_alpha", float,
+     "balance-loss weight (default: 1e-4 with bias, 0.01 with aux, 0 with none)"),
+    ("--bias-gamma", "bias_gamma", float, "bias update speed (default 0.001)"),
+    ("--bias-gamma-later", "bias_gamma_later", float, "bias speed after the switch (default 0)"),
+    ("--bias-gamma-switch", "bias_gamma_switch", float, "fraction of the steps where gamma switches (default 0.97)"),
+    ("--dtype", "dtype", str, "bf16 autocast (default) or fp32"),
+    ("--device", "device", str, "cpu, cuda, cuda:1 (default: cuda if available)"),
+    ("--seed", "seed", int, "seed of the initialization and the data order (default 0)"),
+    ("--threads", "threads", int, "torch intra-op threads (default: torch's)"),
+    ("--eval-every", "eval_every", int, "validation every N steps (default 60)"),
+    ("--eval-batches", "eval_batches", int, "validation batches (default 8)"),
+    ("--save-every", "save_every", int, "checkpoint every N steps (default 60)"),
+    ("--keep-checkpoints", "keep_checkpoints", int, "checkpoints kept (default 1)"),
+    ("--log-every", "log_every", int, "metrics.jsonl record every N steps (default 1)"),
+    ("--time-budget", "time_budget", float, "minutes of training, then stop gracefully with a checkpoint"),
+    ("--max-bad-steps", "max_bad_steps", int, "consecutive NaN/inf steps before stopping (default 3)"),
+    ("--data", "data", str, "files, directories, globs, *.jsonl, hf:NAME[:CONFIG][:SPLIT] (default: the stdlib)"),
+    ("--text-field", "text_field", str, "JSONL / dataset text field (default text)"),
+    ("--val-fraction", "val_fraction", float, "fraction of documents held out (default 0.05)"),
+    ("--max-corpus-mb", "max_corpus_mb", float, "read at most this many million characters"),
+    ("--tokenizer", "tokenizer", str, "a tokenizer.json (or its directory) instead of training one"),
+    ("--vocab-size", "vocab_size", int, "vocabulary of the trained tokenizer (default 8192)"),
+    ("--cache-dir", "cache_dir", str, "tokenizer and token cache (default $NANOSEEK_CACHE or ~/.cache/nanoseek)"),
+    ("--sample-prompt", "sample_prompt", str, "prompt of the report's sample"),
+    ("--sample-tokens", "sample_tokens", int, "tokens of the report's sample"),
+]
+_FLAGS = [("--compile", "compile", "torch.compile the model"),
+          ("--activation-checkpointing", "activation_checkpointing", "recompute activations in the backward pass"),
+          ("--decay-embeddings", "decay_embeddings", "weight decay on the embedding too"),
+          ("--decay-norms-and-biases", "decay_norms_and_biases", "weight decay on norms and biases too")]
+
+
+def _model_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--model takes KEY=VALUE (a ModelConfig field), got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", help="model preset (default demo)")
+    p.add_argument("--model", action="append", type=_model_override, metavar="KEY=VALUE",
+                   help="override a ModelConfig field of the preset, e.g. --model hidden_size=192 (repeatable)")
+    for flag, dest, typ, help_ in _OPTIONS:
+        kw: dict[str, Any] = dict(dest=dest, type=typ, default=None, help=help_)
+        if dest == "data":
+            kw.update(nargs="+", action="extend", metavar="SPEC")
+        elif dest == "balance":
+            kw.update(choices=BALANCE_MODES)
+        elif dest == "dtype":
+            kw.update(choices=DTYPES)
+        names = [flag] + (["--aux-alpha"] if dest == "balance_alpha" else [])
+        p.add_argument(*names, **kw)
+    for flag, dest, help_ in _FLAGS:
+        p.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=help_)
+    p.add_argument("--no-report", dest="report", action="store_const", const=False, default=None,
+                   help="do not write the report at the end")
+    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
+                   help="no progress bar")
+
+
+def given_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The TrainConfig fields set on the command line."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if getattr(args, "model", None):
+        out["model_overrides"] = dict(args.model)
+    return out
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    train = subparsers.add_parser(
+        "train", help="train a model (every DeepSeek-V3 objective), resumable",
+        description="Train a DeepSeek-V3-style model. Without --data: the Python standard library of this "
+                    "interpreter; without --tokenizer: a byte-level BPE trained on the training split.")
+    train.add_argument("--out", help="run directory (default runs/PRESET)")
+    train.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    _add_train_options(train)
+    train.set_defaults(func=cmd_train)
+
+    report = subparsers.add_parser("report", help="write a training run's report (Markdown + PNG plots + sample)")
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--no-sample", action="store_true", help="no generated sample")
+    report.add_argument("--prompt", help="prompt of the sample (default: the run's)")
+    report.add_argument("--max-new-tokens", type=int, help="tokens of the sample (default: the run's)")
+    report.set_defaults(func=cmd_report)
+
+    demo = subparsers.add_parser(
+        "demo", help="train the CPU demo on the standard library (~10 min), report, complete a Python prompt",
+        description="Train (or continue) the demo run, write its report, and complete a Python prompt.")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    demo.add_argument("--prompt", default="import os\n\n\ndef", help="the prompt to complete")
+    demo.add_argument("--max-new-tokens", type=int, default=96)
+    _add_train_options(demo)
+    demo.set_defaults(func=cmd_demo)
+
+
+def _err(cmd: str, msg: str) -> None:
+    print(f"nanoseek {cmd}: error: {msg}", file=sys.stderr)
+
+
+def _train(args: argparse.Namespace, cmd: str, cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> int | None:
+    from .loop import TrainingError, train
+
+    try:
+        train(cfg, out, resume=resume, overwrite=overwrite)
+    except TrainingError as e:
+        _err(cmd, str(e))
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nnanoseek {cmd}: interrupted; continue with: nanoseek train --resume {out}", file=sys.stderr)
+        return 130
+    return None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .loop import resume_config
+
+    settings = given_settings(args)
+    if args.resume:
+        out = Path(args.resume)
+        if args.out and Path(args.out).resolve() != out.resolve():
+            raise ValueError("--out and --resume name different directories; --resume DIR continues DIR")
+        cfg = resume_config(out, settings)
+        code = _train(args, "train", cfg, out, resume=True, overwrite=False)
+    else:
+        cfg = TrainConfig(**settings)
+        out = Path(args.out or f"runs/{cfg.preset}")
+        code = _train(args, "train", cfg, out, resume=False, overwrite=args.overwrite)
+    if code is not None:
+        return code
+    if cfg.report:
+        _report(out)
+    return 0
+
+
+def _report(out: Path, **kw) -> Path:
+    from .report import write_report
+
+    path = write_report(out, log=lambda s: print(s, file=sys.stderr), **kw)
+    print(f"report: {path}", file=sys.stderr)
+    return path
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    path = _report(Path(args.run_dir), sample=not args.no_sample, prompt=args.prompt,
+                   max_new_tokens=args.max_new_tokens)
+    print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .checkpoint import current_checkpoint
+    from .loop import resume_config
+
+    out = Path(args.out)
+    settings = given_settings(args)
+    resume = out.is_dir() and current_checkpoint(out) is not None
+    if resume:
+        print(f"nanoseek demo: continuing the run in {out}", file=sys.stderr)
+        cfg = resume_config(out, settings)
+    else:
+        cfg = TrainConfig.demo(**settings)
+    code = _train(args, "demo", cfg, out, resume=resume, overwrite=False)
+    if code is not None:
+        return code
+    _report(out, sample=True)
+    from .report import _sample
+
+    info = _sample(out, cfg.to_dict(), args.prompt, args.max_new_tokens, log=lambda s: print(s, file=sys.stderr))
+    if info:
+        print(f"\n--- completion ({info['method']}, {info['tokens']} tokens"
+              + (f", MTP acceptance {info['acceptance_rate']:.0%}" if info.get("acceptance_rate") is not None else "")
+              + ") ---")
+        print(info["prompt"] + info["completion"])
+    summary = json.loads((out / "summary.json").read_text())
+    if summary.get("val_loss") is not None and summary.get("unigram_val_loss") is not None:
+        print(f"\nvalidation loss {summary['val_loss']:.3f} nats/token vs {summary['unigram_val_loss']:.3f} for a "
+              f"unigram model of the same tokenizer; report: {out / 'report.md'}")
+    return 0

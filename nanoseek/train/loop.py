@@ -1,0 +1,584 @@
+"""The training loop: every DeepSeek-V3 objective (SPEC §4-§6) on a packed corpus, resumable and observable.
+
+One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` windows of ``seq_len + 1`` tokens:
+  loss = L_main + lambda * (1/D) sum_k L_k + alpha * L_bal   (nanoseek.objectives.training_loss)
+  backward per micro-batch (scaled by 1/grad_accum), clip the gradient norm to 1.0, AdamW step,
+  then the auxiliary-loss-free bias update b_i += gamma * sign(mean c - c_i) from the expert counts summed
+  over all micro-batches of the step (balance="bias").
+A step whose loss or gradient is NaN/inf is skipped (no update) and reported; ``max_bad_steps`` in a row stop
+the run with the last good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import ModelConfig
+from ..hf import CheckpointError
+from ..model import DeepSeekV3
+from ..objectives import ExpertLoadTracker, max_violation, training_loss, update_balance_bias
+from . import checkpoint as ckpt_io
+from .config import RESUMABLE_CHANGES, TrainConfig
+from .data import BatchStream, prepare_data, validation_batches
+from .metrics import MetricsLog
+from .optim import bias_gamma, build_optimizer, learning_rate, mtp_lambda
+
+
+FIT_PROBE_STEPS = 6  # steps timed before the number of steps is fitted to the time budget
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on (repeated NaN/inf, out of memory)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    tokens: int
+    stopped_by: str  # "steps", "time_budget"
+    final_val_loss: float | None
+    elapsed: float
+
+
+# ---------------------------------------------------------------------------------------------- model config
+def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int) -> ModelConfig:
+    """The preset, the user's overrides, the tokenizer's vocabulary and special ids, the MTP depth."""
+    base = ModelConfig.preset(cfg.preset)
+    overrides = dict(cfg.model_overrides)
+    unknown = sorted(set(overrides) - set(base.to_dict()))
+    if unknown:
+        raise ValueError(f"unknown model settings: {', '.join(unknown)}")
+    vocab = overrides.pop("vocab_size", vocab_size)
+    if vocab < vocab_size:
+        raise ValueError(f"model vocab_size {vocab} is smaller than the tokenizer's {vocab_size} tokens")
+    if cfg.mtp_depth is not None:
+        overrides["num_nextn_predict_layers"] = cfg.mtp_depth
+    mc = base.replace(vocab_size=vocab, bos_token_id=bos_id, eos_token_id=eos_id, **overrides)
+    if cfg.seq_len > mc.max_position_embeddings:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
+                         f"({mc.max_position_embeddings})")
+    if mc.num_nextn_predict_layers >= cfg.seq_len:
+        raise ValueError(f"MTP depth {mc.num_nextn_predict_layers} needs --seq-len above it, got {cfg.seq_len}")
+    return mc
+
+
+# ---------------------------------------------------------------------------------------------- memory
+def available_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def estimate_memory(mc: ModelConfig, cfg: TrainConfig) -> dict[str, int]:
+    """Bytes for fp32 weights + gradients + AdamW moments, and a (generous) bound on one micro-batch's
+    activations: the logits of the main and MTP heads (in the autocast dtype, fp32 for the loss, and their
+    gradient) and, per block, the tensors autograd keeps."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in DeepSeekV3(mc).parameters())
+    state = 16 * n_params
+    N = cfg.batch_size * cfg.seq_len
+    act = 2 if cfg.dtype == "bf16" else 4
+    D = mc.num_nextn_predict_layers
+    logits = N * mc.vocab_size * (1 + D) * (act + 4 + 4 + 4)
+    d = mc.hidden_size
+    attn = 3 * mc.num_attention_heads * (mc.qk_head_dim + mc.v_head_dim) + 2 * ((mc.q_lora_rank or 0) + mc.kv_lora_rank)
+    ffn_dense = 3 * mc.intermediate_size
+    ffn_moe = 3 * (mc.num_experts_per_tok + mc.n_shared_experts) * mc.moe_intermediate_size \
+        + mc.num_experts_per_tok * 3 * d + 4 * mc.n_routed_experts
+    per_token = 0
+    for i in range(mc.num_hidden_layers + D):
+        per_token += act * (16 * d + attn + (ffn_moe if mc.is_moe_layer(i) else ffn_dense))
+    acts = int(N * per_token * (1.0 if not cfg.activation_checkpointing else 0.3))
+    return {"params": n_params, "state": state, "activations": logits + acts, "total": state + logits + acts}
+
+
+def check_memory(mc: ModelConfig, cfg: TrainConfig, device: torch.device) -> dict[str, int]:
+    est = estimate_memory(mc, cfg)
+    avail = available_memory(device)
+    if avail is not None and est["total"] > avail:
+        gib = 2 ** 30
+        raise ValueError(
+            f"a micro-batch of {cfg.batch_size} x {cfg.seq_len} tokens needs about {est['total'] / gib:.1f} GiB "
+            f"({est['state'] / gib:.1f} GiB weights, gradients and AdamW state + {est['activations'] / gib:.1f} GiB "
+            f"activations), more than the {avail / gib:.1f} GiB available on {device.type}: lower --batch-size "
+            "(and raise --grad-accum to keep the tokens per step) or --seq-len")
+    return est
+
+
+# ---------------------------------------------------------------------------------------------- runtime helpers
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available")
+        return dev
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast_context(device: torch.device, dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
+    if dtype != "bf16":
+        return contextlib.nullcontext
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def enable_activation_checkpointing(model: DeepSeekV3) -> None:
+    """Recompute each block's activations in the backward pass instead of keeping them."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = list(model.layers) + [m.block for m in model.mtp]
+    for block in blocks:
+        forward = block.forward
+
+        def wrapped(*args, _forward=forward, **kwargs):
+            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+        block.forward = wrapped
+
+
+def _resume_mismatches(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    now = cfg.to_dict()
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if saved.get(key) != now.get(key):
+            out.append(f"{key} {now.get(key)!r} (checkpoint: {saved.get(key)!r})")
+    return out
+
+
+def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The run's own TrainConfig with ``overrides`` applied; a change that would not continue the same
+    run (model, data, batch, optimizer, objectives) is a ValueError naming it."""
+    _, _, saved = ckpt_io.read_checkpoint_config(run_dir)
+    try:
+        cfg = TrainConfig.from_dict(saved)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{run_dir}: the checkpoint's training configuration is invalid: {e}") from None
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    bad = _resume_mismatches(saved, cfg)
+    if bad:
+        raise ValueError(f"cannot resume {run_dir} with a different configuration: {'; '.join(bad)} "
+                         f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- the trainer
+class Trainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
+                 log: Callable[[str], None] | None = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.resume = resume
+        self.overwrite = overwrite
+        self._print = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self._bar = None
+        self._fit_cap: int | None = None
+
+    def log(self, msg: str) -> None:
+        if self._bar is not None:
+            self._bar.write(msg, file=sys.stderr)
+        else:
+            self._print(msg)
+
+    # ------------------------------------------------------------------ run directory
+    def _prepare_run_dir(self) -> None:
+        d = self.run_dir
+        if self.resume:
+            if not d.is_dir():
+                raise FileNotFoundError(f"run directory {d} does not exist")
+            return
+        if d.exists() and not d.is_dir():
+            raise ValueError(f"--out {d} exists and is not a directory")
+        if d.is_dir() and any(p.name != ".lock" for p in d.iterdir()):
+            is_run = (d / ckpt_io.POINTER).is_symlink() or (d / ckpt_io.CONFIG_FILE).exists()
+            if not is_run:
+                raise ValueError(f"--out {d} exists and is not empty (and is not a nanoseek run)")
+            if not self.overwrite:
+                try:
+                    _, state, _ = ckpt_io.read_checkpoint_config(d)
+                    where = f" (step {state['step']})"
+                except (CheckpointError, FileNotFoundError):
+                    where = ""
+                raise ValueError(f"{d} already holds a training run{where}: continue it with --resume {d}, "
+                                 "or pass --overwrite to start again")
+        d.mkdir(parents=True, exist_ok=True)
+
+    def _clear_for_overwrite(self) -> None:
+        """Delete an old run's files (under the lock, so never those of a run still training)."""
+        for item in self.run_dir.iterdir():
+            if item.name == ".lock":
+                continue
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> TrainResult:
+        self._prepare_run_dir()
+        threads = torch.get_num_threads()
+        try:
+            with ckpt_io.run_lock(self.run_dir):
+                if self.overwrite and not self.resume:
+                    self._clear_for_overwrite()
+                if self.cfg.threads:
+                    torch.set_num_threads(self.cfg.threads)
+                return self._run()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> TrainResult:
+        cfg, run = self.cfg, self.run_dir
+        device = pick_device(cfg.device)
+        t_setup = time.perf_counter()
+
+        # ---- checkpoint to resume (read before anything is written)
+        state: dict[str, Any] | None = None
+        ckpt_dir = None
+        if self.resume:
+            ckpt_dir, state, saved_cfg = ckpt_io.read_checkpoint_config(run)
+            bad = _resume_mismatches(saved_cfg, cfg)
+            if bad:
+                raise ValueError(f"cannot resume {run} with a different configuration: {'; '.join(bad)}")
+
+        # ---- data and tokenizer
+        if self.resume:
+            tok_path = run / "tokenizer.json"
+            if not tok_path.is_file():
+                tok_path = ckpt_dir / "tokenizer.json"
+            data = prepare_data(cfg, tokenizer_path=tok_path, log=self.log)
+            saved_keys = state.get("data_keys")
+            if saved_keys and saved_keys != data.summary["cache"]:
+                raise ValueError(f"cannot resume {run}: the corpus changed since the checkpoint (its documents or "
+                                 "tokenizer differ), so the data order would not continue")
+        else:
+            data = prepare_data(cfg, run_dir=run, log=self.log)
+        train_seqs = data.train_sequences(cfg.seq_len)
+        if len(train_seqs) == 0:
+            raise ValueError(f"the training split has {data.train.n_tokens} tokens, fewer than one sequence of "
+                             f"--seq-len {cfg.seq_len} + 1: lower --seq-len or add text")
+        val_batches = validation_batches(data.val_sequences(cfg.seq_len), cfg.batch_size, cfg.eval_batches)
+        if not val_batches:
+            self.log("validation: the validation split is too small; no validation loss will be reported")
+
+        # ---- model and optimizer
+        mc = model_config(cfg, data.vocab_size, data.bos_id, data.eos_id)
+        est = check_memory(mc, cfg, device)
+        if self.resume:
+            model = ckpt_io.load_model(ckpt_dir, device)
+            if model.config.to_hf() != mc.to_hf():
+                diff = sorted(k for k, v in mc.to_hf().items() if model.config.to_hf().get(k) != v)
+                raise ValueError(f"cannot resume {run}: the checkpoint's model differs from the configuration "
+                                 f"({', '.join(diff)})")
+        else:
+            torch.manual_seed(cfg.seed)
+            model = DeepSeekV3(mc).to(device)
+        model.train()
+        optimizer = build_optimizer(model, cfg)
+        step, tokens, elapsed, position = 0, 0, 0.0, {"epoch": 0, "cursor": 0}
+        bad_streak = 0
+        if self.resume:
+            tensors = ckpt_io.load_training_tensors(ckpt_dir)
+            if state["step"] > 0 or any(k.startswith("optim.") for k in tensors):
+                ckpt_io.load_optimizer_tensors(optimizer, tensors, ckpt_dir)
+            ckpt_io.restore_rng(tensors, ckpt_dir)
+            step, tokens, elapsed = state["step"], state["tokens"], float(state["elapsed"])
+            position = {"epoch": state["data"]["epoch"], "cursor": state["data"]["cursor"]}
+            bad_streak = int(state.get("bad_streak", 0))
+        if cfg.activation_checkpointing:
+            enable_activation_checkpointing(model)
+        forward = model.forward_train
+        if cfg.compile:
+            forward = torch.compile(model.forward_train)
+        batches = BatchStream(train_seqs, cfg.batch_size, cfg.seed, **position)
+        metrics = MetricsLog(run / "metrics.jsonl")
+        autocast = autocast_context(device, cfg.dtype)
+        alpha = cfg.effective_balance_alpha
+        n_params = est["params"]
+        self.log(f"model: preset {cfg.preset}, {n_params / 1e6:.2f} M parameters ({mc.num_hidden_layers} layers, "
+                 f"d {mc.hidden_size}, {mc.n_routed_experts} routed experts top-{mc.num_experts_per_tok}, "
+                 f"MTP depth {mc.num_nextn_predict_layers}, vocabulary {mc.vocab_size}); {device.type}, "
+                 f"{'bf16 autocast' if cfg.dtype == 'bf16' else 'fp32'}, {torch.get_num_threads()} threads")
+        self.log(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = "
+                 f"{cfg.tokens_per_step:,} tokens, lr {cfg.lr:g}, balance {cfg.balance} (alpha {alpha:g}"
+                 + (f", gamma {cfg.bias_gamma:g}" if cfg.balance == "bias" else "") + f"), MTP lambda {cfg.mtp_lambda:g}"
+                 + (f", time budget {cfg.time_budget:g} min" if cfg.time_budget else ""))
+
+        # ---- files of the run
+        if self.resume:
+            ckpt_io.prune(run, cfg.keep_checkpoints)  # leftovers of a save that was interrupted
+            metrics.truncate_after(step)
+            metrics.append({"type": "event", "step": step, "event": "resume", "message": f"resumed at step {step}"})
+            self.log(f"resumed {run} at step {step} ({tokens:,} tokens)")
+        else:
+            metrics.reset()
+            (run / "data.json").write_text(json.dumps(data.summary, indent=2) + "\n")
+            metrics.append({"type": "event", "step": 0, "event": "start", "message": "training started",
+                            "params": n_params, "model": mc.to_hf()})
+        cfg.save(run / ckpt_io.CONFIG_FILE)
+
+        def save(step_now: int) -> None:
+            st = {"step": step_now, "tokens": tokens, "elapsed": elapsed, "data": batches.position,
+                  "data_keys": data.summary["cache"], "bad_streak": bad_streak,
+                  "lr": learning_rate(max(step_now - 1, 0), cfg), "seed": cfg.seed}
+            ckpt_io.save_checkpoint(run, model, optimizer, st, cfg.to_dict(), keep=cfg.keep_checkpoints)
+
+        if not self.resume:
+            save(0)
+        self.log(f"setup took {time.perf_counter() - t_setup:.1f} s")
+
+        # ---- the loop
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        budget = cfg.time_budget * 60.0 if cfg.time_budget else None
+        t_run = time.perf_counter()
+        fit_at = step + FIT_PROBE_STEPS if cfg.fit_steps_to_budget and budget and cfg.steps > step + FIT_PROBE_STEPS else None
+        step_times: list[float] = []
+        last_fit: tuple[int, float] | None = None  # (step, time) of the last fit
+        self._fit_cap = cfg.steps  # fitting never goes above the configured steps
+        stopped_by = "steps"
+        last_val = None
+        self._open_bar(step)
+        try:
+            while step < cfg.steps:
+                if budget is not None and time.perf_counter() - t_run >= budget:
+                    stopped_by = "time_budget"
+                    break
+                t0 = time.perf_counter()
+                lr = learning_rate(step, cfg)
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                lam, gamma = mtp_lambda(step, cfg), bias_gamma(step, cfg)
+                tracker = ExpertLoadTracker()
+                sums: dict[str, Any] = {"loss": 0.0, "main": 0.0, "mtp": 0.0, "balance": 0.0, "depth": None}
+                try:
+                    for _ in range(cfg.grad_accum):
+                        batch = batches.next().to(device)
+                        with autocast():
+                            out = forward(batch[:, :-1])
+                        terms = training_loss(out, batch[:, 1:], mtp_lambda=lam, balance_alpha=alpha)
+                        (terms.total / cfg.grad_accum).backward()
+                        if out.routing:
+                            tracker.add(out.expert_counts)
+                        sums["loss"] += terms.total.item() / cfg.grad_accum
+                        sums["main"] += terms.main.item() / cfg.grad_accum
+                        sums["mtp"] += terms.mtp.item() / cfg.grad_accum
+                        sums["balance"] += terms.balance.item() / cfg.grad_accum
+                        depth = [t.item() / cfg.grad_accum for t in terms.mtp_per_depth]
+                        sums["depth"] = depth if sums["depth"] is None else [a + b for a, b in zip(sums["depth"], depth)]
+                        del out, terms
+                except (torch.OutOfMemoryError, MemoryError) as e:
+                    raise TrainingError(self._oom_message(e)) from None
+                except RuntimeError as e:
+                    if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
+                        raise TrainingError(self._oom_message(e)) from None
+                    raise
+                clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                counts = tracker.take() if mc.n_routed_experts and tracker._counts is not None else None
+                finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+                if finite:
+                    optimizer.step()
+                    if gamma and counts is not None:
+                        update_balance_bias(model, counts, gamma)
+                    bad_streak = 0
+                else:
+                    bad_streak += 1
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens += cfg.tokens_per_step
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                rec: dict[str, Any] = {
+                    "type": "train", "step": step, "tokens": tokens, "loss": sums["loss"], "main_loss": sums["main"],
+                    "mtp_loss": sums["mtp"], "mtp_losses": sums["depth"] or [], "balance_loss": sums["balance"],
+                    "lr": lr, "mtp_lambda": lam, "bias_gamma": gamma, "balance_alpha": alpha, "grad_norm": grad_norm,
+                    "tokens_per_s": cfg.tokens_per_step / dt, "step_time": dt, "elapsed": elapsed,
+                    "skipped": not finite,
+                }
+                if counts is not None:
+                    mv = max_violation(counts)
+                    rec["maxvio_batch"] = [round(float(v), 5) for v in mv]
+                    rec["maxvio_batch_mean"] = float(mv.mean())
+                    rec["expert_counts"] = counts.tolist()
+                if step % cfg.log_every == 0 or not finite or step == cfg.steps:
+                    metrics.append(rec)
+                self._update_bar(rec)
+                if not finite:
+                    msg = (f"step {step}: the loss or gradient is not finite (loss {sums['loss']}, grad norm "
+                           f"{grad_norm}); the step was skipped ({bad_streak} in a row)")
+                    self.log(msg)
+                    metrics.append({"type": "event", "step": step, "event": "nonfinite", "message": msg})
+                    if bad_streak >= cfg.max_bad_steps:
+                        good = ckpt_io.current_checkpoint(run)
+                        stop = (f"stopped: the loss was NaN/inf in {bad_streak} consecutive steps (up to step {step}); "
+                                f"lower --lr or check the data; the last good checkpoint ({good.name if good else 'none'}) "
+                                f"is intact: resume with --resume {run}")
+                        metrics.append({"type": "event", "step": step, "event": "stopped", "message": stop})
+                        raise TrainingError(stop)
+                    continue
+                step_times.append(dt)
+                if val_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    last_val = self.evaluate(model, val_batches, autocast, step, tokens, metrics)
+                if fit_at is not None and (step == fit_at or (step > fit_at and step % cfg.eval_every == 0)):
+                    now = time.perf_counter()
+                    if last_fit is None:  # the first fit: the median step of the probe, plus an allowance
+                        per_step = sorted(step_times[1:])[len(step_times[1:]) // 2]
+                        per_step *= 1.0 + cfg.eval_batches / (3.0 * cfg.grad_accum * cfg.eval_every) + 0.02
+                    else:  # later fits: the wall time per step since the last fit, validation included
+                        per_step = (now - last_fit[1]) / max(1, step - last_fit[0])
+                    new = self._fit_steps(cfg, step, per_step, budget - (now - t_run), metrics)
+                    last_fit = (step, now)
+                    if new is None:
+                        fit_at = None  # the decay has begun: the schedule is fixed from here on
+                    elif new.steps != cfg.steps:
+                        cfg = self.cfg = new
+                        cfg.save(run / ckpt_io.CONFIG_FILE)
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    save(step)
+            if stopped_by == "time_budget":
+                msg = f"time budget of {cfg.time_budget:g} min reached at step {step}/{cfg.steps}"
+                self.log(msg)
+                metrics.append({"type": "event", "step": step, "event": "time_budget", "message": msg})
+                if val_batches and (last_val is None or last_val[0] != step):
+                    last_val = self.evaluate(model, val_batches, autocast, step, tokens, metrics)
+                if bad_streak == 0:
+                    save(step)
+            else:
+                metrics.append({"type": "event", "step": step, "event": "done", "message": "finished"})
+        finally:
+            self._close_bar()
+        wall = time.perf_counter() - t_run
+        self.log(f"trained to step {step} ({tokens:,} tokens) in {wall:.0f} s"
+                 + (f"; validation loss {last_val[1]:.4f}" if last_val else "") + f"; checkpoint: {run}")
+        return TrainResult(run, step, tokens, stopped_by, last_val[1] if last_val else None, elapsed)
+
+    def _fit_steps(self, cfg: TrainConfig, step: int, per_step: float, remaining: float,
+                   metrics: MetricsLog) -> TrainConfig | None:
+        """Fit the run's number of steps to the time budget left, while that changes no step already taken.
+
+        Until the cosine decay and the lambda / gamma switches begin, a step's learning rate, lambda and gamma
+        do not depend on the total number of steps, so the run so far is exactly the run configured with the
+        new total from the start (train_config.json records it; --resume continues it). Returns None once the
+        schedule can no longer change.
+        """
+        frac = min(cfg.decay_start, cfg.mtp_lambda_switch, cfg.bias_gamma_switch if cfg.balance == "bias" else 1.0)
+        if frac <= 0 or step >= frac * cfg.steps - 1:
+            return None
+        fit = step + int(0.97 * remaining / per_step)
+        cap = self._fit_cap or cfg.steps
+        steps = max(min(cap, fit), math.floor(step / frac) + 2, 2 * FIT_PROBE_STEPS)
+        if steps != cfg.steps:
+            msg = (f"time budget: {per_step:.2f} s per step, {remaining / 60:.1f} min left: training {steps} "
+                   f"steps (at most {cap})")
+            self.log(msg)
+            metrics.append({"type": "event", "step": step, "event": "fit_steps", "message": msg, "steps": steps})
+            if self._bar is not None:
+                self._bar.total = steps
+                self._bar.refresh()
+        return cfg.replace(steps=steps)
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def evaluate(self, model, val_batches, autocast, step: int, tokens: int, metrics: MetricsLog):
+        was = model.training
+        model.eval()
+        device = model.embed_tokens.weight.device
+        total = n = 0.0
+        depth_tot: list[float] = []
+        depth_n: list[float] = []
+        counts = None
+        try:
+            for batch in val_batches:
+                batch = batch.to(device)
+                with autocast():
+                    out = model.forward_train(batch[:, :-1])
+                labels = batch[:, 1:]
+                B, T = labels.shape
+                ce = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+                total += ce.item()
+                n += B * T
+                for k, lk in enumerate(out.mtp_logits, start=1):
+                    tk = labels[:, k:]
+                    s = torch.nn.functional.cross_entropy(lk.float().flatten(0, 1), tk.flatten(), reduction="sum")
+                    if len(depth_tot) < k:
+                        depth_tot.append(0.0), depth_n.append(0.0)
+                    depth_tot[k - 1] += s.item()
+                    depth_n[k - 1] += tk.numel()
+                if out.routing:
+                    c = out.expert_counts.to(torch.int64)
+                    counts = c if counts is None else counts + c
+        finally:
+            model.train(was)
+        loss = total / max(n, 1)
+        rec: dict[str, Any] = {"type": "val", "step": step, "tokens": tokens, "val_loss": loss,
+                               "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": int(n),
+                               "val_mtp_losses": [t / max(c, 1) for t, c in zip(depth_tot, depth_n)]}
+        if counts is not None:
+            mv = max_violation(counts)
+            rec["maxvio_global"] = [round(float(v), 5) for v in mv]
+            rec["maxvio_global_mean"] = float(mv.mean())
+        metrics.append(rec)
+        self.log(f"step {step}: validation loss {loss:.4f}, perplexity {rec['val_ppl']:.2f}"
+                 + (f", MaxVio_global {rec['maxvio_global_mean']:.3f}" if counts is not None else ""))
+        return step, loss
+
+    # ------------------------------------------------------------------ progress
+    def _open_bar(self, step: int) -> None:
+        if not self.cfg.progress:
+            return
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=self.cfg.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                         desc="train", mininterval=0.5, smoothing=0.1)
+
+    def _update_bar(self, rec: dict[str, Any]) -> None:
+        if self._bar is None:
+            return
+        self._bar.set_postfix_str(f"loss {rec['main_loss']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | lr {rec['lr']:.2e}",
+                                  refresh=False)
+        self._bar.update(1)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _oom_message(self, e: BaseException) -> str:
+        cfg = self.cfg
+        good = ckpt_io.current_checkpoint(self.run_dir)
+        return (f"out of memory in a micro-batch of {cfg.batch_size} x {cfg.seq_len} tokens: lower --batch-size "
+                f"(raise --grad-accum to keep the tokens per step), --seq-len, or use --activation-checkpointing; "
+                f"the last checkpoint ({good.name if good else 'none'}) is intact ({type(e).__name__})")
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False, overwrite: bool = False,
+          log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train (or continue) the run in ``out``. See :class:`TrainConfig` for every setting."""
+    return Trainer(cfg, out, resume=resume, overwrite=overwrite, log=log).run()

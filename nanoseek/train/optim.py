@@ -1,0 +1,72 @@
+"""AdamW with DeepSeek-V3's settings and the schedules of SPEC §6 (learning rate) and §4-§5 (bias speed
+gamma, MTP weight lambda).
+
+- Parameter groups: weight decay on matrices (attention and FFN projections, experts, router centroids,
+  output head); none on norms, biases and the embedding unless configured.
+- Learning rate: linear warmup 0 -> lr, constant, then cosine decay to lr * min_lr_ratio at the last step
+  (V3: warmup over 2K steps to 2.2e-4, constant, cosine to 2.2e-5).
+- lambda and gamma: a value, then a later value from a switch point on (V3: lambda 0.3 for the first 10T
+  tokens then 0.1; gamma 0.001 for the first 14.3T tokens then 0).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False,
+                     decay_norms_and_biases: bool = False) -> list[dict]:
+    """Two AdamW groups, each with the names of its parameters (``names``) for checkpoints and reports."""
+    decay, no_decay = ([], []), ([], [])
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_embedding = name.endswith("embed_tokens.weight")
+        is_norm_or_bias = p.dim() < 2
+        if (is_embedding and not decay_embeddings) or (is_norm_or_bias and not decay_norms_and_biases):
+            no_decay[0].append(p), no_decay[1].append(name)
+        else:
+            decay[0].append(p), decay[1].append(name)
+    groups = [{"params": decay[0], "names": decay[1], "weight_decay": weight_decay},
+              {"params": no_decay[0], "names": no_decay[1], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: nn.Module, cfg) -> torch.optim.AdamW:
+    groups = parameter_groups(model, cfg.weight_decay, cfg.decay_embeddings, cfg.decay_norms_and_biases)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay)
+
+
+def learning_rate(step: int, cfg) -> float:
+    """LR of optimizer step ``step`` (0-based) of ``cfg.steps``: warmup -> constant -> cosine."""
+    total, warmup = cfg.steps, cfg.warmup_steps
+    if warmup and step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    decay_from = max(warmup, int(cfg.decay_start * total))
+    if step < decay_from:
+        return cfg.lr
+    span = max(1, total - 1 - decay_from)
+    progress = min(1.0, (step - decay_from) / span)
+    low = cfg.lr * cfg.min_lr_ratio
+    return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def switched(step: int, total: int, first: float, later: float, switch: float) -> float:
+    """``first`` before step switch * total, ``later`` from there on."""
+    return first if step < switch * total else later
+
+
+def mtp_lambda(step: int, cfg) -> float:
+    return switched(step, cfg.steps, cfg.mtp_lambda, cfg.mtp_lambda_later, cfg.mtp_lambda_switch)
+
+
+def bias_gamma(step: int, cfg) -> float:
+    if cfg.balance != "bias":
+        return 0.0
+    return switched(step, cfg.steps, cfg.bias_gamma, cfg.bias_gamma_later, cfg.bias_gamma_switch)

@@ -1,0 +1,339 @@
+"""`nanoseek generate` and `nanoseek chat` on a tiny random checkpoint with a tokenizer trained here: streaming,
+chat rendering and history, the <think> display, sampling options reaching the inference core, and one-line
+errors for bad input. Most runs use the real nanoseek.inference.generate; a scripted stand-in fixes the tokens
+where the exact streamed text matters."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+
+import nanoseek.inference.cli as icli
+from nanoseek import DeepSeekV3, ModelConfig, Tokenizer
+from nanoseek.cli import main
+from nanoseek.hf import load_pretrained, save_pretrained
+from nanoseek.inference import generate
+from nanoseek.inference.cli import ThinkDisplay, check_prompt_length, format_summary, validate_sampling
+
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
+# R1's chat format in brief (SPEC §9): bos + system, `<｜User｜>` turns, earlier replies cut to what follows
+# `</think>`, and a generation prompt that opens the reasoning block.
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages if m['role'] == 'system' %}{{ m['content'] }}{% endfor %}"
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}{{ '<｜User｜>' ~ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' ~ (m['content'].split('</think>') | last) ~ eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Hello world, hello model!",
+          "DeepSeek uses multi-head latent attention and mixture of experts.",
+          "Numbers 0123456789 and symbols: ()[]{}<>;,.!?"] * 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and immune to other processes' load on a small machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tiny_tokenizer() -> Tokenizer:
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[BOS, EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    # as in R1's tokenizer.json: role and reasoning markers are added tokens that decoding does not skip
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t in ("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>")])
+    return Tokenizer(tok, {"bos_token": BOS, "eos_token": EOS}, chat_template=TEMPLATE)
+
+
+def _config(tokenizer: Tokenizer, **changes) -> ModelConfig:
+    return ModelConfig.preset("tiny").replace(vocab_size=tokenizer.vocab_size, **changes)
+
+
+def _save(root, tokenizer, config, with_tokenizer=True):
+    torch.manual_seed(0)
+    model = DeepSeekV3(config)
+    save_pretrained(model, root)
+    if with_tokenizer:
+        tokenizer.save(root)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return _tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tok):
+    return _save(tmp_path_factory.mktemp("ckpt") / "tiny", tok, _config(tok))
+
+
+@pytest.fixture(scope="module")
+def ckpt_no_mtp(tmp_path_factory, tok):
+    return _save(tmp_path_factory.mktemp("ckpt") / "nomtp", tok, _config(tok, num_nextn_predict_layers=0))
+
+
+@pytest.fixture(scope="module")
+def ckpt_no_tokenizer(tmp_path_factory, tok):
+    return _save(tmp_path_factory.mktemp("ckpt") / "notok", tok, _config(tok), with_tokenizer=False)
+
+
+def _reference(ckpt, tok, prompt_ids, max_new, **kw):
+    """What the CLI should print: the core's tokens up to the stop token, decoded."""
+    model = load_pretrained(ckpt)
+    out = generate(model, [prompt_ids], max_new, stop_tokens=(tok.eos_token_id,), **kw).tokens[0]
+    if out and out[-1] == tok.eos_token_id:
+        out = out[:-1]
+    return tok.decode(out, skip_special_tokens=True)
+
+
+class Scripted:
+    """A stand-in for nanoseek.inference.generate that emits fixed tokens, one call per step, and records what
+    it was asked and what stdout held after each step."""
+
+    def __init__(self, replies, capsys=None):
+        self.replies = list(replies)
+        self.calls = []
+        self.capsys = capsys
+        self.seen = []
+
+    def __call__(self, model, prompts, max_new_tokens, **kw):
+        self.calls.append(SimpleNamespace(prompts=prompts, max_new_tokens=max_new_tokens, **kw))
+        reply = self.replies.pop(0)
+        for t in reply:
+            kw["on_tokens"]([[t]])
+            if self.capsys is not None:
+                self.seen.append(self.capsys.readouterr().out)
+        stats = SimpleNamespace(prefill_tokens_per_s=100.0, decode_tokens_per_s=10.0, cache_bytes=2**20,
+                                drafted=4, accepted=3, acceptance_rate=0.75)
+        return SimpleNamespace(tokens=[list(reply)], stats=stats)
+
+
+def _use(monkeypatch, fake):
+    monkeypatch.setattr(icli, "_core_generate", lambda: fake)
+
+
+# ------------------------------------------------------------------------------------------- generate
+def test_generate_chat_prompt_streams_the_core_output(ckpt, tok, capsys):
+    assert main(["generate", "--checkpoint", ckpt, "--prompt", "Hello world", "--max-new-tokens", "12"]) == 0
+    out, err = capsys.readouterr()
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hello world"}], add_generation_prompt=True)
+    assert out == _reference(ckpt, tok, ids, 12) + "\n"
+    summary = err.strip().splitlines()[-1]
+    assert summary.startswith("[nanoseek]") and f"{len(ids)} prompt" in summary and "tok/s" in summary
+    assert "MTP acceptance n/a" in summary and "cache" in summary
+
+
+def test_generate_raw_and_stdin_prompt(ckpt, tok, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("The quick brown"))
+    assert main(["generate", "--checkpoint", ckpt, "--prompt", "-", "--raw", "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert out == _reference(ckpt, tok, tok.encode("The quick brown", add_bos=True), 6) + "\n"
+
+
+def test_generate_sampling_is_seeded(ckpt, capsys):
+    args = ["generate", "--checkpoint", ckpt, "--prompt", "hi", "--max-new-tokens", "10", "--temperature", "1.5",
+            "--top-k", "50", "--top-p", "0.95"]
+    outs = []
+    for seed in ("1", "1", "2"):
+        assert main([*args, "--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] != outs[2]
+
+
+def test_generate_speculative_greedy_equals_plain(ckpt, capsys):
+    args = ["generate", "--checkpoint", ckpt, "--prompt", "Hello", "--max-new-tokens", "10"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculative"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain
+    assert "MTP acceptance" in err and "n/a" not in err and "drafts)" in err
+
+
+def test_speculative_without_mtp_warns_and_decodes_plainly(ckpt_no_mtp, capsys):
+    args = ["generate", "--checkpoint", ckpt_no_mtp, "--prompt", "Hello", "--max-new-tokens", "5"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--speculative"]) == 0
+    out, err = capsys.readouterr()
+    assert out == plain
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert warning == ["nanoseek generate: warning: the checkpoint has no MTP module: speculative decoding is off, "
+                       "decoding plainly"]
+    assert "Traceback" not in err
+
+
+def test_generate_streams_each_step_and_never_splits_a_character(ckpt, tok, capsys, monkeypatch):
+    text = "Hé 😀 ok"
+    ids = tok.encode(text)
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the emoji is spread over byte tokens
+    fake = Scripted([[*ids, tok.eos_token_id, *tok.encode("after the stop")]], capsys)
+    _use(monkeypatch, fake)
+    args = ["generate", "--checkpoint", ckpt, "--prompt", "x", "--max-new-tokens", "40", "--temperature", "0.7",
+            "--top-k", "5", "--top-p", "0.9", "--seed", "7", "--speculative"]
+    assert main(args) == 0
+    assert "".join(fake.seen) == text  # streamed while generating, nothing after the stop token
+    assert sum(1 for piece in fake.seen if piece) >= 3 and all("\ufffd" not in p for p in fake.seen)
+    out, err = capsys.readouterr()
+    assert out == "\n"  # the closing newline, after the stream
+    assert "MTP acceptance 75.0% (3/4 drafts)" in err and "decode 10.0 tok/s" in err
+    call = fake.calls[0]
+    assert (call.temperature, call.top_k, call.top_p, call.seed, call.speculative) == (0.7, 5, 0.9, 7, True)
+    assert tok.eos_token_id in call.stop_tokens and call.max_new_tokens == 40
+    assert call.prompts == [tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)]
+    assert tok.decode(call.prompts[0]).endswith("<｜Assistant｜><think>\n")
+
+
+def test_generate_system_prompt_and_context_clamp(ckpt, tok, capsys, monkeypatch):
+    fake = Scripted([tok.encode("ok")])
+    _use(monkeypatch, fake)
+    def length(words):
+        return len(tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": words}], add_generation_prompt=True))
+
+    words = "hello"
+    while length(words + " hello") < 500:  # the tiny preset's context is 512
+        words += " hello"
+    n = length(words)
+    assert main(["generate", "--checkpoint", ckpt, "--prompt", words, "--system", "Be brief.",
+                 "--max-new-tokens", "100"]) == 0
+    err = capsys.readouterr().err
+    assert f"--max-new-tokens 100 lowered to {512 - n}" in err
+    assert fake.calls[0].max_new_tokens == 512 - n
+    assert tok.decode(fake.calls[0].prompts[0]).startswith(BOS + "Be brief.<｜User｜>hello")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt", "  \n "], "the prompt is empty"),
+    (["--prompt", "hi", "--temperature", "-0.5"], "temperature must be a finite number >= 0"),
+    (["--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number >= 0"),
+    (["--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--prompt", "hi", "--top-k", "0"], "top_k must be an integer >= 1"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
+    (["--prompt", "hello " * 600], "leaves no room in the model's context of 512 tokens"),
+    (["--prompt", "hi", "--device", "nonsense"], "invalid --device"),
+])
+def test_generate_bad_input_is_one_line(ckpt, capsys, extra, message):
+    assert main(["generate", "--checkpoint", ckpt, *extra]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("nanoseek generate: error: ") and message in err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_missing_checkpoint_or_tokenizer_is_one_line(ckpt_no_tokenizer, tmp_path, capsys, command, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    assert main([command, "--checkpoint", str(tmp_path / "missing"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err
+    assert main([command, "--checkpoint", ckpt_no_tokenizer, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"nanoseek {command}: error:" in err and "no tokenizer.json" in err
+
+
+def test_validate_sampling_and_prompt_length():
+    validate_sampling(temperature=0, top_k=1, top_p=1.0, max_new_tokens=1)
+    validate_sampling(temperature=0.6, top_p=0.95)
+    for kw in (dict(temperature=-1), dict(temperature=float("inf")), dict(top_k=0), dict(top_k=2.5),
+               dict(top_p=0.0), dict(top_p=1.01), dict(max_new_tokens=0), dict(max_new_tokens=True)):
+        with pytest.raises(ValueError):
+            validate_sampling(**kw)
+    assert check_prompt_length(10, 100, 512) == 100
+    assert check_prompt_length(500, 100, 512) == 12
+    for n in (0, 512, 600):
+        with pytest.raises(ValueError):
+            check_prompt_length(n, 10, 512)
+
+
+# ------------------------------------------------------------------------------------------- chat
+def test_chat_history_reset_exit_and_think_markers(ckpt, tok, capsys, monkeypatch):
+    eos = tok.eos_token_id
+    fake = Scripted([[*tok.encode("hmm</think>Hello!"), eos], [*tok.encode("so</think>Again."), eos],
+                     [*tok.encode("x</think>Fresh."), eos]])
+    _use(monkeypatch, fake)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n\nmore\n/reset\nnew\n/help\n/exit\nnever read\n"))
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert main(["chat", "--checkpoint", ckpt, "--system", "Sys."]) == 0
+    out, err = capsys.readouterr()
+    assert out == ("[think]hmm[/think]Hello!\n[think]so[/think]Again.\n[conversation reset]\n"
+                   "[think]x[/think]Fresh.\n")
+    prompts = [tok.decode(c.prompts[0]) for c in fake.calls]
+    assert prompts == [
+        BOS + "Sys.<｜User｜>hi<｜Assistant｜><think>\n",
+        BOS + "Sys.<｜User｜>hi<｜Assistant｜>Hello!" + EOS + "<｜User｜>more<｜Assistant｜><think>\n",  # reasoning dropped
+        BOS + "Sys.<｜User｜>new<｜Assistant｜><think>\n",  # after /reset
+    ]
+    assert "unknown command /help" in err and err.count("[nanoseek]") == 3 and "Traceback" not in err
+
+
+def test_chat_on_a_terminal_dims_the_reasoning(ckpt, tok, capsys, monkeypatch):
+    fake = Scripted([[*tok.encode("hmm</think>Hi."), tok.eos_token_id]])
+    _use(monkeypatch, fake)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    assert main(["chat", "--checkpoint", ckpt]) == 0
+    assert capsys.readouterr().out == "\x1b[2mhmm\x1b[0mHi.\n"
+
+
+def test_chat_with_the_real_core_and_a_too_long_turn(ckpt, tok, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n" + "hello " * 600 + "\nshort\n"))
+    assert main(["chat", "--checkpoint", ckpt, "--max-new-tokens", "6"]) == 0
+    out, err = capsys.readouterr()
+    first = _reference(ckpt, tok, tok.apply_chat_template([{"role": "user", "content": "Hello there"}],
+                                                          add_generation_prompt=True), 6)
+    assert out.startswith("[think]" + first.replace("<think>", "[think]").replace("</think>", "[/think]"))
+    assert "leaves no room in the model's context" in err and "/reset" in err
+    assert err.count("[nanoseek]") == 2  # the long turn was skipped, the chat went on
+
+
+def test_think_display_handles_tags_split_across_chunks():
+    out = io.StringIO()
+    d = ThinkDisplay(out, color=False)
+    for piece in ["a<th", "ink>b", "c</", "think", ">d <", "x"]:
+        d.write(piece)
+    d.close()
+    assert out.getvalue() == "a[think]bc[/think]d <x"
+    for color, expected in ((True, "\x1b[2mnever closed\x1b[0m"), (False, "[think]never closed[/think]")):
+        out = io.StringIO()
+        d = ThinkDisplay(out, color=color, thinking=True)
+        d.write("never closed")
+        d.close()
+        assert out.getvalue() == expected
+
+
+def test_format_summary_without_speculation():
+    line = format_summary({"prefill_tokens_per_s": 12.34, "decode_tokens_per_s": 5.0, "cache_bytes": 3 * 2**20,
+                           "acceptance_rate": None}, 7, 3, speculative=False)
+    assert line == ("[nanoseek] 7 prompt + 3 new tokens | prefill 12.3 tok/s | decode 5.0 tok/s | "
+                    "MTP acceptance n/a (not speculative) | cache 3.00 MiB")
+
+
+# ------------------------------------------------------------------------------------------- process
+def test_python_m_nanoseek_generate(ckpt, tok):
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "nanoseek", "generate", "--checkpoint", ckpt, "--prompt", "Hello",
+                           "--max-new-tokens", "8", "--raw"], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == _reference(ckpt, tok, tok.encode("Hello", add_bos=True), 8) + "\n"
+    assert proc.stderr.strip().splitlines()[-1].startswith("[nanoseek] ")
+    config = json.loads(open(os.path.join(ckpt, "config.json")).read())
+    assert config["vocab_size"] == tok.vocab_size

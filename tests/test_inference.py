@@ -1,0 +1,212 @@
+"""Latent cache, absorbed decoding and ``generate`` (SPEC §3): exact against a full forward, token by token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek import DeepSeekV3, ModelConfig, generate
+from nanoseek.inference import LatentCache, logits_to_probs
+from nanoseek.inference.sampling import check_sampling
+
+VOCAB = 64
+
+
+def tiny_config(**changes) -> ModelConfig:
+    base = dict(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=2,
+        q_lora_rank=16, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=6,
+        intermediate_size=64, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=4, topk_group=2, rope_factor=4.0, original_max_position_embeddings=16,
+        max_position_embeddings=96, num_nextn_predict_layers=1, initializer_range=0.1)
+    base.update(changes)
+    return ModelConfig(**base)
+
+
+def tiny_model(seed: int = 0, **changes) -> DeepSeekV3:
+    torch.manual_seed(seed)
+    model = DeepSeekV3(tiny_config(**changes)).eval()
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0, 0.1)  # non-zero balancing bias: routing must still agree
+    return model
+
+
+@pytest.fixture(scope="module")
+def model() -> DeepSeekV3:
+    return tiny_model()
+
+
+def _random_seqs(lengths, seed=0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def _naive_greedy(model, prompt, n) -> list[int]:
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+# ------------------------------------------------------------------------------------------ cache
+def test_cache_holds_only_the_latent_sized_to_the_request():
+    cfg = tiny_config()
+    cache = LatentCache(cfg, batch_size=3, max_length=20, dtype=torch.bfloat16)
+    per_token = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers  # SPEC §3
+    assert cache.nbytes == cache.main_nbytes == 3 * 20 * per_token * 2
+    assert all(layer.kv.shape == (3, 20, 32) and layer.kv.dtype == torch.bfloat16 for layer in cache.layers)
+    with_mtp = LatentCache(cfg, 3, 20, mtp=True)
+    assert len(with_mtp.mtp_layers) == cfg.num_nextn_predict_layers
+    assert with_mtp.nbytes == 3 * 20 * 32 * (cfg.num_hidden_layers + cfg.num_nextn_predict_layers) * 4
+
+
+@torch.no_grad()
+def test_cache_stores_normalized_c_kv_and_roped_k_rope(model):
+    """Each slot holds [kv_a_layernorm(c_KV) ; RoPE(k^R)] of its token, at the slots given, nothing else."""
+    ids = torch.tensor(_random_seqs([7]))
+    cache = LatentCache.for_model(model, 1, 10)
+    pos = torch.arange(7)[None]
+    model.forward_cached(ids, pos, cache, absorb=False)
+    x = model.layers[0].input_layernorm(model.embed_tokens(ids))
+    c_kv, k_rope = model.layers[0].self_attn.latent(x, *model.rotary(pos))
+    kv = cache.layers[0].kv
+    torch.testing.assert_close(kv[:, :7], torch.cat((c_kv, k_rope), -1), atol=0, rtol=0)
+    assert kv[:, 7:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("yarn", [True, False], ids=["yarn", "plain-rope"])
+@torch.no_grad()
+def test_absorbed_decoding_matches_full_forward_token_by_token(yarn):
+    """Batch of 3 prompts of different lengths (right-padded prefill on the up-projected path), then 40
+    teacher-forced tokens one at a time at per-sequence positions on the absorbed path: every step's logits
+    equal those of a full forward of the whole sequence (fp32, 1e-5). Positions run past YaRN's original
+    length (16)."""
+    model = tiny_model(seed=1, rope_scaling_type="yarn" if yarn else None, rope_factor=4.0 if yarn else 1.0)
+    lengths, steps = [3, 11, 6], 40
+    seqs = _random_seqs([n + steps for n in lengths], seed=2)
+    full = [model(torch.tensor([s]))[0] for s in seqs]  # (T_b, V) each: the reference
+    B, P = len(seqs), max(lengths)
+    cache = LatentCache.for_model(model, B, P + steps)
+    ids = torch.tensor([s[:n] + [0] * (P - n) for s, n in zip(seqs, lengths)])  # right padding
+    hidden = model.forward_cached(ids, torch.arange(P).expand(B, P), cache, absorb=False)
+    logits = model.lm_head(hidden)
+    for b, n in enumerate(lengths):
+        torch.testing.assert_close(logits[b, :n], full[b][:n], atol=1e-5, rtol=1e-5)
+    pos = torch.tensor(lengths)
+    for _ in range(steps - 1):
+        step_ids = torch.tensor([[s[p]] for s, p in zip(seqs, pos.tolist())])  # (B, 1)
+        logits = model.lm_head(model.forward_cached(step_ids, pos[:, None], cache))  # absorbed
+        expected = torch.stack([full[b][p] for b, p in enumerate(pos.tolist())])
+        torch.testing.assert_close(logits[:, 0], expected, atol=1e-5, rtol=1e-5)
+        pos = pos + 1
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+@torch.no_grad()
+def test_chunked_prefill_either_path_matches_full_forward(model, absorb):
+    seq = torch.tensor(_random_seqs([30], seed=3))
+    full = model(seq)
+    cache = LatentCache.for_model(model, 1, 30)
+    for start, stop in ((0, 7), (7, 8), (8, 21), (21, 30)):
+        pos = torch.arange(start, stop)[None]
+        logits = model.lm_head(model.forward_cached(seq[:, start:stop], pos, cache, absorb=absorb))
+        torch.testing.assert_close(logits, full[:, start:stop], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_mtp_cached_matches_forward_train(model):
+    """MTP module 1 over its own cache, in chunks, reproduces forward_train's depth-1 logits."""
+    seq = torch.tensor(_random_seqs([20], seed=4))
+    out = model.forward_train(seq)
+    cache = LatentCache.for_model(model, 1, 20, mtp=True)
+    h0 = model.forward_cached(seq, torch.arange(20)[None], cache, absorb=False)
+    for start, stop in ((0, 9), (9, 10), (10, 19)):
+        pos = torch.arange(start, stop)[None]
+        h1 = model.mtp_forward_cached(1, h0[:, start:stop], seq[:, start + 1: stop + 1], pos, cache,
+                                      absorb=start > 0)
+        torch.testing.assert_close(model.lm_head(h1), out.mtp_logits[0][:, start:stop], atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ sampling
+def test_logits_to_probs_greedy_top_k_top_p_by_hand():
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.15, 0.25]]))
+    assert logits_to_probs(logits, 0.0).tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    torch.testing.assert_close(logits_to_probs(logits, 1.0), torch.tensor([[0.1, 0.5, 0.15, 0.25]]))
+    torch.testing.assert_close(logits_to_probs(logits, 1.0, top_k=2), torch.tensor([[0.0, 0.5, 0.0, 0.25]]) / 0.75)
+    # nucleus: 0.5 < 0.6 so 0.25 is needed too; 0.75 >= 0.6 stops there
+    torch.testing.assert_close(logits_to_probs(logits, 1.0, top_p=0.6), torch.tensor([[0.0, 0.5, 0.0, 0.25]]) / 0.75)
+    torch.testing.assert_close(logits_to_probs(logits, 1.0, top_p=0.5), torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
+    hot = logits_to_probs(logits, 0.5)  # p^2, renormalized
+    torch.testing.assert_close(hot, torch.tensor([[0.01, 0.25, 0.0225, 0.0625]]) / 0.345)
+    assert logits_to_probs(logits.bfloat16(), 1.0).dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+])
+def test_invalid_sampling_parameters(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, [[1, 2]], 3, **kwargs)
+    args = dict(temperature=0.0, top_k=None, top_p=None) | kwargs
+    with pytest.raises(ValueError):
+        check_sampling(**args)
+
+
+@pytest.mark.parametrize("prompts, max_new, message", [
+    ([], 3, "non-empty"), ([[1], []], 3, "prompt 1 is empty"), ([[1, VOCAB]], 3, "vocab_size"),
+    ([[1, 2]], 0, "max_new_tokens"), ([[1] * 90], 7, "max_position_embeddings"),
+])
+def test_invalid_requests(model, prompts, max_new, message):
+    with pytest.raises(ValueError, match=message) as info:
+        generate(model, prompts, max_new)
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ generate
+def test_greedy_generate_matches_naive_loop_batched(model):
+    prompts = _random_seqs([5, 1, 12], seed=5)
+    result = generate(model, prompts, 16)
+    assert result.tokens == [_naive_greedy(model, p, 16) for p in prompts]
+    s = result.stats
+    assert s.prompt_tokens == 18 and s.new_tokens == 48 and s.decode_steps == 15
+    assert s.cache_bytes == 3 * (12 + 16) * (24 + 8) * 3 * 4  # B x (longest prompt + new) x (d_c + d_R) x L x 4
+    assert s.acceptance_rate is None and s.drafted == 0 and s.decode_tokens_per_s > 0
+
+
+def test_stop_tokens_end_each_sequence_and_are_kept(model):
+    prompts = _random_seqs([4, 7], seed=6)
+    free = generate(model, prompts, 12).tokens
+    stop = free[0][3]
+    result = generate(model, prompts, 12, stop_tokens=[stop])
+    for full, got in zip(free, result.tokens):
+        expected = full[: full.index(stop) + 1] if stop in full else full
+        assert got == expected
+    assert result.tokens[0][-1] == stop and len(result.tokens[0]) == 4
+
+
+def test_sampling_is_reproducible_with_a_seed_and_streams(model):
+    prompts = _random_seqs([3, 8], seed=7)
+    streamed = [[], []]
+
+    def on_tokens(new):
+        assert len(new) == 2
+        for acc, toks in zip(streamed, new):
+            acc.extend(toks)
+
+    a = generate(model, prompts, 20, temperature=1.0, top_k=20, top_p=0.9, seed=123, on_tokens=on_tokens)
+    b = generate(model, prompts, 20, temperature=1.0, top_k=20, top_p=0.9, seed=123)
+    c = generate(model, prompts, 20, temperature=1.0, top_k=20, top_p=0.9, seed=124)
+    assert a.tokens == b.tokens == streamed
+    assert a.tokens != c.tokens
+    assert generate(model, prompts, 8, temperature=1.5, top_k=1, seed=1).tokens == generate(model, prompts, 8).tokens
+
+
+def test_generate_bf16_model():
+    model = tiny_model().to(torch.bfloat16)
+    result = generate(model, _random_seqs([4, 6]), 5, temperature=0.8, seed=0)
+    assert [len(t) for t in result.tokens] == [5, 5]
+    assert result.stats.cache_bytes == 2 * (6 + 5) * 32 * 3 * 2

