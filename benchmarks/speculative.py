@@ -11,8 +11,9 @@ A benchmark, not a test.
     ``--train-budget`` seconds) with the V3 objective from ``nanoseek.objectives.training_loss`` (main
     cross-entropy + lambda x mean MTP loss + sequence balance loss) and the auxiliary-loss-free bias update.
   * Decode: ``nanoseek.generate`` on each prompt (batch 1), plain and speculative back to back per prompt, the
-    first mode rotating, two passes; greedy and sampled (``--temperature``, seeded). Greedy speculative output must equal plain
-    output. With ``--depth 2`` the depth-1 variant (drafting with the first MTP module only) is measured too.
+    first mode rotating, two passes; greedy and sampled (``--temperature``, seeded). Greedy speculative output
+    must equal plain output. With ``--depth 2`` the depth-1 variant (drafting with the first MTP module only)
+    is measured too. Default 1 torch thread (see ``--threads``).
     Tokens/s = new tokens after the first / decode time, summed over the prompts (``GenerationStats``).
   * Acceptance per depth k: the share of draft steps whose depth-k draft was accepted (it needs depths < k);
     conditional: accepted at depth k / accepted at depth k - 1.
@@ -306,7 +307,8 @@ def main(argv=None) -> int:
     if not args.no_write:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        header = "" if out.exists() else "# Speculative decoding benchmark results\n\nWritten by `benchmarks/speculative.py`.\n\n"
+        header = "" if out.exists() else ("# Speculative decoding benchmark results\n\n"
+                                           "Written by `benchmarks/speculative.py`.\n\n")
         with out.open("a", encoding="utf-8") as f:
             f.write(header + text + "\n")
     return 0

@@ -33,6 +33,15 @@ def tiny_model(seed: int = 0, **changes) -> DeepSeekV3:
     return model
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy 2-core machine it stalls every small op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model() -> DeepSeekV3:
     return tiny_model()

@@ -12,7 +12,7 @@ from nanoseek import generate
 from nanoseek.inference import MTPSpeculator, speculative_accept
 from nanoseek.inference import speculative as speculative_module
 
-from test_inference import _random_seqs, tiny_model
+from test_inference import _random_seqs, one_thread, tiny_model  # noqa: F401  (one_thread: autouse fixture)
 
 
 def _dist(*p) -> torch.Tensor:

@@ -43,7 +43,8 @@ class Block(nn.Module):
         if cache is None:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
         else:
-            x = x + self.self_attn.forward_cached(self.input_layernorm(x), cos, sin, cache, input_pos, attn_mask, absorb)
+            h = self.input_layernorm(x)
+            x = x + self.self_attn.forward_cached(h, cos, sin, cache, input_pos, attn_mask, absorb)
         if self.is_moe:
             ffn, routing = self.mlp(self.post_attention_layernorm(x))
         else:
