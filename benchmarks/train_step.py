@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--bf16-mode", choices=("autocast", "weights"), default="autocast",
                    help="with --dtype bf16: autocast (fp32 master weights, default) or bf16 weights")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per implementation (after warmup)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per implementation (after warmup)")
     p.add_argument("--warmup", type=int, default=1, help="discarded steps per implementation")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (CPU)")
     p.add_argument("--impls", default="nanoseek,hf",
@@ -91,6 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wait-quiet", type=float, default=90.0,
                    help="total seconds the run may spend waiting, before steps, for other processes to leave the "
                         "CPUs idle (shared machines; 0: never wait)")
+    p.add_argument("--max-other", type=float, default=0.2,
+                   help="timed steps during which other processes used more than this share of the CPUs are left "
+                        "out of the median and best (kept if no step is left)")
+    p.add_argument("--extra-steps", type=int, default=4,
+                   help="up to this many more timed rounds while some implementation has fewer than --steps "
+                        "undisturbed steps (see --max-other)")
     p.add_argument("--peak-size", type=int, default=0, help="matmul size for the peak measurement (0: auto)")
     p.add_argument("--profile", action="store_true", help="also profile one step with torch.profiler")
     p.add_argument("--profile-impls", default="nanoseek", help="implementations to profile (comma list)")
@@ -237,7 +243,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure_matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 0, reps: int = 5) -> float:
+def measure_matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 0, reps: int = 8) -> float:
     """Best achieved FLOP/s of an n x n x n torch.matmul in ``dtype`` (the machine's practical peak)."""
     if not n:
         n = 8192 if device.type == "cuda" else 2048
@@ -349,6 +355,11 @@ class Impl:
         if device.type == "cuda":
             self.peak_mem.append(torch.cuda.max_memory_allocated(device))
         return value
+
+    def clean(self, max_other: float) -> list[float]:
+        """Timed steps not disturbed by other processes (all of them if none is clean)."""
+        kept = [t for t, o in zip(self.times, self.others) if o <= max_other]
+        return kept or list(self.times)
 
     def state_bytes(self) -> int:
         """Parameters + gradients + AdamW moments (what a step holds besides activations)."""
@@ -597,7 +608,7 @@ def report(args, cfg, machine, impls, peaks, flops, mem, first_losses, load_befo
                  f"(6 x {flops['active_matmul_params'] / 1e6:.2f} M active matmul params = {flops['six_n'] / 1e6:.1f} M "
                  f"without attention scores); {tokens} tokens per step.")
     lines.append("")
-    lines.append(f"Measured matmul peak ({args.peak_size or 'auto'}-size torch.matmul, best of 5): fp32 "
+    lines.append(f"Measured matmul peak ({args.peak_size or 'auto'}-size torch.matmul, best of 8): fp32 "
                  f"{peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s; MFU below is against "
                  f"the {cdt} peak.")
     lines.append("")
@@ -607,9 +618,10 @@ def report(args, cfg, machine, impls, peaks, flops, mem, first_losses, load_befo
     lines.append("|---" * 14 + "|")
 
     def tps_of(impl, best=False):
-        if not impl.times:
+        times = impl.clean(args.max_other)
+        if not times:
             return float("nan")
-        return tokens / (min(impl.times) if best else statistics.median(impl.times))
+        return tokens / (min(times) if best else statistics.median(times))
 
     nano = next((i for i in impls if i.name == "nanoseek"), None)
     base_tps = tps_of(nano) if nano else float("nan")
@@ -641,13 +653,18 @@ def report(args, cfg, machine, impls, peaks, flops, mem, first_losses, load_befo
         lines.append(f"Same weights check, relative difference of the first-step loss vs nanoseek: {', '.join(diffs)}.")
     lines.append("Losses per step (warmup included): " + "; ".join(
         f"{i.name} " + " ".join(f"{l:.5f}" for l in i.losses) for i in impls) + ".")
-    lines.append("Step times (s, timed steps): " + "; ".join(
-        f"{i.name} " + " ".join(f"{t:.2f}" for t in i.times) for i in impls) + ".")
+    lines.append("Step times (s, timed steps; * = left out, other processes above "
+                 f"{args.max_other:.0%} of the CPUs): " + "; ".join(
+                     f"{i.name} " + " ".join(f"{t:.2f}" + ("*" if o > args.max_other and len(i.clean(args.max_other))
+                                                           < len(i.times) else "") for t, o in zip(i.times, i.others))
+                     for i in impls) + ".")
     lines.append("")
     notes = [f"{args.warmup} warmup + {args.steps} timed steps per implementation, alternating in one process "
-             "(the first implementation of each step rotates); tokens/s = batch x seq / median step time; "
+             "(the first implementation of each step rotates); tokens/s = batch x seq / median step time (over the "
+             "steps not disturbed by other processes, see below); "
              f"one step = forward, cross-entropy, backward, AdamW(lr, betas 0.9/0.95, wd 0.1; {args.adamw} "
-             "implementation) step, zero_grad."]
+             "implementation) step, zero_grad. Timed rounds continue (at most --extra-steps more) until every "
+             "implementation has --steps undisturbed steps."]
     if args.device == "cpu" and mem:
         notes.append("Peak RSS: high-water resident set (VmHWM of /proc/self/status; `getrusage` ru_maxrss would "
                      "inherit the parent's size through fork + exec) of a fresh child process that loads that "
@@ -688,9 +705,10 @@ def main(argv=None) -> None:
     print(f"precision: {precision_label(args)}; preset {args.preset}; batch {args.batch} x seq {args.seq}", flush=True)
 
     quiet = QuietWaiter(args.wait_quiet if device.type == "cpu" else 0.0)
-    quiet()
-    peaks = {"fp32": measure_matmul_peak(torch.float32, device, args.peak_size),
-             "bf16": measure_matmul_peak(torch.bfloat16, device, args.peak_size)}
+    peaks = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        quiet()
+        peaks[name] = measure_matmul_peak(dtype, device, args.peak_size)
     print(f"matmul peak: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s", flush=True)
     flops = flops_per_token(cfg, args.seq)
     print(f"model FLOPs/token: forward {flops['forward'] / 1e6:.1f} M, train {flops['train'] / 1e6:.1f} M "
@@ -719,10 +737,16 @@ def main(argv=None) -> None:
         impls[0].n_active = nano.n_active if nano else 0
 
     timed = [i for i in impls if i.name in args.impls] if args.steps else []  # --steps 0: profile only
-    batches = make_batches(cfg, args, args.warmup + args.steps, device) if timed else []
     first_losses = {}
-    for s, ids in enumerate(batches):
-        order = timed[s % len(timed):] + timed[: s % len(timed)] if timed else []
+    g = torch.Generator().manual_seed(args.seed + 1)  # the same batches as make_batches
+    max_rounds = args.warmup + args.steps + (args.extra_steps if timed else 0)
+    s = 0
+    while timed and s < max_rounds:
+        if s >= args.warmup + args.steps and all(
+                sum(o <= args.max_other for o in i.others) >= args.steps for i in timed):
+            break  # enough undisturbed steps
+        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=g).to(device)
+        order = timed[s % len(timed):] + timed[: s % len(timed)]
         for impl in order:
             if s >= args.warmup:
                 quiet()
@@ -730,8 +754,8 @@ def main(argv=None) -> None:
             if s == 0:
                 first_losses[impl.name] = loss
             kind = "warmup" if s < args.warmup else "step"
-            t = impl.times[-1] if s >= args.warmup else float("nan")
-            extra = f"  {t:.3f} s  (other processes: {impl.others[-1]:.0%} of the CPUs)" if s >= args.warmup else ""
+            extra = (f"  {impl.times[-1]:.3f} s  (other processes: {impl.others[-1]:.0%} of the CPUs)"
+                     if s >= args.warmup else "")
             print(f"{kind} {s}: {impl.name:<9} loss {loss:.6f}{extra}", flush=True)
         if s == 0 and "nanoseek" in first_losses:
             ref = first_losses["nanoseek"]
@@ -742,6 +766,7 @@ def main(argv=None) -> None:
                     flag = "OK" if rel <= tol else "MISMATCH"
                     print(f"first-step loss: nanoseek {ref:.6f}  {n} {v:.6f}  rel diff {rel:.2e} [{flag}, tol {tol}]",
                           flush=True)
+        s += 1
 
     profiles = []
     if args.profile:
