@@ -36,6 +36,7 @@ from .optim import bias_gamma, build_optimizer, learning_rate, mtp_lambda
 
 
 FIT_PROBE_STEPS = 6  # steps timed before the number of steps is fitted to the time budget
+REFIT_EVERY = 10  # refit that often until the decay begins, so a slow start (a busy machine) is corrected
 
 
 class TrainingError(RuntimeError):
@@ -446,7 +447,7 @@ class Trainer:
                 step_times.append(dt)
                 if val_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
                     last_val = self.evaluate(model, val_batches, autocast, step, tokens, metrics)
-                if fit_at is not None and (step == fit_at or (step > fit_at and step % cfg.eval_every == 0)):
+                if fit_at is not None and (step == fit_at or (step > fit_at and step % REFIT_EVERY == 0)):
                     now = time.perf_counter()
                     if last_fit is None:  # the first fit: the median step of the probe, plus an allowance
                         per_step = sorted(step_times[1:])[len(step_times[1:]) // 2]
