@@ -1,19 +1,22 @@
 """What would make nanoseek's training step faster? Candidate changes measured in-process, not committed.
 
-Each variant is applied at run time to the unmodified package (a wrapper or a shim, nothing under nanoseek/
-is edited) and timed against the baseline on the same model, alternating step by step like
-benchmarks/train_step.py. Variants:
+Each variant is applied at run time to the unmodified package (a wrapper, a replacement method or a backend
+switch; nothing under nanoseek/ is edited) and timed against the baseline on the same model, alternating step by
+step like benchmarks/train_step.py. Variants:
 
-  baseline         nanoseek as it is; AdamW default implementation (the for-loop one on CPU)
-  sdpa-pad-v       zero-pad v to the q/k head dim before F.scaled_dot_product_attention and slice the output:
-                   with d_v != d_qk (MLA: 32 vs 48 here, 128 vs 192 in V3) torch's fused (flash) CPU kernel
-                   refuses the call and SDPA falls back to the math path, which materializes the (B, H, T, T)
-                   scores and probabilities in forward and backward
-  experts-autocast under torch.autocast, run the routed experts' grouped matmuls in the autocast dtype:
-                   torch._grouped_mm is not autocast-aware, and the residual stream that feeds the experts is
-                   fp32, so today the experts run in fp32 even under bf16 autocast (a no-op in fp32 runs)
-  fused-adamw      torch.optim.AdamW(fused=True): one kernel per parameter instead of ~10 elementwise passes
-  all              the three together
+  baseline          nanoseek as it is; AdamW with torch's default implementation (the for-loop one on CPU)
+  fused-adamw       torch.optim.AdamW(fused=True): one fused kernel per parameter instead of ~10 elementwise
+                    passes over parameters, gradients and moments
+  experts-dispatch  RoutedExperts.forward with a cheaper dispatch and combine: gather the token rows with
+                    index_select (its backward is index_add_, not the accumulating index_put_ of x[idx]), multiply
+                    the gate weights in the compute dtype, and combine by un-sorting (index_select with the inverse
+                    permutation) and summing the k rows of each token (view(T, K, D).sum(1)) instead of index_add_
+                    into zeros; the grouped matmuls are unchanged
+  all               fused-adamw + experts-dispatch
+  math-sdpa         undo the padded-v change of d86a0b7: force SDPA's math backend (what unequal q/k and v head
+                    dims got before), to show what the fused CPU kernel is worth
+  fp32-experts      (bf16 autocast only) undo the autocast cast in RoutedExperts: run the routed experts in fp32
+                    under autocast, as before that change, to show what it is worth
 
 The first-batch loss of every variant is compared with the baseline's (forward only, same weights).
 
@@ -34,7 +37,6 @@ import shlex
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -45,50 +47,63 @@ _spec = importlib.util.spec_from_file_location("_train_step", _here / "train_ste
 ts = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ts)
 
-VARIANTS = ("baseline", "sdpa-pad-v", "experts-autocast", "fused-adamw", "all")
+VARIANTS = ("baseline", "fused-adamw", "experts-dispatch", "all", "math-sdpa", "fp32-experts")
 
 
 # ---------------------------------------------------------------------------------------------- patches
-def _padded_sdpa(query, key, value, *args, **kwargs):
-    """F.scaled_dot_product_attention with v zero-padded to q/k's head dim (the fused CPU/GPU kernels need
-    equal head dims); the padded output columns are zeros and sliced off. Exact: softmax(QK^T)[V, 0] = [O, 0]."""
-    dq, dv = query.shape[-1], value.shape[-1]
-    if dv < dq:
-        out = F.scaled_dot_product_attention(query, key, F.pad(value, (0, dq - dv)), *args, **kwargs)
-        return out[..., :dv]
-    return F.scaled_dot_product_attention(query, key, value, *args, **kwargs)
+def experts_dispatch_forward(self, x_TD, weights_TK, idx_TK):
+    """RoutedExperts.forward with index_select gather and an un-sort + sum combine (same math)."""
+    from nanoseek.model.moe import _grouped_mm_ok
+
+    T, K = idx_TK.shape
+    D = x_TD.shape[-1]
+    flat_idx = idx_TK.flatten()
+    order = flat_idx.argsort(stable=True)  # slots sorted by expert
+    counts_E = torch.bincount(flat_idx, minlength=self.n_experts)
+    x_SD = x_TD.index_select(0, order // K)  # backward: index_add_ (the x[idx] backward is index_put_ accumulate)
+    gate_up, down = self.gate_up_proj, self.down_proj
+    if torch.is_autocast_enabled(x_TD.device.type):
+        dtype = torch.get_autocast_dtype(x_TD.device.type)
+        x_SD, gate_up, down = x_SD.to(dtype), gate_up.to(dtype), down.to(dtype)
+    if _grouped_mm_ok(x_SD, gate_up, down):
+        offsets = counts_E.cumsum(0).to(torch.int32)
+        gate, up = torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+        y_SD = torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)
+    else:
+        chunks = []
+        for e, x_e in enumerate(x_SD.split(counts_E.tolist())):
+            if x_e.shape[0]:
+                gate, up = (x_e @ gate_up[e].T).chunk(2, dim=-1)
+                chunks.append((F.silu(gate) * up) @ down[e].T)
+        y_SD = torch.cat(chunks) if chunks else x_SD.new_zeros(0, D)
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    y_TKD = (y_SD.index_select(0, inv) * weights_TK.reshape(-1, 1).to(y_SD.dtype)).view(T, K, D)
+    return y_TKD.sum(1, dtype=torch.float32).to(x_TD.dtype), counts_E
 
 
 @contextlib.contextmanager
-def sdpa_pad_v():
-    from nanoseek.model import attention
+def replace_experts_forward(fn):
+    from nanoseek.model.moe import RoutedExperts
 
-    shim = types.SimpleNamespace(**{k: getattr(F, k) for k in dir(F) if not k.startswith("__")})
-    shim.scaled_dot_product_attention = _padded_sdpa
-    old = attention.F
-    attention.F = shim
+    orig = RoutedExperts.forward
+    RoutedExperts.forward = fn
     try:
         yield
     finally:
-        attention.F = old
+        RoutedExperts.forward = orig
 
 
 @contextlib.contextmanager
-def experts_autocast():
+def fp32_experts():
     from nanoseek.model.moe import RoutedExperts
 
     orig = RoutedExperts.forward
 
     def forward(self, x_TD, weights_TK, idx_TK):
-        dev = x_TD.device.type
-        if torch.is_autocast_enabled(dev):
-            dtype = torch.get_autocast_dtype(dev)
-            if x_TD.dtype != dtype or self.gate_up_proj.dtype != dtype:
-                params = {"gate_up_proj": self.gate_up_proj.to(dtype), "down_proj": self.down_proj.to(dtype)}
-                # the casts are differentiable: gradients reach the fp32 master weights
-                out, counts = torch.func.functional_call(self, params, (x_TD.to(dtype), weights_TK, idx_TK))
-                return out.to(x_TD.dtype), counts
-        return orig(self, x_TD, weights_TK, idx_TK)
+        with torch.autocast(x_TD.device.type, enabled=False):
+            out, counts = orig(self, x_TD.float(), weights_TK, idx_TK)
+        return out.to(x_TD.dtype), counts
 
     RoutedExperts.forward = forward
     try:
@@ -98,11 +113,15 @@ def experts_autocast():
 
 
 def patches(name: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     stack = contextlib.ExitStack()
-    if name in ("sdpa-pad-v", "all"):
-        stack.enter_context(sdpa_pad_v())
-    if name in ("experts-autocast", "all"):
-        stack.enter_context(experts_autocast())
+    if name in ("experts-dispatch", "all"):
+        stack.enter_context(replace_experts_forward(experts_dispatch_forward))
+    if name == "math-sdpa":
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+    if name == "fp32-experts":
+        stack.enter_context(fp32_experts())
     return stack
 
 
@@ -134,6 +153,8 @@ def main(argv=None) -> None:
             p.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     if "baseline" not in args.variants:
         args.variants.insert(0, "baseline")
+    if not (args.dtype == "bf16" and args.bf16_mode == "autocast") and "fp32-experts" in args.variants:
+        args.variants.remove("fp32-experts")  # the same as baseline without autocast
     args.device = "cpu"
     device = torch.device("cpu")
     torch.set_num_threads(args.threads)
