@@ -225,7 +225,7 @@ def test_generate_system_prompt_and_context_clamp(ckpt, tok, capsys, monkeypatch
     (["--prompt", "hi", "--temperature", "nan"], "temperature must be a finite number >= 0"),
     (["--prompt", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
     (["--prompt", "hi", "--top-p", "1.5"], "top_p must be in (0, 1]"),
-    (["--prompt", "hi", "--top-k", "0"], "top_k must be an integer >= 1"),
+    (["--prompt", "hi", "--top-k", "0"], "top_k must be a positive integer"),
     (["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
     (["--prompt", "hello " * 600], "leaves no room in the model's context of 512 tokens"),
     (["--prompt", "hi", "--device", "nonsense"], "invalid --device"),

@@ -26,7 +26,6 @@ Asking a model without MTP module for speculative decoding warns and decodes pla
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
@@ -46,16 +45,12 @@ def validate_sampling(*, temperature: float = 0.0, top_k: int | None = None, top
     """Raise ``ValueError`` with one line naming the first invalid sampling parameter.
 
     temperature: a finite number >= 0 (0 = greedy); top_k: None or an integer >= 1; top_p: None or a number in
-    (0, 1]; max_new_tokens: None (not checked) or an integer >= 1. Depends on nothing but the standard library.
+    (0, 1] (checked by :func:`nanoseek.inference.sampling.check_sampling`); max_new_tokens: None (not
+    checked) or an integer >= 1.
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not math.isfinite(top_p) or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+    from .sampling import check_sampling  # (imports torch: kept out of the CLI's start-up)
+
+    check_sampling(temperature, top_k, top_p)
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                        or max_new_tokens < 1):
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
