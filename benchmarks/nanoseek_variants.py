@@ -173,7 +173,8 @@ def main(argv=None) -> None:
     opts = {k: torch.optim.AdamW(params, fused=(k == "fused"), **kw)
             for k in {optimizer_kind(v) for v in args.variants}}
     batches = ts.make_batches(cfg, args, args.warmup + args.steps, device)
-    print(f"machine: {machine}\nprecision: {ts.precision_label(args)}; variants: {', '.join(args.variants)}", flush=True)
+    print(f"machine: {machine}\nprecision: {ts.precision_label(args)}; variants: {', '.join(args.variants)}",
+          flush=True)
 
     def loss_of(ids):
         with ts.autocast_ctx(args, device):
@@ -224,7 +225,8 @@ def main(argv=None) -> None:
              f"Command: `{cmd}`", "",
              f"Machine: {machine['cpu']}; {machine['cores']} cores; torch {machine['torch']}; {machine['threads']} "
              f"threads; nanoseek git {machine['git']}; load average before {load_before}, after {ts.loadavg()}.", "",
-             "| variant | first loss (rel diff) | median step (s) | tokens/s | speedup | best step (s) | best speedup | "
+             "| variant | first loss (rel diff) | median step (s) | tokens/s | speedup | best step (s) | "
+             "best speedup | "
              "model TFLOP/s | other procs |", "|---" * 9 + "|"]
     for v in args.variants:
         med, best = statistics.median(times[v]), min(times[v])

@@ -457,7 +457,8 @@ def _module_labels(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
             labels[mod] = "moe.other"
         elif cls in ("MLP", "DeepseekV3MLP"):
             labels[mod] = "dense_ffn"
-        elif cls in ("RMSNorm", "DeepseekV3RMSNorm") and leaf in ("input_layernorm", "post_attention_layernorm", "norm"):
+        elif cls in ("RMSNorm", "DeepseekV3RMSNorm") and leaf in (
+                "input_layernorm", "post_attention_layernorm", "norm"):
             labels[mod] = "norms"
         elif cls == "Embedding":
             labels[mod] = "embedding"
@@ -604,8 +605,9 @@ def report(args, cfg, machine, impls, peaks, flops, mem, first_losses, load_befo
     lines.append("")
     lines.append(f"Model: preset `{args.preset}` without MTP: {impls[0].n_params:,} parameters "
                  f"({impls[0].n_active:,} activated per token with the embedding). Model FLOPs per token (matmuls, "
-                 f"causal attention): forward {flops['forward'] / 1e6:.1f} M, training step {flops['train'] / 1e6:.1f} M "
-                 f"(6 x {flops['active_matmul_params'] / 1e6:.2f} M active matmul params = {flops['six_n'] / 1e6:.1f} M "
+                 f"causal attention): forward {flops['forward'] / 1e6:.1f} M, training step "
+                 f"{flops['train'] / 1e6:.1f} M (6 x {flops['active_matmul_params'] / 1e6:.2f} M active matmul params "
+                 f"= {flops['six_n'] / 1e6:.1f} M "
                  f"without attention scores); {tokens} tokens per step.")
     lines.append("")
     lines.append(f"Measured matmul peak ({args.peak_size or 'auto'}-size torch.matmul, best of 8, before and after "
