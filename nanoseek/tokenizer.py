@@ -23,6 +23,8 @@ from typing import Any
 
 import tokenizers
 
+from .config import read_json_object
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers >= 4.47 saves the template here
@@ -52,12 +54,9 @@ def _token_content(value: Any) -> str | None:
 
 def _read_json(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+        return read_json_object(path)
+    except ValueError as e:
+        raise TokenizerError(str(e)) from None
 
 
 class Tokenizer:
