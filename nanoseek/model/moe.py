@@ -101,6 +101,27 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         w.dtype == x.dtype for w in weights)
 
 
+def expert_ffn(x_SD: torch.Tensor, counts_E: torch.Tensor, gate_up_EFD: torch.Tensor,
+               down_EDF: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of each expert on its rows: x_SD holds the rows sorted by expert, ``counts_E[e]`` of them for
+    expert e; returns FFN_e(x) per row (S, D), as one grouped matrix product per projection when it can."""
+    gate_up, down = gate_up_EFD, down_EDF
+    if torch.is_autocast_enabled(x_SD.device.type):  # grouped_mm is not on autocast's list: cast here
+        dtype = torch.get_autocast_dtype(x_SD.device.type)
+        x_SD, gate_up, down = x_SD.to(dtype), gate_up.to(dtype), down.to(dtype)
+    if _grouped_mm_ok(x_SD, gate_up, down):
+        offsets = counts_E.cumsum(0).to(torch.int32)
+        h_SF2 = torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=offsets)  # (S, 2F)
+        gate, up = h_SF2.chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)  # (S, D)
+    chunks = []  # fallback: one matmul per expert that received rows
+    for e, x_e in enumerate(x_SD.split(counts_E.tolist())):
+        if x_e.shape[0]:
+            gate, up = (x_e @ gate_up[e].T).chunk(2, dim=-1)
+            chunks.append((F.silu(gate) * up) @ down[e].T)
+    return torch.cat(chunks) if chunks else x_SD.new_zeros(0, down.shape[1])
+
+
 class RoutedExperts(nn.Module):
     """E SwiGLU experts stored as 3-D tensors and run as grouped matrix products (no per-expert loop)."""
 
@@ -119,22 +140,7 @@ class RoutedExperts(nn.Module):
         counts_E = torch.bincount(flat_idx, minlength=self.n_experts)
         token_of = order // K  # which token each sorted slot belongs to
         x_SD = x_TD[token_of]  # (S = T*K, D)
-        gate_up, down = self.gate_up_proj, self.down_proj
-        if torch.is_autocast_enabled(x_TD.device.type):  # grouped_mm is not on autocast's list: cast here
-            dtype = torch.get_autocast_dtype(x_TD.device.type)
-            x_SD, gate_up, down = x_SD.to(dtype), gate_up.to(dtype), down.to(dtype)
-        if _grouped_mm_ok(x_SD, gate_up, down):
-            offsets = counts_E.cumsum(0).to(torch.int32)
-            h_SF2 = torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=offsets)  # (S, 2F)
-            gate, up = h_SF2.chunk(2, dim=-1)
-            y_SD = torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)  # (S, D)
-        else:  # fallback: one matmul per expert that received tokens
-            chunks = []
-            for e, x_e in enumerate(x_SD.split(counts_E.tolist())):
-                if x_e.shape[0]:
-                    gate, up = (x_e @ gate_up[e].T).chunk(2, dim=-1)
-                    chunks.append((F.silu(gate) * up) @ down[e].T)
-            y_SD = torch.cat(chunks) if chunks else x_SD.new_zeros(0, x_TD.shape[-1])
+        y_SD = expert_ffn(x_SD, counts_E, self.gate_up_proj, self.down_proj)  # (S, D)
         y_SD = (y_SD.float() * weights_TK.flatten()[order, None]).to(x_TD.dtype)  # g_{i,t} FFN_i(u_t)
         out_TD = torch.zeros_like(x_TD).index_add_(0, token_of, y_SD)
         return out_TD, counts_E
@@ -158,5 +164,5 @@ class MoE(nn.Module):
         out = routed_TD.view(B, T, D)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
-        routing = Routing(idx_TK.view(B, T, -1), scores_TE.view(B, T, -1), counts_E.detach())
+        routing = Routing(idx_TK.view(B, T, idx_TK.shape[-1]), scores_TE.view(B, T, scores_TE.shape[-1]), counts_E.detach())
         return out, routing

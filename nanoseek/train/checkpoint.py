@@ -214,7 +214,10 @@ def current_checkpoint(run_dir: Path) -> Path | None:
 
 def save_checkpoint(run_dir: Path, model, optimizer, state: dict[str, Any], train_config: dict[str, Any],
                     keep: int = 1) -> Path:
-    """Write checkpoint ``state['step']`` and make it current (see the module docstring for the protocol)."""
+    """Write checkpoint ``state['step']`` and make it current (see the module docstring for the protocol).
+
+    ``optimizer``: the optimizer, or its tensors already in :func:`optimizer_tensors`' layout (a distributed
+    run gathers them by parameter name)."""
     run_dir = Path(run_dir)
     step = int(state["step"])
     root = run_dir / CHECKPOINTS
@@ -228,7 +231,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict[str, Any], trai
     try:
         save_pretrained(model, staging, max_shard_bytes=1 << 62)  # one file: the top-level link names it
         _stage("weights")
-        tensors = {**optimizer_tensors(optimizer), **rng_tensors()}
+        optim = optimizer if isinstance(optimizer, dict) else optimizer_tensors(optimizer)  # dict: gathered
+        tensors = {**optim, **rng_tensors()}
         save_file(tensors, staging / TENSORS_FILE, metadata={"format": "nanoseek-training-state"})
         _stage("optimizer")
         body = {"version": STATE_VERSION, **state}

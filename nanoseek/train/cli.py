@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,6 +111,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--resume", metavar="DIR", help="continue the run in DIR exactly where it stopped")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     _add_train_options(train)
+    par = train.add_argument_group(
+        "parallelism", "run under torchrun, e.g. torchrun --nproc-per-node 4 -m nanoseek train --ep 2 --dp 2; "
+        "EP x PP x DP must equal the number of processes")
+    par.add_argument("--ep", type=int, help="expert-parallel ranks: the routed experts are split over them (default 1)")
+    par.add_argument("--pp", type=int, help="pipeline-parallel ranks (default 1)")
+    par.add_argument("--dp", type=int, help="data-parallel ranks, optimizer state sharded over them (ZeRO-1; default 1)")
+    par.add_argument("--pp-schedule", choices=("dualpipev", "1f1b", "interleaved-zb"), default="dualpipev",
+                     help="pipeline schedule (default dualpipev)")
+    par.add_argument("--microbatches", type=int,
+                     help="pipeline micro-batches per step (default: the fewest the schedule accepts)")
+    par.add_argument("--dist-timeout", type=float, default=300.0,
+                     help="seconds before a collective that waits on a dead or hung rank fails the job (default 300)")
     train.set_defaults(func=cmd_train)
 
     report = subparsers.add_parser("report", help="write a training run's report (Markdown + PNG plots + sample)")
@@ -133,10 +146,37 @@ def _err(cmd: str, msg: str) -> None:
     print(f"nanoseek {cmd}: error: {msg}", file=sys.stderr)
 
 
+def _parallel_settings(args: argparse.Namespace):
+    """The distributed layout asked for (flags or torchrun's WORLD_SIZE), or None for one process."""
+    from ..distributed.train import wants_distributed
+
+    if not hasattr(args, "dist_timeout"):  # nanoseek demo: one process
+        return None
+    ep, pp, dp = getattr(args, "ep", None), getattr(args, "pp", None), getattr(args, "dp", None)
+    if not wants_distributed(ep, pp, dp):
+        return None
+    from ..distributed.mesh import Layout
+    from ..distributed.train import ParallelSettings
+
+    if args.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout must be positive (seconds), got {args.dist_timeout}")
+    if args.microbatches is not None and args.microbatches < 1:
+        raise ValueError(f"--microbatches must be a positive integer, got {args.microbatches}")
+    layout = Layout(ep=ep or 1, pp=pp or 1, dp=dp or 1)
+    layout.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    return ParallelSettings(layout, args.pp_schedule, args.microbatches, args.dist_timeout)
+
+
 def _train(args: argparse.Namespace, cmd: str, cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> int | None:
     from .loop import TrainingError, train
 
     try:
+        parallel = _parallel_settings(args)
+        if parallel is not None:
+            from ..distributed.train import train_distributed
+
+            result = train_distributed(cfg, out, parallel, resume=resume, overwrite=overwrite)
+            return None if result is not None else 0  # ranks other than 0 stop here (no report)
         train(cfg, out, resume=resume, overwrite=overwrite)
     except TrainingError as e:
         _err(cmd, str(e))

@@ -12,17 +12,20 @@ gamma, MTP weight lambda).
 from __future__ import annotations
 
 import math
+from typing import Iterable
 
 import torch
 from torch import nn
 
 
-def parameter_groups(model: nn.Module, weight_decay: float, decay_embeddings: bool = False,
-                     decay_norms_and_biases: bool = False) -> list[dict]:
-    """Two AdamW groups, each with the names of its parameters (``names``) for checkpoints and reports."""
+def parameter_groups(model: nn.Module | Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                     decay_embeddings: bool = False, decay_norms_and_biases: bool = False) -> list[dict]:
+    """Two AdamW groups, each with the names of its parameters (``names``) for checkpoints and reports.
+    ``model`` may also be (name, parameter) pairs: a distributed rank's own parameters."""
     decay, no_decay = ([], []), ([], [])
     seen: set[int] = set()
-    for name, p in model.named_parameters():
+    named = model.named_parameters() if isinstance(model, nn.Module) else model
+    for name, p in named:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))

@@ -1,0 +1,452 @@
+"""``nanoseek train`` across processes: ``torchrun --nproc-per-node N -m nanoseek train --ep E --pp P --dp D``.
+
+The same run as single-process training (same TrainConfig, same data order, same initialization, same
+checkpoints), spread over EP x PP x DP ranks:
+- every rank draws the same global batch from the same seeded stream and keeps its share (the data group
+  is ``dp x ep``, see :mod:`.mesh`), so the per-step losses equal a single process's;
+- expert parallelism replaces each MoE layer's routed experts by this rank's slice (:mod:`.expert_parallel`);
+- pipeline parallelism runs the stages with ``torch.distributed.pipelining`` (:mod:`.pipeline`; DualPipeV by
+  default); the configured ``grad_accum`` micro-batches become pipeline micro-batches;
+- gradients are reduced over the data group, clipped by the global norm (:mod:`.sync`), and AdamW steps with
+  ZeRO-1 over DP (:mod:`.state`); the expert counts of the bias update are summed over the data group first,
+  so every replica applies the same update;
+- rank 0 logs, shows the progress bar, writes metrics and (gathered) checkpoints; collectives time out after
+  ``--dist-timeout`` seconds, so a dead or hung rank ends the job with an error instead of a hang, and
+  ``--resume`` continues from the last checkpoint under any layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..model import DeepSeekV3
+from ..objectives import max_violation, training_loss
+from ..train import checkpoint as ckpt_io
+from ..train.config import TrainConfig
+from ..train.data import BatchStream, prepare_data, validation_batches
+from ..train.loop import (TrainingError, TrainResult, Trainer, _resume_mismatches, autocast_context,
+                          model_config, pick_device)
+from ..train.metrics import MetricsLog
+from ..train.optim import bias_gamma, learning_rate, mtp_lambda
+from .expert_parallel import apply_expert_parallel, moe_modules, node_limit_note
+from .mesh import DEFAULT_TIMEOUT_S, Layout, ParallelContext, init_parallel, world_from_env
+from .state import DistributedOptimizer, full_model, gather_full_state
+from .sync import clip_global_grad_norm, reduce_gradients, sum_over
+
+
+@dataclass
+class ParallelSettings:
+    layout: Layout
+    schedule: str = "dualpipev"  # pipeline schedule (see nanoseek.distributed.pipeline.SCHEDULES)
+    microbatches: int | None = None  # pipeline micro-batches per step; None: the schedule's minimum that fits
+    timeout_s: float = DEFAULT_TIMEOUT_S
+
+
+class _CountCollector:
+    """Token counts per expert of every MoE module that runs on this rank, summed over a step's forwards."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.enabled = False
+        self.counts: dict[str, torch.Tensor] = {}
+        for name, moe in moe_modules(model):
+            moe.register_forward_hook(self._hook(name))
+        self.routers = dict((name, moe.gate) for name, moe in moe_modules(model))
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if self.enabled:
+                c = output[1].counts.to(torch.int64)
+                self.counts[name] = c if name not in self.counts else self.counts[name] + c
+        return hook
+
+    def take(self) -> dict[str, torch.Tensor]:
+        out, self.counts = self.counts, {}
+        return out
+
+
+def _collective_failure(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, dist.DistBackendError) or any(
+        s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe"))
+
+
+class DistributedTrainer:
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, parallel: ParallelSettings, resume: bool = False,
+                 overwrite: bool = False, log: Callable[[str], None] | None = None):
+        cfg.validate()
+        self.cfg, self.run_dir, self.parallel = cfg, Path(run_dir), parallel
+        self.resume, self.overwrite = resume, overwrite
+        self._print = log or (lambda s: print(s, file=sys.stderr, flush=True))
+        self._bar = None
+        self.ctx: ParallelContext | None = None
+
+    # ------------------------------------------------------------------ logging (rank 0 only)
+    def log(self, msg: str) -> None:
+        if self.ctx is not None and not self.ctx.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(msg, file=sys.stderr)
+        else:
+            self._print(msg)
+
+    def _on_main(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` on rank 0; if it fails, every rank raises the same error (no rank waits for a peer
+        that has stopped)."""
+        result, error = None, None
+        if self.ctx.is_main:
+            try:
+                result = fn()
+            except (ValueError, FileNotFoundError, TrainingError, OSError) as e:
+                error = f"{type(e).__name__}:{e}"
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is not None:
+            kind, msg = box[0].split(":", 1)
+            raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(msg)
+        return result
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> TrainResult | None:
+        device = pick_device(self.cfg.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        owns_group = not dist.is_initialized()
+        threads = torch.get_num_threads()
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        ok = False
+        try:
+            self.ctx = init_parallel(self.parallel.layout, device, self.parallel.timeout_s)
+            lock = ckpt_io.run_lock if self.ctx.is_main else (lambda d: contextlib.nullcontext())
+            single = Trainer(self.cfg, self.run_dir, self.resume, self.overwrite)
+            self._on_main(single._prepare_run_dir)
+            with lock(self.run_dir):
+                if self.overwrite and not self.resume:
+                    self._on_main(single._clear_for_overwrite)
+                result = self._run(device)
+            ok = True
+            return result if self.ctx.is_main else None
+        except Exception as e:
+            if _collective_failure(e):
+                rank = dist.get_rank() if dist.is_initialized() else "?"
+                raise TrainingError(
+                    f"rank {rank}: a collective failed or timed out (--dist-timeout {self.parallel.timeout_s:g} s): "
+                    f"a peer rank died or hangs ({str(e).splitlines()[0][:200]}); the last checkpoint in "
+                    f"{self.run_dir} is intact: resume with --resume {self.run_dir}") from None
+            raise
+        finally:
+            self._close_bar()
+            torch.set_num_threads(threads)
+            if owns_group and dist.is_initialized():
+                if ok:
+                    dist.barrier()  # gloo may abort at exit while a peer still uses the group
+                dist.destroy_process_group()
+
+    def _run(self, device: torch.device) -> TrainResult:
+        cfg, run, ctx, par = self.cfg, self.run_dir, self.ctx, self.parallel
+        layout = par.layout
+        t_setup = time.perf_counter()
+        if cfg.batch_size % ctx.data_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {ctx.data_size} data-parallel "
+                             f"ranks (--dp {layout.dp} x --ep {layout.ep})")
+        if self.resume and not self.overwrite:
+            self._on_main(lambda: self._check_resume())
+
+        # ---- data: rank 0 prepares (tokenizer, token cache), then the others read the same
+        state: dict[str, Any] | None = None
+        ckpt_dir = None
+        if self.resume:
+            ckpt_dir, state, _ = ckpt_io.read_checkpoint_config(run)
+        quiet = (lambda s: None)
+        if ctx.is_main:
+            data = self._on_main(lambda: prepare_data(
+                cfg, **({"tokenizer_path": self._resumed_tokenizer(ckpt_dir)} if self.resume else {"run_dir": run}),
+                log=self.log))
+        else:
+            self._on_main(lambda: None)
+            tok = self._resumed_tokenizer(ckpt_dir) if self.resume else run / "tokenizer.json"
+            data = prepare_data(cfg, tokenizer_path=tok, log=quiet)
+        if self.resume and state.get("data_keys") and state["data_keys"] != data.summary["cache"]:
+            raise ValueError(f"cannot resume {run}: the corpus changed since the checkpoint")
+        train_seqs = data.train_sequences(cfg.seq_len)
+        if len(train_seqs) == 0:
+            raise ValueError(f"the training split has fewer tokens than one sequence of --seq-len {cfg.seq_len} + 1")
+        val_batches = validation_batches(data.val_sequences(cfg.seq_len), cfg.batch_size, cfg.eval_batches)
+
+        # ---- model: every rank builds (or loads) the full model identically, then keeps its part
+        mc = model_config(cfg, data.vocab_size, data.bos_id, data.eos_id)
+        layout.validate(dist.get_world_size(), mc)
+        if self.resume:
+            model = ckpt_io.load_model(ckpt_dir, device)
+        else:
+            torch.manual_seed(cfg.seed)
+            model = DeepSeekV3(mc).to(device)
+        model.train()
+        n_params = sum(p.numel() for p in model.parameters())
+        stats = apply_expert_parallel(model, ctx.ep_group) if layout.ep > 1 else None
+        collector = _CountCollector(model)
+        autocast = autocast_context(device, cfg.dtype)
+        runner = None
+        if layout.pp > 1:
+            from .pipeline import PipelineRunner
+
+            n_micro = (par.microbatches or self._default_microbatches(cfg, ctx)) * cfg.grad_accum
+            runner = PipelineRunner(model, ctx.pp_group, schedule=par.schedule, n_microbatches=n_micro,
+                                    device=device, autocast=autocast)
+            named = list(runner.named_parameters())
+            duplicates = list(getattr(runner, "duplicate_params", []))
+        else:
+            named = list(model.named_parameters())
+            duplicates = []
+        optimizer = DistributedOptimizer(named, cfg, ctx)
+        step, tokens, elapsed, position = 0, 0, 0.0, {"epoch": 0, "cursor": 0}
+        if self.resume:
+            tensors = ckpt_io.load_training_tensors(ckpt_dir)
+            if state["step"] > 0 or any(k.startswith("optim.") for k in tensors):
+                optimizer.load(tensors, ctx, ckpt_dir)
+            step, tokens, elapsed = state["step"], state["tokens"], float(state["elapsed"])
+            position = {"epoch": state["data"]["epoch"], "cursor": state["data"]["cursor"]}
+        batches = BatchStream(train_seqs, cfg.batch_size, cfg.seed, **position)
+        alpha = cfg.effective_balance_alpha
+        metrics = MetricsLog(run / "metrics.jsonl") if ctx.is_main else None
+        self.log(f"distributed: {layout} on {dist.get_world_size()} ranks ({dist.get_backend()}), "
+                 + (f"pipeline {par.schedule}, " if layout.pp > 1 else "")
+                 + (f"ZeRO-1 over {layout.dp} DP ranks, " if layout.dp > 1 else "")
+                 + (node_limit_note(mc.n_group, mc.topk_group, mc.topk_method, layout.ep) if layout.ep > 1 else
+                    "no expert parallelism"))
+        self.log(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = "
+                 f"{cfg.tokens_per_step:,} tokens ({cfg.batch_size // ctx.data_size} sequences per data rank)")
+
+        if ctx.is_main:
+            if self.resume:
+                ckpt_io.prune(run, cfg.keep_checkpoints)
+                metrics.truncate_after(step)
+                metrics.append({"type": "event", "step": step, "event": "resume", "message": f"resumed at step {step}",
+                                "layout": str(layout)})
+            else:
+                metrics.reset()
+                (run / "data.json").write_text(json.dumps(data.summary, indent=2) + "\n")
+                metrics.append({"type": "event", "step": 0, "event": "start", "message": "training started",
+                                "params": n_params, "model": mc.to_hf(), "layout": str(layout)})
+            cfg.save(run / ckpt_io.CONFIG_FILE)
+
+        def save(step_now: int) -> None:
+            gathered = gather_full_state(model, named, optimizer, ctx, duplicates)
+            if ctx.is_main:
+                model_sd, optim = gathered
+                st = {"step": step_now, "tokens": tokens, "elapsed": elapsed, "data": batches.position,
+                      "data_keys": data.summary["cache"], "bad_streak": 0,
+                      "lr": learning_rate(max(step_now - 1, 0), cfg), "seed": cfg.seed, "layout": str(layout)}
+                ckpt_io.save_checkpoint(run, full_model(mc, model_sd), optim, st, cfg.to_dict(),
+                                        keep=cfg.keep_checkpoints)
+            dist.barrier()
+
+        if not self.resume:
+            save(0)
+        self.log(f"setup took {time.perf_counter() - t_setup:.1f} s")
+
+        lo = ctx.data_rank * (cfg.batch_size // ctx.data_size)
+        hi = lo + cfg.batch_size // ctx.data_size
+        budget = cfg.time_budget * 60.0 if cfg.time_budget else None
+        t_run = time.perf_counter()
+        stopped_by, last_val = "steps", None
+        self._open_bar(step)
+        while step < cfg.steps:
+            stop = torch.tensor([1.0 if budget is not None and time.perf_counter() - t_run >= budget else 0.0])
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+            if stop.item():
+                stopped_by = "time_budget"
+                break
+            t0 = time.perf_counter()
+            lr = learning_rate(step, cfg)
+            optimizer.set_lr(lr)
+            lam, gamma = mtp_lambda(step, cfg), bias_gamma(step, cfg)
+            if stats is not None:
+                stats.reset()
+            collector.enabled = True
+            local = [batches.next()[lo:hi].to(device) for _ in range(cfg.grad_accum)]  # (b, T+1) each
+            if runner is not None:
+                out = runner.step(torch.cat(local), lam, alpha)
+                parts = [out.total, out.main, out.mtp, out.balance, *out.mtp_per_depth]
+            else:
+                parts = None
+                for batch in local:
+                    with autocast():
+                        o = model.forward_train(batch[:, :-1])
+                    terms = training_loss(o, batch[:, 1:], mtp_lambda=lam, balance_alpha=alpha)
+                    (terms.total / cfg.grad_accum).backward()
+                    vals = [terms.total, terms.main, terms.mtp, terms.balance, *terms.mtp_per_depth]
+                    vals = [float(v) / cfg.grad_accum for v in vals]
+                    parts = vals if parts is None else [a + b for a, b in zip(parts, vals)]
+                    del o, terms
+            collector.enabled = False
+            losses = sum_over(torch.tensor([float(v) for v in parts], dtype=torch.float64), ctx.data_group)
+            losses /= ctx.data_size
+            reduce_gradients(named, ctx)
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = clip_global_grad_norm(named, ctx, clip, duplicates)
+            counts = self._summed_counts(collector)
+            finite = math.isfinite(float(losses[0])) and math.isfinite(grad_norm)
+            if finite:
+                optimizer.step()
+                if gamma:
+                    for name, c in counts.items():
+                        bias = collector.routers[name].e_score_correction_bias
+                        if bias is not None:
+                            c = c.to(bias.device, torch.float32)
+                            bias.add_(gamma * torch.sign(c.mean() - c))  # b_i += gamma sign(mean c - c_i)
+            optimizer.zero_grad()
+            if not finite:
+                raise TrainingError(f"step {step + 1}: the loss or gradient is not finite (loss {float(losses[0])}, "
+                                    f"grad norm {grad_norm}); lower --lr; resume with --resume {run}")
+            step += 1
+            tokens += cfg.tokens_per_step
+            dt = time.perf_counter() - t0
+            elapsed += dt
+            a2a = None
+            if stats is not None:
+                d = stats.as_dict()
+                keys = ("a2a_tokens", "a2a_rows", "a2a_remote_rows", "a2a_remote_bytes", "a2a_slots")
+                a2a = dict(zip(keys, sum_over(torch.tensor([float(d[k]) for k in keys]), dist.group.WORLD).tolist()))
+            if ctx.is_main:
+                rec = self._record(step, tokens, losses, lr, lam, gamma, alpha, grad_norm, dt, elapsed, counts, a2a)
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    metrics.append(rec)
+                self._update_bar(rec)
+            if val_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
+                last_val = self._evaluate(model, runner, val_batches, autocast, step, tokens, metrics, device)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save(step)
+        if stopped_by == "time_budget":
+            self.log(f"time budget of {cfg.time_budget:g} min reached at step {step}/{cfg.steps}")
+            save(step)
+        elif ctx.is_main:
+            metrics.append({"type": "event", "step": step, "event": "done", "message": "finished"})
+        self._close_bar()
+        self.log(f"trained to step {step} ({tokens:,} tokens) in {time.perf_counter() - t_run:.0f} s"
+                 + (f"; validation loss {last_val:.4f}" if last_val is not None else "") + f"; checkpoint: {run}")
+        return TrainResult(run, step, tokens, stopped_by, last_val, elapsed)
+
+    # ------------------------------------------------------------------ pieces
+    def _check_resume(self) -> None:
+        _, _, saved = ckpt_io.read_checkpoint_config(self.run_dir)
+        bad = _resume_mismatches(saved, self.cfg)
+        if bad:
+            raise ValueError(f"cannot resume {self.run_dir} with a different configuration: {'; '.join(bad)}")
+
+    def _resumed_tokenizer(self, ckpt_dir: Path) -> Path:
+        tok = self.run_dir / "tokenizer.json"
+        return tok if tok.is_file() else ckpt_dir / "tokenizer.json"
+
+    def _default_microbatches(self, cfg: TrainConfig, ctx: ParallelContext) -> int:
+        local = cfg.batch_size // ctx.data_size
+        need = 2 * ctx.layout.pp if self.parallel.schedule in ("dualpipev", "zbv", "interleaved-zb") else ctx.layout.pp
+        for n in range(need, local + 1):
+            if local % n == 0:
+                return n
+        raise ValueError(f"the {self.parallel.schedule} schedule needs at least {need} micro-batches, but each "
+                         f"data rank has {local} sequences per step: raise --batch-size or lower --pp")
+
+    def _summed_counts(self, collector: _CountCollector) -> dict[str, torch.Tensor]:
+        counts = collector.take()
+        if not counts:
+            return {}
+        names = sorted(counts)
+        stacked = sum_over(torch.stack([counts[n] for n in names]), self.ctx.data_group)  # (layers, E)
+        return dict(zip(names, stacked))
+
+    def _record(self, step, tokens, losses, lr, lam, gamma, alpha, grad_norm, dt, elapsed, counts, a2a) -> dict:
+        cfg = self.cfg
+        vals = losses.tolist()
+        rec: dict[str, Any] = {
+            "type": "train", "step": step, "tokens": tokens, "loss": vals[0], "main_loss": vals[1],
+            "mtp_loss": vals[2], "balance_loss": vals[3], "mtp_losses": vals[4:], "lr": lr, "mtp_lambda": lam,
+            "bias_gamma": gamma, "balance_alpha": alpha, "grad_norm": grad_norm,
+            "tokens_per_s": cfg.tokens_per_step / dt, "step_time": dt, "elapsed": elapsed, "skipped": False}
+        if counts and self.parallel.layout.pp == 1:  # with PP rank 0 holds only its stages' layers
+            c = torch.stack([counts[n] for n in sorted(counts, key=_layer_order)])
+            mv = max_violation(c)
+            rec["maxvio_batch"] = [round(float(v), 5) for v in mv]
+            rec["maxvio_batch_mean"] = float(mv.mean())
+            rec["expert_counts"] = c.tolist()
+        if a2a is not None:
+            rec.update(a2a)
+        return rec
+
+    @torch.no_grad()
+    def _evaluate(self, model, runner, val_batches, autocast, step, tokens, metrics, device) -> float | None:
+        ctx = self.ctx
+        total = torch.zeros(2, dtype=torch.float64)
+        if runner is not None:
+            if not hasattr(runner, "eval_loss"):
+                return None
+            for batch in val_batches:
+                s, n = runner.eval_loss(batch[ctx.data_rank::ctx.data_size].to(device))
+                total += torch.tensor([s, n], dtype=torch.float64)
+        else:
+            model.eval()
+            try:
+                for batch in val_batches:
+                    part = batch[ctx.data_rank::ctx.data_size].to(device)
+                    with autocast():
+                        logits = model(part[:, :-1])
+                    ce = F.cross_entropy(logits.float().flatten(0, 1), part[:, 1:].flatten(), reduction="sum")
+                    total += torch.tensor([ce.item(), part[:, 1:].numel()], dtype=torch.float64)
+            finally:
+                model.train()
+        total = sum_over(total, ctx.data_group)
+        loss = float(total[0] / max(total[1], 1))
+        if ctx.is_main:
+            metrics.append({"type": "val", "step": step, "tokens": tokens, "val_loss": loss,
+                            "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": int(total[1])})
+        self.log(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.2f}")
+        return loss
+
+    def _open_bar(self, step: int) -> None:
+        if not self.cfg.progress or not self.ctx.is_main:
+            return
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=self.cfg.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                         desc="train", mininterval=0.5, smoothing=0.1)
+
+    def _update_bar(self, rec: dict[str, Any]) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"loss {rec['main_loss']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | "
+                                      f"lr {rec['lr']:.2e}", refresh=False)
+            self._bar.update(1)
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _layer_order(name: str) -> tuple[int, int]:
+    """Main layers first, then MTP blocks, each by index (``layers.3.mlp``, ``mtp.0.block.mlp``)."""
+    parts = name.split(".")
+    return (0 if parts[0] == "layers" else 1, int(parts[1]))
+
+
+def train_distributed(cfg: TrainConfig, out: str | Path, parallel: ParallelSettings, resume: bool = False,
+                      overwrite: bool = False, log: Callable[[str], None] | None = None) -> TrainResult | None:
+    """Train (or continue) the run in ``out`` across the job's ranks; returns the result on rank 0."""
+    return DistributedTrainer(cfg, out, parallel, resume=resume, overwrite=overwrite, log=log).run()
+
+
+def wants_distributed(ep: int | None, pp: int | None, dp: int | None) -> bool:
+    """True under torchrun with more than one rank, or when a parallel degree above 1 is asked for."""
+    return world_from_env()[1] > 1 or any((v or 1) > 1 for v in (ep, pp, dp))

@@ -1,0 +1,159 @@
+"""Distributed training on 2-4 gloo CPU processes equals single-process training: the per-step losses of
+5 steps (1e-5 relative) and the final checkpoint's weights, for EP=2, DP=2 (ZeRO-1), EP=2 x DP=2 and
+PP=2 (DualPipeV); a run resumes under another layout; a dead or hung rank fails the job within the timeout."""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanoseek.distributed.spawn import run_spawned
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.metrics import of_type, read_metrics
+
+STDLIB_JSON = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
+STEPS = 5
+
+
+def base_config(cache: Path, **kw) -> TrainConfig:
+    # a constant schedule (no decay, no lambda/gamma switch) so that a run of 3 steps continued to 5 is the 5-step run
+    settings = dict(preset="tiny", model_overrides={"num_hidden_layers": 4}, data=[STDLIB_JSON], vocab_size=300,
+                    seq_len=32, batch_size=8, steps=STEPS, warmup_steps=0, decay_start=1.0, mtp_lambda_switch=1.0,
+                    bias_gamma_switch=1.0, bias_gamma=0.01, lr=2e-3, save_every=STEPS, eval_every=STEPS,
+                    eval_batches=2, dtype="fp32", threads=1, progress=False, report=False, cache_dir=str(cache))
+    settings.update(kw)
+    return TrainConfig(**settings)
+
+
+def quiet(_msg: str) -> None:
+    pass
+
+
+def _train_worker(rank: int, world: int, cfg_dict: dict, out: str, layout: tuple[int, int, int], schedule: str,
+                  resume: bool) -> int:
+    from nanoseek.distributed.mesh import Layout
+    from nanoseek.distributed.train import ParallelSettings, train_distributed
+
+    parallel = ParallelSettings(Layout(*layout), schedule=schedule, timeout_s=60)
+    result = train_distributed(TrainConfig.from_dict(cfg_dict), out, parallel, resume=resume, log=quiet)
+    return result.step if result is not None else -1
+
+
+def losses(run: Path) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["loss"], r["main_loss"]) for r in of_type(read_metrics(run / "metrics.jsonl"), "train")]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoint" / "model.safetensors"))
+
+
+def assert_same_run(run: Path, ref: Path, from_step: int = 1) -> None:
+    got = [x for x in losses(run) if x[0] >= from_step]
+    want = [x for x in losses(ref) if x[0] >= from_step]
+    assert [s for s, *_ in got] == [s for s, *_ in want] == list(range(from_step, STEPS + 1))
+    for (s, loss, main), (_, loss_ref, main_ref) in zip(got, want):
+        assert loss == pytest.approx(loss_ref, rel=1e-5), f"step {s}"
+        assert main == pytest.approx(main_ref, rel=1e-5), f"step {s}"
+    w, w_ref = weights(run), weights(ref)
+    assert w.keys() == w_ref.keys()
+    for name in w_ref:
+        torch.testing.assert_close(w[name], w_ref[name], rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    from nanoseek.train.loop import train
+
+    root = tmp_path_factory.mktemp("dist")
+    cache = root / "cache"
+    torch.set_num_threads(1)
+    train(base_config(cache), root / "single", log=quiet)
+    return root, cache
+
+
+LAYOUTS = {  # name: ((ep, pp, dp), schedule)
+    "ep2": ((2, 1, 1), "dualpipev"),
+    "dp2_zero1": ((1, 1, 2), "dualpipev"),
+    "ep2_dp2": ((2, 1, 2), "dualpipev"),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_equals_single_process(reference, name):
+    root, cache = reference
+    layout, schedule = LAYOUTS[name]
+    world = layout[0] * layout[1] * layout[2]
+    out = root / name
+    steps = run_spawned(_train_worker, world, base_config(cache).to_dict(), str(out), layout, schedule, False,
+                        timeout_s=120)
+    assert steps[0] == STEPS and all(s == -1 for s in steps[1:])
+    assert_same_run(out, root / "single")
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert of_type(metrics, "val"), "validation ran"
+    if layout[0] > 1:
+        rec = of_type(metrics, "train")[-1]
+        assert 0 < rec["a2a_remote_rows"] <= rec["a2a_rows"] <= rec["a2a_slots"]
+
+
+def test_resume_under_another_layout(reference):
+    """3 steps with EP=2, then 2 more in one process: the 5-step single-process run."""
+    from nanoseek.train.loop import train
+
+    root, cache = reference
+    out = root / "ep2_then_single"
+    run_spawned(_train_worker, 2, base_config(cache, steps=3, save_every=3).to_dict(), str(out), (2, 1, 1),
+                "dualpipev", False, timeout_s=120)
+    train(base_config(cache), out, resume=True, log=quiet)
+    assert_same_run(out, root / "single")
+
+
+def _dying_worker(rank: int, world: int, cfg_dict: dict, out: str, mode: str) -> None:
+    if rank == 1:
+        if mode == "hang":
+            time.sleep(8)
+            return
+        raise SystemExit(3)  # dies before its first collective
+    _train_worker(rank, world, cfg_dict, out, (2, 1, 1), "dualpipev", False)
+
+
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_dead_or_hung_rank_fails_the_job(reference, mode):
+    root, cache = reference
+    t0 = time.time()
+    with pytest.raises(RuntimeError) as err:
+        run_spawned(_dying_worker, 2, base_config(cache).to_dict(), str(root / f"fault_{mode}"), mode, timeout_s=4)
+    text = str(err.value)
+    assert "rank 0" in text and ("collective failed or timed out" in text or "Connection closed" in text), text[:2000]
+    assert time.time() - t0 < 60
+
+
+def test_layout_errors():
+    from nanoseek.config import ModelConfig
+    from nanoseek.distributed.mesh import Layout
+
+    with pytest.raises(ValueError, match="= 4 ranks, but the job has 2"):
+        Layout(ep=2, dp=2).validate(2)
+    with pytest.raises(ValueError, match="does not divide the model's 16 routed experts"):
+        Layout(ep=3).validate(3, ModelConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="--pp must be a positive integer"):
+        Layout(pp=0).validate(0)
+
+
+def test_cli_rejects_a_layout_that_does_not_match_the_world(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    env = dict(os.environ)
+    try:
+        os.environ["WORLD_SIZE"] = "2"
+        code = main(["train", "--preset", "tiny", "--ep", "4", "--out", str(tmp_path / "run")])
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    assert code != 0
+    assert "--ep 4 x --pp 1 x --dp 1 = 4 ranks, but the job has 2" in capsys.readouterr().err
