@@ -5,6 +5,8 @@ PP=2 (DualPipeV); a run resumes under another layout; a dead or hung rank fails 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -110,6 +112,24 @@ def test_resume_under_another_layout(reference):
     run_spawned(_train_worker, 2, base_config(cache, steps=3, save_every=3).to_dict(), str(out), (2, 1, 1),
                 "dualpipev", False, timeout_s=120)
     train(base_config(cache), out, resume=True, log=quiet)
+    assert_same_run(out, root / "single")
+
+
+def test_torchrun_cli_equals_single_process(reference):
+    """The real launcher: torchrun -m nanoseek train --ep 2, with the reference run's settings as flags."""
+    root, cache = reference
+    out = root / "torchrun_ep2"
+    flags = ["--preset", "tiny", "--model", "num_hidden_layers=4", "--data", STDLIB_JSON, "--vocab-size", "300",
+             "--seq-len", "32", "--batch-size", "8", "--steps", str(STEPS), "--warmup-steps", "0", "--decay-start", "1",
+             "--mtp-lambda-switch", "1", "--bias-gamma-switch", "1", "--bias-gamma", "0.01", "--lr", "2e-3",
+             "--save-every", str(STEPS), "--eval-every", str(STEPS), "--eval-batches", "2", "--dtype", "fp32",
+             "--threads", "1", "--no-progress", "--no-report", "--cache-dir", str(cache), "--out", str(out)]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "nanoseek", "train", "--ep", "2", "--dist-timeout", "60", *flags],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("distributed: EP=2 x PP=1 x DP=1") == 1  # rank 0 logs, rank 1 does not
     assert_same_run(out, root / "single")
 
 
