@@ -109,7 +109,8 @@ def expert_ffn(x_SD: torch.Tensor, counts_E: torch.Tensor, gate_up_EFD: torch.Te
     if torch.is_autocast_enabled(x_SD.device.type):  # grouped_mm is not on autocast's list: cast here
         dtype = torch.get_autocast_dtype(x_SD.device.type)
         x_SD, gate_up, down = x_SD.to(dtype), gate_up.to(dtype), down.to(dtype)
-    if _grouped_mm_ok(x_SD, gate_up, down):
+    # few rows (decoding): most experts are empty, and grouped_mm still visits every group; loop over the used ones
+    if x_SD.shape[0] >= gate_up.shape[0] and _grouped_mm_ok(x_SD, gate_up, down):
         offsets = counts_E.cumsum(0).to(torch.int32)
         h_SF2 = torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=offsets)  # (S, 2F)
         gate, up = h_SF2.chunk(2, dim=-1)
