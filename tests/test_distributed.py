@@ -83,6 +83,9 @@ LAYOUTS = {  # name: ((ep, pp, dp), schedule)
     "ep2": ((2, 1, 1), "dualpipev"),
     "dp2_zero1": ((1, 1, 2), "dualpipev"),
     "ep2_dp2": ((2, 1, 2), "dualpipev"),
+    "pp2_dualpipev": ((1, 2, 1), "dualpipev"),
+    "pp2_1f1b_ep2": ((2, 2, 1), "1f1b"),
+    "pp2_dualpipev_ep2": ((2, 2, 1), "dualpipev"),
 }
 
 

@@ -39,10 +39,9 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
         dist.barrier()  # gloo may abort at exit if a peer is still using the group
     except BaseException as e:  # report, do not hang the parent
         result = ("error", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))  # before teardown, which may abort
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_spawned(fn: Callable, world_size: int, *args: Any, timeout_s: float = 120.0, threads: int = 1) -> list[Any]:
@@ -52,10 +51,18 @@ def run_spawned(fn: Callable, world_size: int, *args: Any, timeout_s: float = 12
     RuntimeError carrying its traceback; collectives time out after ``timeout_s``.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args, timeout_s, threads),
-                           nprocs=world_size, join=True, start_method="spawn")
-        outcomes = [pickle.loads(Path(out_dir, f"rank{rank}.pkl").read_bytes())  # our own files
-                    for rank in range(world_size)]
+        ctx = mp.start_processes(_worker, args=(world_size, free_port(), out_dir, fn, args, timeout_s, threads),
+                                 nprocs=world_size, join=False, start_method="spawn")
+        for proc in ctx.processes:  # every rank runs to its end: none is killed because a peer failed first
+            proc.join()
+        outcomes = []
+        for rank, proc in enumerate(ctx.processes):
+            path = Path(out_dir, f"rank{rank}.pkl")
+            if path.is_file():
+                outcomes.append(pickle.loads(path.read_bytes()))  # our own files
+            else:
+                outcomes.append(("error", f"rank {rank}: the process exited with code {proc.exitcode} "
+                                          "before reporting a result"))
     errors = [value for status, value in outcomes if status == "error"]
     if errors:  # the root cause first: the other ranks usually only saw their peer disappear
         errors.sort(key=lambda text: "Connection closed by peer" in text or "timed out" in text.lower())
