@@ -101,6 +101,8 @@ def test_layout_equals_single_process(reference, name):
     assert_same_run(out, root / "single")
     metrics = read_metrics(out / "metrics.jsonl")
     assert of_type(metrics, "val"), "validation ran"
+    single = of_type(read_metrics(root / "single" / "metrics.jsonl"), "train")
+    assert of_type(metrics, "train")[-1]["expert_counts"] == single[-1]["expert_counts"]  # every layer, all ranks
     if layout[0] > 1:
         rec = of_type(metrics, "train")[-1]
         assert 0 < rec["a2a_remote_rows"] <= rec["a2a_rows"] <= rec["a2a_slots"]

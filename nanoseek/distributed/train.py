@@ -208,6 +208,10 @@ class DistributedTrainer:
                                     device=device, autocast=autocast)
             named = list(runner.named_parameters())
             duplicates = list(getattr(runner, "duplicate_params", []))
+            local = {id(p) for _, p in named}
+            for p in model.parameters():  # free the layers of the other stages
+                if id(p) not in local:
+                    p.data = torch.empty(0, dtype=p.dtype, device=p.device)
         else:
             named = list(model.named_parameters())
             duplicates = []
@@ -298,7 +302,8 @@ class DistributedTrainer:
             reduce_gradients(named, ctx)
             clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = clip_global_grad_norm(named, ctx, clip, duplicates)
-            counts = self._summed_counts(collector)
+            counts = self._summed_counts(collector)  # this rank's MoE layers, summed over the data ranks
+            all_counts = self._all_layer_counts(counts)  # every stage's layers (for the metrics)
             finite = math.isfinite(float(losses[0])) and math.isfinite(grad_norm)
             if finite:
                 optimizer.step()
@@ -322,7 +327,8 @@ class DistributedTrainer:
                 keys = ("a2a_tokens", "a2a_rows", "a2a_remote_rows", "a2a_remote_bytes", "a2a_slots")
                 a2a = dict(zip(keys, sum_over(torch.tensor([float(d[k]) for k in keys]), dist.group.WORLD).tolist()))
             if ctx.is_main:
-                rec = self._record(step, tokens, losses, lr, lam, gamma, alpha, grad_norm, dt, elapsed, counts, a2a)
+                rec = self._record(step, tokens, losses, lr, lam, gamma, alpha, grad_norm, dt, elapsed, all_counts,
+                                   a2a)
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     metrics.append(rec)
                 self._update_bar(rec)
@@ -368,6 +374,14 @@ class DistributedTrainer:
         stacked = sum_over(torch.stack([counts[n] for n in names]), self.ctx.data_group)  # (layers, E)
         return dict(zip(names, stacked))
 
+    def _all_layer_counts(self, counts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With pipeline stages, the counts of every stage's MoE layers (gathered over the pp group)."""
+        if self.parallel.layout.pp == 1:
+            return counts
+        parts: list = [None] * self.parallel.layout.pp
+        dist.all_gather_object(parts, {k: v.cpu() for k, v in counts.items()}, group=self.ctx.pp_group)
+        return {k: v for part in parts for k, v in part.items()}
+
     def _record(self, step, tokens, losses, lr, lam, gamma, alpha, grad_norm, dt, elapsed, counts, a2a) -> dict:
         cfg = self.cfg
         vals = losses.tolist()
@@ -376,7 +390,7 @@ class DistributedTrainer:
             "mtp_loss": vals[2], "balance_loss": vals[3], "mtp_losses": vals[4:], "lr": lr, "mtp_lambda": lam,
             "bias_gamma": gamma, "balance_alpha": alpha, "grad_norm": grad_norm,
             "tokens_per_s": cfg.tokens_per_step / dt, "step_time": dt, "elapsed": elapsed, "skipped": False}
-        if counts and self.parallel.layout.pp == 1:  # with PP rank 0 holds only its stages' layers
+        if counts:
             c = torch.stack([counts[n] for n in sorted(counts, key=_layer_order)])
             mv = max_violation(c)
             rec["maxvio_batch"] = [round(float(v), 5) for v in mv]

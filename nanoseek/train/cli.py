@@ -117,7 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     par.add_argument("--ep", type=int, help="expert-parallel ranks: the routed experts are split over them (default 1)")
     par.add_argument("--pp", type=int, help="pipeline-parallel ranks (default 1)")
     par.add_argument("--dp", type=int, help="data-parallel ranks, optimizer state sharded over them (ZeRO-1; default 1)")
-    par.add_argument("--pp-schedule", choices=("dualpipev", "1f1b", "interleaved-zb"), default="dualpipev",
+    par.add_argument("--pp-schedule", choices=("dualpipev", "1f1b", "interleaved-zb", "zbv"), default="dualpipev",
                      help="pipeline schedule (default dualpipev)")
     par.add_argument("--microbatches", type=int,
                      help="pipeline micro-batches per step (default: the fewest the schedule accepts)")
