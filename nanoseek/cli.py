@@ -42,6 +42,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         config = ModelConfig.preset(args.preset)
         name = args.preset
     s = model_summary(config)
+    context = getattr(args, "context", None)
+    if context is not None:
+        if context <= 0:
+            raise ValueError(f"--context must be a positive number of tokens, got {context}")
+        from .eval_long import cache_report
+
+        s["cache_at_context"] = cache_report(config, context, s["cache_dtype_bytes"])
     if args.json:
         print(json.dumps({"model": name, **s, "config": config.to_dict()}, indent=2))
         return 0
@@ -63,6 +70,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         ("KV cache / token, transformers", f"{s['transformers_cache_elements_per_token']:,} elements",
          f"{s['transformers_cache_bytes_per_token'] / 1024:.1f} KiB bf16"),
     ]
+    if context is not None:  # one sequence of `context` tokens, bf16
+        r, gib = s["cache_at_context"], 2 ** 30
+        rows += [(f"KV cache at {context:,} tokens, MLA latent", f"{r['latent_bytes']:,} bytes",
+                  f"{r['latent_bytes'] / gib:.2f} GiB bf16"),
+                 (f"KV cache at {context:,} tokens, MHA same heads", f"{r['mha_bytes']:,} bytes",
+                  f"{r['mha_bytes'] / gib:.1f} GiB bf16, {r['mha_over_latent']:.1f}x")]
     width = max(len(r[0]) for r in rows)
     for label, exact, short in rows:
         print(f"  {label:<{width}}  {exact:>28}  ({short})")
@@ -77,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--preset", choices=sorted(PRESETS), help="a built-in architecture")
     source.add_argument("--checkpoint", metavar="DIR", help="a Hugging Face checkpoint directory (config.json)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--context", type=int, metavar="N",
+                      help="also the KV cache of one N-token sequence (e.g. 131072), latent vs MHA")
     info.set_defaults(func=cmd_info)
     for register in _subcommand_registrars():
         register(sub)
@@ -89,6 +104,8 @@ def _subcommand_registrars():
     # one line per feature area, e.g.:  from .train.cli import register as train; registrars.append(train)
     from .train.cli import register as train; registrars.append(train)  # noqa: E702
     from .inference.cli import register as inference; registrars.append(inference)  # noqa: E702  generate, chat, convert
+    from .train.extend import register as extend; registrars.append(extend)  # noqa: E702  context extension (YaRN)
+    from .eval_long import register as eval_long; registrars.append(eval_long)  # noqa: E702  long-context evaluation
     return registrars
 
 

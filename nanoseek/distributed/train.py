@@ -37,7 +37,7 @@ from ..train import checkpoint as ckpt_io
 from ..train.config import TrainConfig
 from ..train.data import BatchStream, prepare_data, validation_batches
 from ..train.loop import (TrainingError, TrainResult, Trainer, _resume_mismatches, autocast_context,
-                          model_config, pick_device)
+                          initialize_from, model_config, pick_device)
 from ..train.metrics import MetricsLog
 from ..train.optim import bias_gamma, learning_rate, mtp_lambda
 from .expert_parallel import apply_expert_parallel, moe_modules, node_limit_note
@@ -194,6 +194,9 @@ class DistributedTrainer:
         else:
             torch.manual_seed(cfg.seed)
             model = DeepSeekV3(mc).to(device)
+            if cfg.init_from:
+                initialize_from(model, cfg.init_from)
+                self.log(f"initialized from the weights of {cfg.init_from}")
         model.train()
         n_params = sum(p.numel() for p in model.parameters())
         stats = apply_expert_parallel(model, ctx.ep_group) if layout.ep > 1 else None

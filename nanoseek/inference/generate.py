@@ -154,15 +154,23 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
 
     # prefill: the right-padded prompts in chunks (padding only fills slots each sequence overwrites later)
     start = time.perf_counter()
+    # (memory: the cache plus one chunk's activations; only speculation keeps every position's hidden state,
+    # which the MTP modules need, and attention switches to latent math when the prefix grows large)
     positions = torch.arange(P, device=device).expand(B, P)
-    hidden = torch.cat([model.forward_cached(tokens[:, s:e], positions[:, s:e], cache, absorb=False)
-                        for s, e in chunks(P)], dim=1)  # (B, P, d)
-    first = sample(to_probs(model.lm_head(hidden[rows, lengths - 1])), generator)  # (B,)
+    last = torch.zeros(B, model.config.hidden_size, device=device, dtype=model.embed_tokens.weight.dtype)
+    kept = []
+    for s, e in chunks(P):
+        h = model.forward_cached(tokens[:, s:e], positions[:, s:e], cache, absorb=False)  # (B, e - s, d)
+        ends_here = (lengths - 1 >= s) & (lengths - 1 < e)  # sequences whose last prompt token is in this chunk
+        last[ends_here] = h[rows[ends_here], (lengths - 1 - s)[ends_here]].to(last.dtype)
+        if speculative:
+            kept.append(h)
+    first = sample(to_probs(model.lm_head(last)), generator)  # (B,)
     n = lengths.clone()  # slot of the newest accepted token t_n, not yet seen by the main model
     tokens[rows, n] = first
     if speculative:
         speculator = MTPSpeculator(model, cache, tokens, to_probs, generator)
-        speculator.prefill(hidden, lengths)
+        speculator.prefill(torch.cat(kept, dim=1), lengths)  # (B, P, d)
     stats.new_tokens = out.emit([[t] for t in first.tolist()])
     stats.prefill_s = time.perf_counter() - start
 

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 # inference code builds RMSNorm(q_lora_rank) / RMSNorm(kv_lora_rank) with the default 1e-6, and
 # transformers' DeepseekV3Attention / DeepseekV2Attention do the same, ignoring config.rms_norm_eps.
 LATENT_NORM_EPS = 1e-6
+# Attention over a cache switches to memory-bounded math past these sizes (elements), so that a chunked prefill
+# of any length needs activation memory for one chunk, not for the whole prefix:
+EXPANDED_KV_BUDGET = 1 << 28  # per-head keys + values of the prefix (B x S x H x (d_h + d_v)): else absorbed
+SCORES_BUDGET = 1 << 26  # absorbed attention's scores (B x H x T x S): else flash attention over the latent
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -87,6 +91,9 @@ class MultiHeadLatentAttention(nn.Module):
         """
         q_nope, q_rope = self.queries(x, cos, sin)
         kv = cache.update(input_pos, *self.latent(x, cos, sin), length=attn_mask.shape[-1])  # (B, S, d_c + d_R)
+        B, S = kv.shape[:2]
+        if B * S * self.n_heads * (self.qk_nope_head_dim + self.v_head_dim) > EXPANDED_KV_BUDGET:
+            absorb = True  # a long cached prefix: per-head keys and values would outgrow the latent cache itself
         if not absorb:
             c_kv, k_rope = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
             return self._attend_expanded(q_nope, q_rope, c_kv, k_rope, attn_mask)
@@ -124,6 +131,16 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_h, d_c), (H, d_v, d_c)
         q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # W_UK^T q^C: (B, T, H, d_c)
         q = torch.cat((q_latent, q_rope), dim=-1)  # (B, T, H, d_c + d_R), matches the cached [c_KV ; k^R]
+        S = kv.shape[1]
+        if B * self.n_heads * T * S > SCORES_BUDGET:  # a long prefill chunk: never form the (B, H, T, S) scores
+            # flash attention in MQA form: one latent "head" [c_KV ; k^R] is the key of every query head and
+            # also its value, whose k^R columns are dropped after: sum_j p_j [c_KV_j ; k^R_j] -> sum_j p_j c_KV_j
+            k = kv.unsqueeze(1)  # (B, 1, S, d_c + d_R)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k, k, attn_mask=attn_mask, enable_gqa=True,
+                                               scale=self.softmax_scale)  # (B, H, T, d_c + d_R)
+            o_latent = o[..., : self.kv_lora_rank].transpose(1, 2)  # (B, T, H, d_c)
+            o = torch.einsum("bthc,hvc->bthv", o_latent, w_uv)  # W_UV after attention: (B, T, H, d_v)
+            return self.o_proj(o.reshape(B, T, self.n_heads * self.v_head_dim))  # eq. 47
         scores = torch.einsum("bthc,bsc->bhts", q, kv).float() * self.softmax_scale  # q^C.k^C + q^R.k^R (eq. 46)
         probs = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1).to(kv.dtype)  # (B, H, T, S)
         o_latent = torch.einsum("bhts,bsc->bthc", probs, kv[..., : self.kv_lora_rank])  # sum_j p_j c_KV_j

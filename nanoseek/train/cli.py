@@ -24,6 +24,8 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--decay-start", "decay_start", float, "fraction of the steps where the cosine decay starts (default 0.5)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (default 0.1)"),
     ("--grad-clip", "grad_clip", float, "gradient-norm clip, 0 for none (default 1.0)"),
+    ("--init-from", "init_from", str,
+     "a run directory or checkpoint whose weights start this run (same architecture; RoPE scaling may differ)"),
     ("--mtp-depth", "mtp_depth", int, "MTP modules D (default: the preset's)"),
     ("--mtp-lambda", "mtp_lambda", float, "MTP loss weight (default 0.3)"),
     ("--mtp-lambda-later", "mtp_lambda_later", float, "MTP loss weight after the switch (default 0.1)"),

@@ -35,6 +35,9 @@ class TrainConfig:
     # ---- model
     preset: str = "demo"
     model_overrides: dict[str, Any] = field(default_factory=dict)  # ModelConfig fields, e.g. hidden_size
+    # a run directory or Hugging Face checkpoint whose weights start this run (a new run: fresh optimizer and
+    # schedule); the architecture must match, only RoPE scaling and max_position_embeddings may differ
+    init_from: str | None = None
     mtp_depth: int | None = None  # num_nextn_predict_layers; None: the preset's
     # ---- data
     data: list[str] = field(default_factory=list)  # files, dirs, globs, *.jsonl, hf:NAME[:CONFIG][:SPLIT]; []: stdlib

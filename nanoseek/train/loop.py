@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import ModelConfig
-from ..hf import CheckpointError
+from ..hf import CheckpointError, load_pretrained
 from ..model import DeepSeekV3
 from ..objectives import ExpertLoadTracker, max_violation, training_loss, update_balance_bias
 from . import checkpoint as ckpt_io
@@ -73,6 +73,28 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int) ->
     if mc.num_nextn_predict_layers >= cfg.seq_len:
         raise ValueError(f"MTP depth {mc.num_nextn_predict_layers} needs --seq-len above it, got {cfg.seq_len}")
     return mc
+
+
+# ---------------------------------------------------------------------------------------------- init_from
+# ModelConfig fields a run started from another model's weights may change: the RoPE scaling (a context
+# extension with YaRN, SPEC §2) and the maximum length. Every other field shapes the weights or their meaning.
+INIT_FROM_MAY_CHANGE = ("rope_theta", "rope_scaling_type", "rope_factor", "original_max_position_embeddings",
+                        "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "max_position_embeddings")
+
+
+def initialize_from(model: DeepSeekV3, source: str | Path) -> None:
+    """Copy every weight of the run directory or checkpoint ``source`` (routers' biases and MTP modules
+    included) into ``model``, whose configuration may differ from the source's only in INIT_FROM_MAY_CHANGE."""
+    if not Path(source).is_dir():
+        raise FileNotFoundError(f"--init-from {source}: no such run directory or checkpoint")
+    src = load_pretrained(source, dtype=torch.float32, device=model.embed_tokens.weight.device)
+    ours, theirs = model.config.to_dict(), src.config.to_dict()
+    diff = [f"{k} {ours[k]!r} (theirs {theirs.get(k)!r})" for k in ours
+            if k not in INIT_FROM_MAY_CHANGE and ours[k] != theirs.get(k)]
+    if diff:
+        raise ValueError(f"--init-from {source}: its model differs from this run's in {'; '.join(diff)} "
+                         "(only the RoPE scaling and max_position_embeddings may change)")
+    model.load_state_dict(src.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -301,6 +323,9 @@ class Trainer:
         else:
             torch.manual_seed(cfg.seed)
             model = DeepSeekV3(mc).to(device)
+            if cfg.init_from:
+                initialize_from(model, cfg.init_from)
+                self.log(f"initialized from the weights of {cfg.init_from}")
         model.train()
         optimizer = build_optimizer(model, cfg)
         step, tokens, elapsed, position = 0, 0, 0.0, {"epoch": 0, "cursor": 0}

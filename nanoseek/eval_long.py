@@ -1,0 +1,548 @@
+"""Long-context evaluation: validation loss by position, and passkey retrieval by length and depth.
+
+    nanoseek eval-long DIR [--windows N] [--passkey-samples N] [--lengths ...] [--out DIR]
+
+DIR is the output of ``nanoseek extend`` (then every model of the extension is evaluated: (a) the base run
+as trained, (b) the base weights with the final stage's YaRN configuration and no training, (c) each stage)
+or any training run directory (that model alone).
+
+1. Loss by position. N validation windows of the longest length (16L by default) from the base run's own
+   validation split. A causal model's loss at position p depends only on tokens <= p, so one forward per
+   window gives the loss at every position: "loss at length l" (the mean over positions < l) and the loss
+   of each position bucket [0, L), [L, 2L), [2L, 4L), ... come from the same tokens for every model.
+   The forward is a chunked prefill over the latent cache (:func:`prefill_hidden`): per chunk, only that
+   chunk's activations and logits (B x chunk x V) exist, whatever the length.
+2. Passkey retrieval (Mohtashami & Jaggi 2023; YaRN paper §4): a random 5-digit key hidden at a given depth
+   of filler text; the model must complete "The pass key is" with it. Greedy decoding reproduces the key iff,
+   teacher-forced, each of the key's tokens is the argmax given the ones before it, so one forward per
+   example scores it exactly. Every example is exactly ``length`` tokens (bos and eos included), so that a
+   training example fills one training window (see nanoseek.train.extend). Evaluation depths (EVAL_DEPTHS) are
+   disjoint from training depths (TRAIN_DEPTHS) and the keys come from a different seed.
+
+The latent cache that makes long inputs affordable is reported too (:func:`cache_report`): per token, MLA
+caches (d_c + d_R) x layers elements against 2 x heads x d_h x layers for a multi-head cache (SPEC §1, §3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .config import ModelConfig
+
+# ---------------------------------------------------------------------------------------------- the passkey task
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+PASSKEY_QUESTION = "What is the pass key? The pass key is {key}"
+TRAIN_DEPTHS = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))  # 0.05, 0.15, ..., 0.95
+EVAL_DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # held out: none is a training depth
+EVAL_SEED = 1_000_003  # keys and filler phases of evaluation examples (training uses the run's seed)
+
+
+@dataclass
+class PasskeyExample:
+    """One passkey document: ``ids`` (without bos / eos; len(ids) + 2 == length), whose last ``answer_len``
+    tokens spell ``key``; ``depth`` is the fraction of the filler placed before the needle."""
+
+    text: str
+    ids: list[int]
+    key: str
+    answer_len: int
+    length: int
+    depth: float
+
+
+class PasskeyMaker:
+    """Builds passkey documents of an exact token length with a given tokenizer (a ``tokenizers.Tokenizer``).
+
+    Layout, one part per line: filler before, the needle, filler after, the question followed by the key. The
+    filler is PASSKEY_FILLER's words, cycled; its word count is searched so the document has exactly the
+    requested tokens, and the last few tokens are filled with a word that is one token on its own.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.words = PASSKEY_FILLER.split()
+        pads = [w for w in dict.fromkeys(w.strip(".") for w in self.words) if len(self._encode(" " + w)) == 1]
+        if not pads:
+            raise ValueError("the tokenizer has no single-token filler word: cannot build passkey examples of an "
+                             "exact length")
+        self.pad = pads[0]
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _text(self, key: str, depth: float, n_words: int, n_pad: int, phase: int) -> str:
+        before = round(depth * n_words)
+        words = [self.words[(phase + i) % len(self.words)] for i in range(n_words)]
+        head, tail = words[:before], words[before:]
+        (head if depth >= 0.5 else tail).extend([self.pad] * n_pad)  # pad on the longer side: depth barely moves
+        parts = [" ".join(head), PASSKEY_NEEDLE.format(key=key), " ".join(tail), PASSKEY_QUESTION.format(key=key)]
+        return "\n".join(p for p in parts if p)
+
+    def make(self, length: int, depth: float, key: str, phase: int = 0) -> PasskeyExample:
+        """A document of exactly ``length`` tokens counting bos and eos (ValueError when that cannot be met)."""
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"passkey depth must be in [0, 1], got {depth}")
+        target = length - 2
+
+        def count(words: int, pad: int = 0) -> int:  # tokens of the text with this much filler
+            return len(self._encode(self._text(key, depth, words, pad, phase)))
+
+        if count(0) > target:
+            raise ValueError(f"a passkey example needs at least {count(0) + 2} tokens with this tokenizer, "
+                             f"got length {length}")
+        hi = 1
+        while count(hi) <= target:  # the filler grows by at least one token per word
+            hi *= 2
+        lo = hi // 2 if hi > 1 else 0  # count(lo) <= target < count(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if count(mid) <= target else (lo, mid)
+        for words in range(lo, max(-1, lo - 8), -1):  # pad the remainder with single tokens
+            pad = target - count(words)
+            if count(words, pad) == target:
+                text = self._text(key, depth, words, pad, phase)
+                return self._example(text, key, length, depth)
+        raise ValueError(f"could not build a passkey example of exactly {length} tokens")
+
+    def _example(self, text: str, key: str, length: int, depth: float) -> PasskeyExample:
+        ids = self._encode(text)
+        for cut in (len(text) - len(key), len(text) - len(key) - 1):  # the key alone, or with its space
+            prefix = self._encode(text[:cut])
+            if ids[: len(prefix)] == prefix and self.tokenizer.decode(ids[len(prefix):]).strip() == key:
+                return PasskeyExample(text, ids, key, len(ids) - len(prefix), length, depth)
+        raise ValueError("the tokenizer merges the pass key with the text before it: cannot locate the answer")
+
+
+def passkey_examples(tokenizer, lengths: list[int], depths: list[float], n: int, seed: int) -> list[PasskeyExample]:
+    """n examples per (length, depth), keys uniform in [10000, 99999] and filler phases from ``seed``."""
+    maker, rng = PasskeyMaker(tokenizer), random.Random(seed)
+    out = []
+    for length in lengths:
+        for depth in depths:
+            for _ in range(n):
+                key = str(rng.randrange(10000, 100000))
+                out.append(maker.make(length, depth, key, phase=rng.randrange(len(maker.words))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- chunked prefill
+def prefill_hidden(model, ids: torch.Tensor, chunk: int | None = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Run ``ids`` (B, T) through the main model chunk by chunk over a latent cache of T slots, as
+    ``nanoseek.generate`` prefills a prompt; yield (start, stop, final normed hidden state (B, stop-start, d)).
+
+    Memory: the cache, B x T x (d_c + d_R) per layer (SPEC §3), plus one chunk's activations; logits, if the
+    caller forms them, exist for one chunk at a time. Equal to a one-shot forward (fp32, tests/test_long_context).
+    """
+    from .inference.cache import LatentCache
+    from .inference.speculative import chunks
+
+    B, T = ids.shape
+    cache = LatentCache.for_model(model, B, T)
+    for start, stop in chunks(T, chunk):
+        pos = torch.arange(start, stop, device=ids.device).expand(B, stop - start)
+        yield start, stop, model.forward_cached(ids[:, start:stop], pos, cache, absorb=False)
+
+
+@torch.inference_mode()
+def position_losses(model, windows: torch.Tensor, chunk: int | None = None, batch_size: int = 4,
+                    progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy at each position (T,) over ``windows`` (N, T + 1) (inputs and labels)."""
+    device = model.embed_tokens.weight.device
+    N, T = windows.shape[0], windows.shape[1] - 1
+    total = torch.zeros(T, dtype=torch.float64)
+    for i in range(0, N, batch_size):
+        batch = windows[i: i + batch_size].to(device)
+        for start, stop, hidden in prefill_hidden(model, batch[:, :-1], chunk):
+            logits = model.lm_head(hidden).float()  # (B, chunk, V): one chunk's logits at a time
+            ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, start + 1: stop + 1].flatten(),
+                                                   reduction="none").view(len(batch), -1)
+            total[start:stop] += ce.sum(0).double().cpu()
+        if progress:
+            progress(len(batch))
+    return total / N
+
+
+@torch.inference_mode()
+def passkey_correct(model, examples: list[PasskeyExample], bos_id: int, chunk: int | None = None,
+                    batch_size: int = 8, progress: Callable[[int], None] | None = None) -> list[bool]:
+    """Whether greedy decoding after the question reproduces each example's key (teacher-forced argmax).
+    Examples are batched by length."""
+    device = model.embed_tokens.weight.device
+    out: dict[int, bool] = {}
+    by_length: dict[int, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_length.setdefault(len(e.ids), []).append(i)
+    for n_ids, indices in by_length.items():
+        n = n_ids + 1  # bos + ids: the key's tokens are the last answer_len inputs
+        for b0 in range(0, len(indices), batch_size):
+            group = [examples[i] for i in indices[b0: b0 + batch_size]]
+            ids = torch.tensor([[bos_id] + e.ids for e in group], device=device)
+            tail = max(e.answer_len for e in group) + 1
+            hidden = torch.cat([h[:, max(0, n - tail - start):] for start, stop, h in prefill_hidden(model, ids, chunk)
+                                if stop > n - tail], dim=1)  # (B, tail, d): the last `tail` positions
+            pred = model.lm_head(hidden).argmax(-1)  # position j predicts token j + 1
+            for row, (i, e) in enumerate(zip(indices[b0: b0 + batch_size], group)):
+                a = e.answer_len
+                out[i] = pred[row, tail - 1 - a: tail - 1].tolist() == e.ids[-a:]  # the last a inputs
+            if progress:
+                progress(len(group))
+    return [out[i] for i in range(len(examples))]
+
+
+# ---------------------------------------------------------------------------------------------- cache size
+def cache_report(config: ModelConfig, length: int, dtype_bytes: int = 2) -> dict[str, Any]:
+    """Bytes of one sequence's KV cache at ``length`` tokens: MLA's latent (what nanoseek caches) against an
+    MHA cache of the same heads and transformers' per-head K and V (SPEC §1)."""
+    from .model import kv_cache_elements_per_token
+
+    per_token = kv_cache_elements_per_token(config)
+    latent = per_token["kv_cache_elements_per_token"]
+    mha = per_token["mha_cache_elements_per_token"]
+    full = per_token["transformers_cache_elements_per_token"]
+    return {"length": length, "dtype_bytes": dtype_bytes, "latent_elements_per_token": latent,
+            "mha_elements_per_token": mha, "transformers_elements_per_token": full,
+            "latent_bytes": latent * length * dtype_bytes, "mha_bytes": mha * length * dtype_bytes,
+            "transformers_bytes": full * length * dtype_bytes, "mha_over_latent": mha / latent}
+
+
+def format_cache_report(name: str, r: dict[str, Any]) -> str:
+    gib = 2 ** 30
+    return (f"{name}: KV cache of one {r['length']:,}-token sequence ({8 * r['dtype_bytes']}-bit): MLA latent "
+            f"{r['latent_elements_per_token']:,} elements/token = {r['latent_bytes'] / gib:.2f} GiB; "
+            f"an MHA cache of the same heads {r['mha_elements_per_token']:,} elements/token = "
+            f"{r['mha_bytes'] / gib:.1f} GiB ({r['mha_over_latent']:.1f}x); transformers' per-head K and V "
+            f"{r['transformers_bytes'] / gib:.1f} GiB")
+
+
+# ---------------------------------------------------------------------------------------------- models to evaluate
+@dataclass
+class Subject:
+    """A model to evaluate: its label, where its weights come from, and (for (b)) the config to load them into."""
+
+    label: str
+    weights: Path
+    config_from: Path | None = None  # load `weights` into this checkpoint's ModelConfig (base + YaRN, untrained)
+    trained_length: int | None = None
+
+    def load(self, device: torch.device):
+        from .hf import load_pretrained
+
+        if self.config_from is None:
+            return load_pretrained(self.weights, dtype=torch.float32, device=device).eval()
+        from .model import DeepSeekV3
+        from .train.loop import initialize_from
+
+        with torch.device(device):
+            model = DeepSeekV3(ModelConfig.from_hf(self.config_from))
+        initialize_from(model, self.weights)
+        return model.eval()
+
+
+def subjects_of(directory: Path) -> tuple[list[Subject], Path, int]:
+    """(models, base run directory, base length L) for an extension directory or a single run."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such extension or run directory")
+    plan_file = directory / "extend.json"
+    if plan_file.is_file():
+        from .config import read_json_object
+
+        plan = read_json_object(plan_file)
+        base = Path(plan["base"])
+        L = int(plan["base_length"])
+        stages = plan["stages"]
+        final = directory / stages[-1]["dir"]
+        out = [Subject(f"(a) base, trained at {L}", base, trained_length=L),
+               Subject(f"(b) base + YaRN s={plan['rope']['rope_factor']:g}, no training", base, config_from=final,
+                       trained_length=L)]
+        for i, st in enumerate(stages, start=1):
+            out.append(Subject(f"(c{i}) stage {i}, trained at {st['seq_len']}", directory / st["dir"],
+                               trained_length=int(st["seq_len"])))
+        return out, base, L
+    from .train.config import TrainConfig
+
+    cfg_file = directory / "train_config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{directory} is neither a `nanoseek extend` output (extend.json) nor a training run "
+                                "(train_config.json)")
+    cfg = TrainConfig.load(cfg_file)
+    mc = ModelConfig.from_hf(directory)
+    L = mc.original_max_position_embeddings if mc.yarn else cfg.seq_len
+    return [Subject(f"{directory.name}, trained at {cfg.seq_len}", directory, trained_length=cfg.seq_len)], directory, L
+
+
+def validation_windows(run_dir: Path, length: int, n: int, log: Callable[[str], None]) -> tuple[torch.Tensor, Any]:
+    """n windows of length + 1 tokens spread evenly over the run's validation split, and the prepared data."""
+    import numpy as np
+
+    from .train.config import TrainConfig
+    from .train.data import PackedSequences, prepare_data
+
+    cfg = TrainConfig.load(run_dir / "train_config.json")
+    data = prepare_data(cfg, tokenizer_path=run_dir / "tokenizer.json", log=log)
+    seqs = PackedSequences(data.val.tokens(), length)
+    if len(seqs) == 0:
+        raise ValueError(f"{run_dir}: the validation split holds {data.val.n_tokens:,} tokens, fewer than one window "
+                         f"of {length} + 1: lower --max-length")
+    idx = np.unique(np.linspace(0, len(seqs) - 1, min(n, len(seqs))).round().astype(np.int64))
+    return seqs.batch(idx), data
+
+
+# ---------------------------------------------------------------------------------------------- the evaluation
+def bucket_edges(base_length: int, max_length: int) -> list[int]:
+    """0, L, 2L, 4L, ... up to max_length: the position buckets."""
+    edges, e = [0], base_length
+    while e < max_length:
+        edges.append(e)
+        e *= 2
+    return edges + [max_length]
+
+
+def evaluate(directory: str | Path, *, lengths: list[int] | None = None, passkey_lengths: list[int] | None = None,
+             depths: list[float] | None = None, windows: int = 16, passkey_samples: int = 10, chunk: int | None = None,
+             batch_size: int = 4, device: str = "cpu", progress: bool = True,
+             log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate every model of ``directory`` (see the module docstring); return the results as a dict."""
+    from .train.tokenizer_train import load_tokenizer
+
+    log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+    subjects, base, L = subjects_of(Path(directory))
+    lengths = sorted(lengths or [L * k for k in (1, 2, 4, 8, 16)])
+    passkey_lengths = sorted(passkey_lengths or [L * k for k in (1, 2, 3, 4, 6, 8, 12, 16)])
+    depths = list(EVAL_DEPTHS if depths is None else depths)
+    if any(n <= 0 for n in lengths + passkey_lengths):
+        raise ValueError("lengths must be positive")
+    T = max(lengths)
+    dev = torch.device(device)
+    val, data = validation_windows(base, T, windows, log)
+    tokenizer = load_tokenizer(base / "tokenizer.json")
+    examples = (passkey_examples(tokenizer, passkey_lengths, depths, passkey_samples, EVAL_SEED)
+                if passkey_samples else [])
+    edges = bucket_edges(L, T)
+    log(f"eval-long: {len(subjects)} model(s); loss on {len(val)} validation windows of {T} tokens; passkey: "
+        f"{len(examples)} examples ({len(passkey_lengths)} lengths x {len(depths)} depths x {passkey_samples})")
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(subjects) * (len(val) + len(examples)), unit="seq", desc="eval-long", file=sys.stderr,
+                   dynamic_ncols=True, mininterval=0.5)
+    results: dict[str, Any] = {"directory": str(directory), "base": str(base), "base_length": L, "lengths": lengths,
+                               "passkey_lengths": passkey_lengths, "depths": depths, "windows": len(val),
+                               "window_tokens": T, "passkey_samples": passkey_samples, "bucket_edges": edges,
+                               "models": []}
+    try:
+        for s in subjects:
+            model = s.load(dev)
+            if T > model.config.max_position_embeddings:
+                log(f"note: {s.label}: evaluating past its max_position_embeddings "
+                    f"({model.config.max_position_embeddings})")
+            if bar is not None:
+                bar.set_postfix_str(s.label[:40])
+            curve = position_losses(model, val, chunk, batch_size, progress=bar.update if bar else None)
+            correct = passkey_correct(model, examples, data.bos_id, chunk, batch_size=2 * batch_size,
+                                      progress=bar.update if bar else None)
+            acc: dict[str, dict[str, float]] = {}
+            for length in passkey_lengths:
+                acc[str(length)] = {}
+                for depth in depths:
+                    hits = [c for c, e in zip(correct, examples) if e.length == length and e.depth == depth]
+                    acc[str(length)][f"{depth:g}"] = sum(hits) / len(hits) if hits else float("nan")
+            mc = model.config
+            results["models"].append({
+                "label": s.label, "weights": str(s.weights), "trained_length": s.trained_length,
+                "rope": {"rope_scaling_type": mc.rope_scaling_type, "rope_factor": mc.rope_factor,
+                         "original_max_position_embeddings": mc.original_max_position_embeddings,
+                         "softmax_scale": mc.softmax_scale},
+                "loss_by_position": [round(float(v), 5) for v in curve],
+                "loss_at_length": {str(n): float(curve[:n].mean()) for n in lengths},
+                "loss_by_bucket": {f"{a}-{b}": float(curve[a:b].mean()) for a, b in zip(edges, edges[1:])},
+                "passkey": acc,
+                "passkey_overall": sum(correct) / len(correct) if correct else None,
+                "cache": cache_report(mc, mc.max_position_embeddings, 4),
+            })
+            del model
+    finally:
+        if bar is not None:
+            bar.close()
+    results["cache_deepseek_v3_128k"] = cache_report(ModelConfig.preset("deepseek-v3"), 128 * 1024, 2)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- output
+def markdown_tables(results: dict[str, Any]) -> str:
+    """Loss at each length, loss per position bucket, and passkey accuracy per length (mean over depths)."""
+    lines = []
+    lengths = results["lengths"]
+    lines.append("Validation loss (nats/token, mean over positions < length):\n")
+    lines.append("| model | " + " | ".join(str(n) for n in lengths) + " |")
+    lines.append("|---|" + "---|" * len(lengths))
+    for m in results["models"]:
+        lines.append(f"| {m['label']} | " + " | ".join(f"{m['loss_at_length'][str(n)]:.3f}" for n in lengths) + " |")
+    edges = results["bucket_edges"]
+    names = [f"{a}-{b}" for a, b in zip(edges, edges[1:])]
+    lines.append("\nValidation loss by position bucket (positions [a, b) of the same windows):\n")
+    lines.append("| model | " + " | ".join(f"[{a}, {b})" for a, b in zip(edges, edges[1:])) + " |")
+    lines.append("|---|" + "---|" * len(names))
+    for m in results["models"]:
+        lines.append(f"| {m['label']} | " + " | ".join(f"{m['loss_by_bucket'][k]:.3f}" for k in names) + " |")
+    if results["passkey_samples"]:
+        pl = results["passkey_lengths"]
+        depths = ", ".join(f"{d:g}" for d in results["depths"])
+        lines.append(f"\nPasskey accuracy by length (mean over depths {depths}; {results['passkey_samples']} "
+                     "examples per length and depth):\n")
+        lines.append("| model | " + " | ".join(str(n) for n in pl) + " | all |")
+        lines.append("|---|" + "---|" * (len(pl) + 1))
+        for m in results["models"]:
+            per = [sum(m["passkey"][str(n)].values()) / len(m["passkey"][str(n)]) for n in pl]
+            lines.append(f"| {m['label']} | " + " | ".join(f"{v:.2f}" for v in per)
+                         + f" | {m['passkey_overall']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """loss_by_position.png and (with passkey results) passkey.png under out_dir."""
+    from .train.report import _plt
+
+    plt = _plt()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    L, T = results["base_length"], results["window_tokens"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    # per position, averaged over bins of 16 positions, then 4 per doubling, so the log-x curve is readable
+    first = min(16, T)
+    bins = sorted({0, T} | {round(first * 2 ** (k / 4)) for k in range(4 * int(math.log2(max(T // first, 1))) + 1)})
+    lo = hi = None
+    for m in results["models"]:
+        curve = m["loss_by_position"]
+        xs, ys = [], []
+        for a, b in zip(bins, bins[1:]):
+            seg = curve[a:b]
+            if seg:
+                xs.append(math.sqrt(max(a, 1) * b))
+                ys.append(sum(seg) / len(seg))
+        ax.plot(xs, ys, label=m["label"], lw=1.4, marker=".", ms=3)
+        lo, hi = min(ys + ([lo] if lo is not None else [])), max(ys + ([hi] if hi is not None else []))
+        ls = results["lengths"]
+        ax2.plot(ls, [m["loss_at_length"][str(n)] for n in ls], marker="o", label=m["label"])
+    for k, x in enumerate(results["bucket_edges"][1:-1]):
+        ax.axvline(x, color="gray", lw=0.6, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position in the window (log scale; dotted: L, 2L, 4L, ...)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"Loss by position, {results['windows']} windows of {T} tokens (L = {L}); "
+                 "bins: 16 positions, then 4 per doubling", fontsize=9)
+    ax2.set_xscale("log", base=2)
+    ax2.set_xticks(results["lengths"], [str(n) for n in results["lengths"]])
+    ax2.set_xlabel("evaluation length")
+    ax2.set_ylabel("mean loss over the first `length` positions")
+    ax2.set_title("Loss at each length")
+    ax.set_ylim(lo - 0.1, hi + 0.1)
+    ax2.legend(fontsize=8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "loss_by_position.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    paths.append(path)
+    if results["passkey_samples"]:
+        models = results["models"]
+        pl, depths = results["passkey_lengths"], results["depths"]
+        fig, axes = plt.subplots(1, len(models), figsize=(4.0 * len(models) + 1, 3.8), squeeze=False)
+        for ax, m in zip(axes[0], models):
+            grid = [[m["passkey"][str(n)][f"{d:g}"] for n in pl] for d in depths]
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+            for i in range(len(depths)):
+                for j in range(len(pl)):
+                    ax.text(j, i, f"{100 * grid[i][j]:.0f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(pl)), [str(n) for n in pl], rotation=60, fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+            ax.set_xlabel("length (tokens)", fontsize=8)
+            ax.set_title(m["label"], fontsize=8)
+            if m["trained_length"]:  # lengths past the model's training length lie right of the line
+                past = [j for j, n in enumerate(pl) if n > m["trained_length"]]
+                if past:
+                    ax.axvline(past[0] - 0.5, color="black", lw=1.2)
+        axes[0][0].set_ylabel("needle depth", fontsize=8)
+        fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="accuracy (cells: %)")
+        fig.suptitle(f"Passkey retrieval ({results['passkey_samples']} examples per cell; held-out depths; "
+                     "black line: training length)", fontsize=9)
+        path = out_dir / "passkey.png"
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise ValueError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval-long", help="long-context evaluation: loss by position, passkey retrieval, latent-cache size",
+        description="Evaluate a `nanoseek extend` output (base, base + YaRN untrained, each stage) or a run: "
+                    "validation loss by position up to the longest length, passkey accuracy by length and depth "
+                    "(heatmap), and the latent cache's size.")
+    p.add_argument("directory", metavar="DIR", help="a `nanoseek extend` output directory or a training run")
+    p.add_argument("--lengths", help="loss lengths, comma-separated (default L,2L,4L,8L,16L; L: the base length)")
+    p.add_argument("--passkey-lengths", help="passkey lengths (default L,2L,3L,4L,6L,8L,12L,16L)")
+    p.add_argument("--depths", help="passkey depths in [0, 1], comma-separated (default 0,0.2,...,1)")
+    p.add_argument("--windows", type=int, default=16, help="validation windows of the longest length (default 16)")
+    p.add_argument("--passkey-samples", type=int, default=10,
+                   help="examples per length and depth, 0: none (default 10)")
+    p.add_argument("--chunk", type=int, default=None, help="prefill chunk in tokens (default: generate's, 512)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
+    p.add_argument("--threads", type=int, help="torch threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", help="output directory (default DIR/eval-long)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_eval_long)
+
+
+def cmd_eval_long(args) -> int:
+    depths = None
+    if args.depths:
+        try:
+            depths = [float(v) for v in args.depths.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--depths: expected comma-separated numbers, got {args.depths!r}") from None
+        if not depths or not all(0.0 <= d <= 1.0 for d in depths):
+            raise ValueError(f"--depths must lie in [0, 1], got {args.depths!r}")
+    for name in ("windows", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.passkey_samples < 0:
+        raise ValueError(f"--passkey-samples must be >= 0, got {args.passkey_samples}")
+    if args.chunk is not None and args.chunk <= 0:
+        raise ValueError(f"--chunk must be positive, got {args.chunk}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = evaluate(args.directory, lengths=_int_list(args.lengths) if args.lengths else None,
+                       passkey_lengths=_int_list(args.passkey_lengths) if args.passkey_lengths else None,
+                       depths=depths, windows=args.windows, passkey_samples=args.passkey_samples, chunk=args.chunk,
+                       batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    out = Path(args.out or Path(args.directory) / "eval-long")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    paths = plot(results, out)
+    print(markdown_tables(results))
+    print(format_cache_report("deepseek-v3", results["cache_deepseek_v3_128k"]))
+    print(f"\nwritten: {out / 'results.json'}, " + ", ".join(str(p) for p in paths), file=sys.stderr)
+    return 0

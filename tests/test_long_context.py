@@ -1,0 +1,343 @@
+"""Long context: YaRN's frequencies and temperature for the extension recipe's configuration (by hand, SPEC §2),
+chunked prefill against one-shot prefill, the passkey task, the recipe's per-stage settings (V3's numbers
+included), bad input, and a tiny end-to-end `nanoseek extend` + `nanoseek eval-long`.
+
+V3's own correction range (10, 23), m = 1.3689 and softmax scale 0.13523 are tested in test_model.py and
+test_config.py; here the same formulas are checked where the recipe uses them (a short original length, a
+clamped ramp, the position-interpolation property) and the recipe is checked to produce V3's configuration.
+"""
+
+import json
+import math
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek import ModelConfig
+from nanoseek.cli import main
+from nanoseek.eval_long import (EVAL_DEPTHS, TRAIN_DEPTHS, PasskeyExample, PasskeyMaker, cache_report,
+                                passkey_correct, position_losses, prefill_hidden)
+from nanoseek.model import DeepSeekV3
+from nanoseek.model.rope import RotaryEmbedding, rope_attention_factor, rope_frequencies, yarn_correction_range
+from nanoseek.train import TrainConfig, train
+from nanoseek.train.extend import plan_stages, stage_batch, write_split_jsonl
+from nanoseek.train.optim import learning_rate
+
+STDLIB_JSON = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
+
+
+def demo_yarn(**kw) -> ModelConfig:
+    """The demo preset after `nanoseek extend --stages 4,16` of a run at L = 128: s = 16, original 128."""
+    return ModelConfig.preset("demo").replace(**{**dict(rope_scaling_type="yarn", rope_factor=16.0,
+                                                        original_max_position_embeddings=128), **kw})
+
+
+# ------------------------------------------------------------------------------------------ YaRN by hand
+def test_yarn_recipe_config_by_hand():
+    """d_R = 16, base 1e4, L = 128, s = 16 (SPEC §2): corr(32) = 16 ln(128 / 64 pi) / (2 ln 1e4) = -0.392, so
+    low = floor -> -1, clamped to 0; corr(1) = 16 ln(128 / 2 pi) / (2 ln 1e4) = 2.618, high = 3."""
+    cfg = demo_yarn()
+    corr = lambda r: 16 * math.log(128 / (2 * math.pi * r)) / (2 * math.log(1e4))  # noqa: E731
+    assert corr(32) == pytest.approx(-0.39224, abs=1e-5) and corr(1) == pytest.approx(2.61807, abs=1e-5)
+    assert yarn_correction_range(32, 1, 16, 1e4, 128) == (0, 3)
+    theta = [10.0 ** (-i / 2) for i in range(8)]  # 1e4^(-2i/16)
+    ramp = [0, 1 / 3, 2 / 3, 1, 1, 1, 1, 1]
+    expected = [t / 16 * r + t * (1 - r) for t, r in zip(theta, ramp)]
+    assert expected[1] == pytest.approx(0.316228 * 0.6875, rel=1e-5)  # (1/3)/16 + 2/3 of theta_1
+    assert expected[2] == pytest.approx(0.1 * 0.375, rel=1e-9)  # (2/3)/16 + 1/3 of theta_2
+    torch.testing.assert_close(rope_frequencies(cfg), torch.tensor(expected), rtol=1e-6, atol=0)
+    m = 0.1 * math.log(16) + 1  # m(16, mscale_all_dim = 1) = 1.27726
+    assert m == pytest.approx(1.27726, abs=1e-5)
+    assert cfg.softmax_scale == pytest.approx(48 ** -0.5 * m * m, rel=1e-12)  # (d_h + d_h^R)^-0.5 m^2 = 0.23547
+    assert cfg.softmax_scale == pytest.approx(0.23547, abs=1e-5)
+    assert rope_attention_factor(cfg) == 1.0  # m(s, mscale) / m(s, mscale_all_dim) with both 1
+
+
+def test_yarn_interpolated_dims_turn_s_times_slower():
+    """Position interpolation: a fully interpolated dim at position s * p has the original angle at p; a dim
+    below the ramp (more than beta_fast turns within L) keeps its angle."""
+    plain, yarn = RotaryEmbedding(ModelConfig.preset("demo")), RotaryEmbedding(demo_yarn())
+    p = torch.tensor([[0, 1, 37, 127]])
+    cos0, sin0 = plain(p)
+    cos1, sin1 = yarn(p * 16)
+    torch.testing.assert_close(cos1[..., 3:], cos0[..., 3:], atol=2e-5, rtol=0)
+    torch.testing.assert_close(sin1[..., 3:], sin0[..., 3:], atol=2e-5, rtol=0)
+    cos2, _ = yarn(p)
+    torch.testing.assert_close(cos2[..., 0], cos0[..., 0])
+
+
+def test_yarn_zero_width_ramp_and_no_scaling():
+    """An original length below 2 pi: both ends clamp to 0, high gets +0.001 (SPEC §2), so dim 0 keeps theta_0
+    and every other dim is divided by s. m(s) = 1 for s <= 1."""
+    cfg = demo_yarn(original_max_position_embeddings=4)
+    assert yarn_correction_range(32, 1, 16, 1e4, 4) == (0, 0)
+    theta = torch.tensor([10.0 ** (-i / 2) for i in range(8)])
+    torch.testing.assert_close(rope_frequencies(cfg), torch.cat((theta[:1], theta[1:] / 16)), rtol=1e-6, atol=0)
+    one = demo_yarn(rope_factor=1.0)
+    assert one.softmax_scale == 48 ** -0.5 and rope_attention_factor(one) == 1.0
+
+
+# ------------------------------------------------------------------------------------------ chunked prefill
+def tiny_yarn_model(seed=0) -> DeepSeekV3:
+    torch.manual_seed(seed)
+    cfg = ModelConfig.preset("tiny").replace(rope_factor=4.0, original_max_position_embeddings=16,
+                                             max_position_embeddings=64)
+    return DeepSeekV3(cfg).eval()
+
+
+@pytest.mark.parametrize("chunk", [7, 16, 64])
+@torch.no_grad()
+def test_chunked_prefill_equals_one_shot(chunk):
+    """Prefill in chunks over the latent cache = one forward of the whole input (fp32, 1e-5), past YaRN's
+    original length; position_losses = the one-shot per-position cross-entropy."""
+    model = tiny_yarn_model()
+    ids = torch.randint(0, 256, (2, 51))
+    full = model(ids[:, :-1])  # (2, 50, V)
+    parts = [(s, e, model.lm_head(h)) for s, e, h in prefill_hidden(model, ids[:, :-1], chunk)]
+    assert [(s, e) for s, e, _ in parts] == [(s, min(s + chunk, 50)) for s in range(0, 50, chunk)]
+    torch.testing.assert_close(torch.cat([x for _, _, x in parts], 1), full, atol=1e-5, rtol=1e-5)
+    ce = torch.nn.functional.cross_entropy(full.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(2, 50)
+    torch.testing.assert_close(position_losses(model, ids, chunk, batch_size=1), ce.mean(0).double(),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_memory_bounded_attention_paths_are_exact(monkeypatch, speculative):
+    """Past the budgets a chunk attends over the latent (absorbed, then flash attention in MQA form) instead of
+    up-projecting the whole prefix: forced on here, the chunked prefill still equals one forward (fp32, 1e-5),
+    and generation is unchanged."""
+    from nanoseek.inference import generate
+    from nanoseek.inference import speculative as spec
+    from nanoseek.model import attention
+
+    model = tiny_yarn_model(1)
+    ids = torch.randint(0, 256, (2, 41))
+    full = model(ids)
+    prompt = ids[0, :30].tolist()
+    before = generate(model, [prompt], 8, speculative=speculative).tokens
+    monkeypatch.setattr(attention, "EXPANDED_KV_BUDGET", 0)
+    monkeypatch.setattr(attention, "SCORES_BUDGET", 0)
+    parts = torch.cat([model.lm_head(h) for _, _, h in prefill_hidden(model, ids, 16)], 1)
+    torch.testing.assert_close(parts, full, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(spec, "PREFILL_CHUNK", 7)
+    assert generate(model, [prompt], 8, speculative=speculative).tokens == before
+
+
+def test_generate_prefill_chunks_do_not_change_the_output(monkeypatch):
+    """nanoseek.generate prefills in PREFILL_CHUNK pieces: 5-token chunks give the same greedy tokens as one."""
+    from nanoseek.inference import generate
+    from nanoseek.inference import speculative
+
+    model = tiny_yarn_model(1)
+    prompt = torch.randint(0, 256, (40,)).tolist()
+    one = generate(model, [prompt], 8).tokens
+    monkeypatch.setattr(speculative, "PREFILL_CHUNK", 5)
+    assert generate(model, [prompt], 8).tokens == one
+    assert one[0][0] == int(model(torch.tensor([prompt]))[0, -1].argmax())
+
+
+def test_latent_cache_at_128k_for_deepseek_v3(capsys):
+    r = cache_report(ModelConfig.preset("deepseek-v3"), 128 * 1024, 2)
+    assert r["latent_bytes"] == 35_136 * 131_072 * 2 == 9_210_691_584  # 8.58 GiB
+    assert r["mha_bytes"] == 2 * 128 * 128 * 61 * 131_072 * 2  # 488 GiB
+    assert r["mha_over_latent"] == pytest.approx(56.89, abs=0.01)
+    assert main(["info", "--preset", "deepseek-v3", "--context", "131072"]) == 0
+    out = capsys.readouterr().out
+    assert "9,210,691,584 bytes" in out and "8.58 GiB" in out and "488.0 GiB" in out
+
+
+# ------------------------------------------------------------------------------------------ passkey
+@pytest.fixture(scope="module")
+def bpe():
+    """A byte-level BPE in nanoseek's layout, trained on a little English (fast)."""
+    from nanoseek.train.tokenizer_train import train_bpe
+
+    text = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+            "What is the pass key? The pass key is 12345. Remember it. ") * 20
+    return train_bpe([text], 400)
+
+
+def test_passkey_examples_have_the_exact_length_and_the_key_last(bpe):
+    maker = PasskeyMaker(bpe)
+    for length in (64, 97, 200, 513):
+        for depth in (0.0, 0.35, 1.0):
+            e = maker.make(length, depth, "40719", phase=length)
+            assert len(e.ids) + 2 == length
+            assert bpe.decode(e.ids[-e.answer_len:]).strip() == "40719"
+            needle = e.text.index("The pass key is 40719.")
+            assert (needle == 0) == (depth == 0.0)
+            assert e.text.endswith("What is the pass key? The pass key is 40719")
+    assert not set(TRAIN_DEPTHS) & set(EVAL_DEPTHS)
+    with pytest.raises(ValueError, match="needs at least"):
+        maker.make(12, 0.5, "40719")
+
+
+@torch.no_grad()
+def test_passkey_scoring_is_teacher_forced_greedy():
+    """An example whose 'key' is the model's own greedy continuation scores True; one wrong token, False."""
+    model = tiny_yarn_model(2)
+    prefix = torch.randint(2, 256, (30,)).tolist()
+    seq = [0] + prefix
+    for _ in range(3):  # greedy continuation: 3 answer tokens
+        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
+    good = PasskeyExample("", seq[1:], "", 3, len(seq) + 1, 0.5)
+    bad_ids = seq[1:-1] + [(seq[-1] + 1) % 256]
+    bad = PasskeyExample("", bad_ids, "", 3, len(seq) + 1, 0.5)
+    other = PasskeyExample("", seq[1:20], "", 2, 21, 0.5)  # another length: batched separately
+    assert passkey_correct(model, [good, bad, other], bos_id=0, chunk=7, batch_size=2)[:2] == [True, False]
+
+
+def test_split_jsonl_reproduces_the_split(tmp_path):
+    from nanoseek.train.data import load_corpus
+
+    path = tmp_path / "c.jsonl"
+    train_texts, val_texts = [f"train {i}" for i in range(50)], [f"val {i}" for i in range(7)]
+    write_split_jsonl(path, train_texts, val_texts, 0.1)
+    corpus = load_corpus([str(path)], val_fraction=0.1)
+    assert [d.text for d in corpus.train] == train_texts and [d.text for d in corpus.val] == val_texts
+
+
+# ------------------------------------------------------------------------------------------ the recipe's settings
+def demo_base(**kw) -> TrainConfig:
+    return TrainConfig(**{**dict(preset="demo", seq_len=128, batch_size=32, steps=300), **kw})
+
+
+def test_recipe_stages_scaled_to_a_demo_run(tmp_path):
+    base = demo_base()
+    stages = plan_stages(base, ModelConfig.preset("demo"), tmp_path / "ext", tmp_path / "base", [4, 16])
+    assert [s.seq_len for s in stages] == [512, 2048]
+    for s in stages:
+        c = s.config
+        keys = ("rope_scaling_type", "rope_factor", "original_max_position_embeddings", "beta_fast", "beta_slow",
+                "mscale", "mscale_all_dim", "max_position_embeddings")
+        rope = {k: c.model_overrides[k] for k in keys}
+        assert rope == dict(rope_scaling_type="yarn", rope_factor=16.0, original_max_position_embeddings=128,
+                            beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0,
+                            max_position_embeddings=2048)  # one YaRN setting for both stages, as V3
+        assert c.tokens_per_step == base.tokens_per_step == 4096  # 32 x 128 = 8 x 512 = 2 x 2048
+        assert c.lr == pytest.approx(3e-4)  # the base schedule's final value (3e-3 x 0.1)
+        assert c.steps == 300 and c.warmup_steps == 15
+        assert all(learning_rate(i, c) == pytest.approx(3e-4) for i in range(15, 300))
+        assert c.mtp_lambda == c.mtp_lambda_later == 0.1 and c.bias_gamma == c.bias_gamma_later == 0.0
+    assert (stages[0].config.batch_size, stages[1].config.batch_size) == (8, 2)
+    assert stages[0].config.init_from == str((tmp_path / "base").resolve())
+    assert stages[1].config.init_from == str((tmp_path / "ext" / "stage-1").resolve())
+    assert stage_batch(demo_base(batch_size=4, grad_accum=8), 2048) == (1, 2)  # micro-batches <= the base's tokens
+
+
+def test_recipe_reproduces_deepseek_v3_settings(tmp_path):
+    """A V3-like base (4K, 15360 sequences per step, final lr 7.3e-6) extended 8x then 32x with s = 40 gets
+    V3's configuration: the preset's rope_scaling, batches of 1920 and 480, lr 7.3e-6."""
+    v3 = ModelConfig.preset("deepseek-v3")
+    base_model = v3.replace(rope_scaling_type=None, rope_factor=1.0, max_position_embeddings=4096)
+    base = TrainConfig(preset="deepseek-v3", model_overrides={"rope_scaling_type": None, "rope_factor": 1.0,
+                                                              "max_position_embeddings": 4096},
+                       seq_len=4096, batch_size=15360, steps=1000, lr=2.2e-4, min_lr_ratio=7.3e-6 / 2.2e-4,
+                       warmup_steps=10)
+    stages = plan_stages(base, base_model, tmp_path, tmp_path / "base", [8, 32], steps=1000, factor=40)
+    assert [(s.seq_len, s.config.batch_size * s.config.grad_accum) for s in stages] == [(32768, 1920),
+                                                                                         (131072, 480)]
+    for s in stages:
+        assert s.config.lr == pytest.approx(7.3e-6) and s.config.steps == 1000
+        mc = ModelConfig.preset(s.config.preset).replace(**s.config.model_overrides)
+        assert mc.to_hf()["rope_scaling"] == v3.to_hf()["rope_scaling"]
+        assert mc.max_position_embeddings == 163840 and mc.softmax_scale == pytest.approx(0.13523, abs=5e-6)
+
+
+@pytest.mark.parametrize("multiples, factor, message", [
+    ([4, 2], None, "longer than the one before: 2 x 128 = 256 is not above 512"),
+    ([1], None, "1 x 128 = 128 is not above 128"),
+    ([], None, "at least one stage"),
+    ([4, 16], 8.0, "--factor 8 is below 16"),
+])
+def test_recipe_rejects_bad_stages(tmp_path, multiples, factor, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        plan_stages(demo_base(), ModelConfig.preset("demo"), tmp_path, tmp_path, multiples, factor=factor)
+
+
+def test_extend_bad_input_is_one_line(tmp_path, capsys):
+    assert main(["extend", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and err.count("\n") == 1
+    (tmp_path / "notarun").mkdir()
+    assert main(["extend", str(tmp_path / "notarun"), "--out", str(tmp_path / "o")]) == 2
+    assert "not a nanoseek training run" in capsys.readouterr().err
+    assert main(["eval-long", str(tmp_path / "nope")]) == 2
+    assert "no such extension or run directory" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def extended(tmp_path_factory):
+    """A tiny base run at 32 tokens, extended to 128 then 256 (2 steps per stage)."""
+    from nanoseek.train.extend import extend
+
+    root = tmp_path_factory.mktemp("long")
+    cfg = TrainConfig(preset="tiny", model_overrides={"rope_scaling_type": None, "rope_factor": 1.0},
+                      data=[STDLIB_JSON], vocab_size=300, seq_len=32, batch_size=8, steps=4, warmup_steps=1,
+                      eval_every=2, eval_batches=1, save_every=4, dtype="fp32", threads=1,
+                      cache_dir=str(root / "cache"), progress=False, report=False)
+    train(cfg, root / "base", log=lambda s: None)
+    logs: list[str] = []
+    extend(root / "base", root / "ext", [4, 8], steps=2, passkey_fraction=0.2, threads=1, progress=False,
+           log=logs.append)
+    return root, logs
+
+
+def test_extend_end_to_end_checkpoints_transformers_reads_as_yarn(extended):
+    transformers = pytest.importorskip("transformers")
+    from nanoseek.hf import load_pretrained
+
+    root, logs = extended
+    assert any("passkey examples are" in line for line in logs)  # the window alignment was checked
+    for k, length in ((1, 128), (2, 256)):
+        run = root / "ext" / f"stage-{k}"
+        saved = TrainConfig.load(run / "train_config.json")
+        assert saved.seq_len == length and saved.init_from.endswith("base" if k == 1 else "stage-1")
+        hf = json.loads((run / "config.json").read_text())
+        assert hf["rope_scaling"] == {"type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32,
+                                      "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}
+        theirs = transformers.DeepseekV3Config(**hf)
+        assert theirs.rope_parameters["rope_type"] == "yarn" and theirs.rope_parameters["factor"] == 8.0
+        assert theirs.rope_parameters["original_max_position_embeddings"] == 32
+        assert theirs.max_position_embeddings == 256  # = factor x original: transformers' implicit factor agrees
+    final = load_pretrained(root / "ext" / "final")
+    assert final.config.yarn and final.config.rope_factor == 8.0
+
+
+def test_init_from_copies_the_weights_and_checks_the_architecture(extended):
+    from nanoseek.hf import load_pretrained
+    from nanoseek.train.loop import initialize_from
+
+    root, _ = extended
+    base = load_pretrained(root / "base")
+    model = DeepSeekV3(ModelConfig.from_hf(root / "ext" / "stage-2"))
+    initialize_from(model, root / "base")
+    for (name, a), b in zip(base.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(model.rotary.inv_freq, base.rotary.inv_freq)  # YaRN frequencies, from the config
+    other = DeepSeekV3(model.config.replace(hidden_size=32))
+    with pytest.raises(ValueError, match="differs from this run's in hidden_size"):
+        initialize_from(other, root / "base")
+
+
+def test_eval_long_end_to_end(extended, capsys):
+    root, _ = extended
+    out = root / "eval"
+    assert main(["eval-long", str(root / "ext"), "--windows", "2", "--passkey-samples", "1", "--lengths",
+                 "32,64,256", "--passkey-lengths", "96,128", "--depths", "0,0.5,1", "--threads", "1",
+                 "--no-progress", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    labels = [m["label"] for m in results["models"]]
+    assert len(labels) == 4 and labels[1].startswith("(b) base + YaRN s=8")
+    for m in results["models"]:
+        assert len(m["loss_by_position"]) == 256 and set(m["loss_at_length"]) == {"32", "64", "256"}
+        assert list(m["loss_by_bucket"]) == ["0-32", "32-64", "64-128", "128-256"]
+        assert set(m["passkey"]) == {"96", "128"} and set(m["passkey"]["96"]) == {"0", "0.5", "1"}
+    assert results["models"][1]["rope"]["rope_scaling_type"] == "yarn"
+    assert results["models"][0]["rope"]["rope_scaling_type"] is None
+    for png in ("loss_by_position.png", "passkey.png"):
+        assert (out / png).stat().st_size > 1000
+    assert "Passkey accuracy" in capsys.readouterr().out
