@@ -103,9 +103,12 @@ def test_layout_equals_single_process(reference, name):
     assert of_type(metrics, "val"), "validation ran"
     single = of_type(read_metrics(root / "single" / "metrics.jsonl"), "train")
     assert of_type(metrics, "train")[-1]["expert_counts"] == single[-1]["expert_counts"]  # every layer, all ranks
+    rec = of_type(metrics, "train")[-1]
     if layout[0] > 1:
-        rec = of_type(metrics, "train")[-1]
         assert 0 < rec["a2a_remote_rows"] <= rec["a2a_rows"] <= rec["a2a_slots"]
+    if layout[1] > 1 and schedule == "dualpipev":  # F&B pairs ran (in two threads when EP all-to-alls can overlap)
+        assert rec["pp_fb_early_sends"] > 0
+        assert (rec["pp_fb_threaded"] > 0) == (layout[0] > 1)
 
 
 def test_resume_under_another_layout(reference):

@@ -18,6 +18,8 @@ stored under the same names as :class:`nanoseek.model.moe.RoutedExperts` (``gate
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,23 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from ..model.moe import MoE, RoutedExperts, expert_ffn
+
+
+# The pipeline micro-batch whose forward runs in this thread (None outside a pipeline). With DualPipeV's F&B
+# overlap, one micro-batch's forward runs while another's backward does; each micro-batch's all-to-alls then
+# use their own copy of the EP group, so the two streams of collectives can never interleave differently on
+# different ranks (a collective's order only has to agree within its group).
+CURRENT_MICROBATCH: ContextVar[int | None] = ContextVar("nanoseek_microbatch", default=None)
+
+
+@contextlib.contextmanager
+def microbatch(index: int | None):
+    """Run the enclosed forward as pipeline micro-batch ``index`` (see CURRENT_MICROBATCH)."""
+    token = CURRENT_MICROBATCH.set(index)
+    try:
+        yield
+    finally:
+        CURRENT_MICROBATCH.reset(token)
 
 
 @dataclass
@@ -73,6 +92,13 @@ class ExpertParallelExperts(nn.Module):
             self.gate_up_proj = nn.Parameter(experts.gate_up_proj[lo: lo + self.n_local].clone())  # (E_local, 2F, D)
             self.down_proj = nn.Parameter(experts.down_proj[lo: lo + self.n_local].clone())  # (E_local, D, F)
         self.stats = stats if stats is not None else DispatchStats()
+        self.microbatch_groups: list[dist.ProcessGroup] = []  # copies of ``group``, one per micro-batch slot
+
+    def _group(self) -> dist.ProcessGroup:
+        mb = CURRENT_MICROBATCH.get()
+        if mb is None or not self.microbatch_groups:
+            return self.group
+        return self.microbatch_groups[mb % len(self.microbatch_groups)]
 
     @property
     def first_expert(self) -> int:
@@ -92,15 +118,16 @@ class ExpertParallelExperts(nn.Module):
         here_PK = dest_TK[pair_token] == pair_rank[:, None]  # slots of the token that this pair's rank serves
         local_PK = torch.where(here_PK, idx_TK[pair_token] % E_local, -1)  # local expert index or -1
         gate_PK = torch.where(here_PK, weights_TK[pair_token].float(), 0.0)  # gate values travel with the row
+        group = self._group()
         send = goes_TR.sum(0)  # (R,) rows to each rank
-        recv = _exchange_counts(send, self.group)
+        recv = _exchange_counts(send, group)
         send_sizes, recv_sizes = send.tolist(), recv.tolist()
 
         # ---- dispatch: hidden states, local expert indices and gate values
-        x_QD = all_to_all_single_autograd(x_TD[pair_token].contiguous(), recv_sizes, send_sizes, self.group)
+        x_QD = all_to_all_single_autograd(x_TD[pair_token].contiguous(), recv_sizes, send_sizes, group)
         local_QK = local_PK.new_empty(sum(recv_sizes), K)
-        dist.all_to_all_single(local_QK, local_PK.contiguous(), recv_sizes, send_sizes, group=self.group)
-        gate_QK = all_to_all_single_autograd(gate_PK.contiguous(), recv_sizes, send_sizes, self.group)
+        dist.all_to_all_single(local_QK, local_PK.contiguous(), recv_sizes, send_sizes, group=group)
+        gate_QK = all_to_all_single_autograd(gate_PK.contiguous(), recv_sizes, send_sizes, group)
 
         # ---- this rank's experts on the received rows, sorted by local expert
         row_S, k_S = (local_QK >= 0).nonzero(as_tuple=True)
@@ -113,7 +140,7 @@ class ExpertParallelExperts(nn.Module):
         y_QD = torch.zeros_like(x_QD, dtype=x_TD.dtype).index_add_(0, row_S, y_SD)  # summed per received row
 
         # ---- combine: one row back per (token, rank) pair, summed per token at the source
-        back_PD = all_to_all_single_autograd(y_QD.contiguous(), send_sizes, recv_sizes, self.group)
+        back_PD = all_to_all_single_autograd(y_QD.contiguous(), send_sizes, recv_sizes, group)
         out_TD = torch.zeros_like(x_TD).index_add_(0, pair_token, back_PD.to(x_TD.dtype))
 
         st = self.stats
@@ -145,6 +172,13 @@ def apply_expert_parallel(model: nn.Module, group: dist.ProcessGroup) -> Dispatc
     for _, moe in moe_modules(model):
         moe.experts = ExpertParallelExperts(moe.experts, group, stats)
     return stats
+
+
+def use_microbatch_groups(model: nn.Module, groups: list[dist.ProcessGroup]) -> None:
+    """Give every expert-parallel layer one EP group per micro-batch slot (all with the same ranks)."""
+    for _, moe in moe_modules(model):
+        if isinstance(moe.experts, ExpertParallelExperts):
+            moe.experts.microbatch_groups = list(groups)
 
 
 def node_limit_note(n_group: int, topk_group: int, topk_method: str, ep: int) -> str:

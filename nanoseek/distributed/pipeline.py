@@ -31,16 +31,18 @@ The sequence-wise balance loss is per MoE layer and the layers live on different
 layer's alpha x L_Bal enters the backward where it is computed, through :class:`AddAuxiliaryLoss` (a
 zero-forward autograd function, as DeepSeek's own modeling code does it).
 
-Overlap, honestly. The ``OVERLAP_F_B`` function registered on DualPipeV runs the paired forward, then
-*starts the forward's send to the next rank before* running the paired backward (torch's default runtime
-sends only after both), so the next rank gets its input one backward earlier and the transfer overlaps the
-backward's compute. It does not overlap the forward's compute with the backward's compute: on one CPU
-stream the two run one after the other. DeepSeek's real F&B overlap comes from splitting each chunk into
-attention / all-to-all dispatch / MLP / all-to-all combine and interleaving the two chunks so one chunk's
-expert-parallel all-to-all (and PP sends) hide behind the other chunk's compute, on separate GPU streams and
-SMs; that needs the expert-parallel all-to-all to be asynchronous and is not done here. Compute order is
-never changed, so collectives inside the forward (expert parallelism) keep the same order on every rank;
-only non-blocking sends move earlier, which cannot create a deadlock.
+Overlap. The ``OVERLAP_F_B`` function registered on DualPipeV runs the paired forward and backward of two
+different micro-batches and *starts the forward's send to the next rank before* the backward finishes (torch's
+default runtime sends only after both), so the next rank gets its input one backward earlier. With expert
+parallelism (``overlap_threads``, set by the distributed trainer) the forward runs in a second thread while the
+backward runs in the schedule's thread: one chunk's all-to-all dispatch and combine (and their waits) proceed
+while the other chunk computes, which is what DualPipe's F&B overlap is for. Collectives stay safe because each
+micro-batch's expert-parallel all-to-alls use their own copy of the EP group (``expert_parallel.microbatch``;
+the backward's all-to-alls reuse the group their forward captured): within a group the order of collectives is
+the same on every rank, and the two threads never share a group. Compute order inside each chunk never changes.
+What this does not do is DeepSeek's finer interleaving (attention / dispatch / MLP / combine of the two chunks
+on separate GPU streams with SM partitioning); on a CPU the two threads share the cores, so the gain is the
+communication wait, not more compute.
 
 Uses ``PipelineStage`` with static shapes (no metadata-inference forward): a schedule is built per
 micro-batch shape and cached. Tested on torch 2.13 (the custom F&B function replays the runtime's
@@ -50,6 +52,7 @@ forward/backward bookkeeping, which is private API).
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Iterator, NamedTuple
 
@@ -77,6 +80,7 @@ from ..config import ModelConfig
 from ..model.moe import Routing
 from ..model.transformer import DeepSeekV3
 from ..objectives import mtp_loss, next_token_loss, sequence_balance_loss
+from .expert_parallel import microbatch
 
 __all__ = ["SCHEDULES", "AddAuxiliaryLoss", "EvalStats", "PipelineRunner", "StepLosses", "plan_stages"]
 
@@ -271,8 +275,11 @@ class PipelineRunner:
 
     def __init__(self, model: DeepSeekV3, pp_group: dist.ProcessGroup, *, schedule: str = "dualpipev",
                  n_microbatches: int, device: torch.device = torch.device("cpu"),
-                 autocast: Callable[[], ContextManager] | None = None):
+                 autocast: Callable[[], ContextManager] | None = None, overlap_threads: bool = False):
         self.config = model.config
+        # DualPipeV F&B: run the paired forward in a second thread while the backward runs (see _install_overlap)
+        self.overlap_threads = overlap_threads
+        self.threaded_pairs = 0  # F&B pairs the last step ran in two threads
         self.group = pp_group
         self.pp_size = dist.get_world_size(pp_group)
         self.rank = dist.get_rank(pp_group)
@@ -370,6 +377,7 @@ class PipelineRunner:
 
         stash = self._stash_duplicate_grad()
         self._early_sends = []
+        self.threaded_pairs = 0
         schedule.step(*args, target=target, return_outputs=False)
         for works in self._early_sends:
             _wait_batch_p2p(works)
@@ -454,11 +462,25 @@ class PipelineRunner:
                     order.remove(send)
                     early.add((sub.stage_index, sub.microbatch_index))
 
+        def forward(action: _Action, ctx: _PipelineContext) -> None:
+            with microbatch(action.microbatch_index):  # its expert-parallel all-to-alls use its own EP group
+                self._run_forward(schedule, stages, action, ctx)
+
         def overlap_f_b(action: _Action, ctx: _PipelineContext) -> None:
-            """F then B of two different chunks; the F's activations leave for the next rank before B runs."""
+            """F then B of two different chunks; the F's activations leave for the next rank before B runs.
+            With ``overlap_threads``, F runs in a second thread while B runs in this one."""
+            kinds = [sub.computation_type for sub in action.sub_actions]
+            if self.overlap_threads and sorted(map(str, kinds)) == sorted(map(str, (FORWARD, FULL_BACKWARD))):
+                f = action.sub_actions[kinds.index(FORWARD)]
+                b = action.sub_actions[kinds.index(FULL_BACKWARD)]
+                self._run_pair_threaded(schedule, stages, f, b, ctx)
+                if (f.stage_index, f.microbatch_index) in early:
+                    self._early_sends.append(_batch_p2p(stages[f.stage_index].get_fwd_send_ops(f.microbatch_index)))
+                self.threaded_pairs += 1
+                return
             for sub in action.sub_actions:
                 if sub.computation_type == FORWARD:
-                    self._run_forward(schedule, stages, sub, ctx)
+                    forward(sub, ctx)
                     if (sub.stage_index, sub.microbatch_index) in early:
                         ops = stages[sub.stage_index].get_fwd_send_ops(sub.microbatch_index)
                         self._early_sends.append(_batch_p2p(ops))
@@ -468,6 +490,31 @@ class PipelineRunner:
                     raise RuntimeError(f"unexpected sub-action {sub} in OVERLAP_F_B {action}")
 
         schedule.register_custom_function(OVERLAP_F_B, overlap_f_b)
+        schedule.register_custom_function(FORWARD, forward)
+
+    def _run_pair_threaded(self, schedule, stages: dict[int, PipelineStage], f: _Action, b: _Action,
+                           ctx: _PipelineContext) -> None:
+        """Forward of chunk f in a second thread, backward of chunk b in this one, so f's expert-parallel
+        all-to-alls (on micro-batch f's EP group) proceed while b computes, and the other way round. Each
+        thread keeps its own collectives' order, and the two use different process groups, so no rank can
+        pair them differently; autocast and grad mode are per thread, and the stage's forward sets its own."""
+        errors: list[BaseException] = []
+
+        def run_forward() -> None:
+            try:
+                with microbatch(f.microbatch_index):
+                    self._run_forward(schedule, stages, f, ctx)
+            except BaseException as e:  # re-raised in the schedule's thread
+                errors.append(e)
+
+        worker = threading.Thread(target=run_forward, name=f"nanoseek-F{f.microbatch_index}", daemon=True)
+        worker.start()
+        try:
+            self._run_backward(schedule, stages, b)
+        finally:
+            worker.join()
+        if errors:
+            raise errors[0]
 
     @staticmethod
     def _run_forward(schedule, stages: dict[int, PipelineStage], a: _Action, ctx: _PipelineContext) -> None:

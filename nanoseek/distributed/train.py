@@ -40,7 +40,7 @@ from ..train.loop import (TrainingError, TrainResult, Trainer, _resume_mismatche
                           initialize_from, model_config, pick_device)
 from ..train.metrics import MetricsLog
 from ..train.optim import bias_gamma, learning_rate, mtp_lambda
-from .expert_parallel import apply_expert_parallel, moe_modules, node_limit_note
+from .expert_parallel import apply_expert_parallel, moe_modules, node_limit_note, use_microbatch_groups
 from .mesh import DEFAULT_TIMEOUT_S, Layout, ParallelContext, init_parallel, world_from_env
 from .state import DistributedOptimizer, full_model, gather_full_state
 from .sync import clip_global_grad_norm, reduce_gradients, sum_over
@@ -207,8 +207,11 @@ class DistributedTrainer:
             from .pipeline import PipelineRunner
 
             n_micro = (par.microbatches or self._default_microbatches(cfg, ctx)) * cfg.grad_accum
+            overlap = layout.ep > 1 and par.schedule == "dualpipev"
+            if overlap:  # F&B in two threads: each micro-batch's all-to-alls on their own copy of the EP group
+                use_microbatch_groups(model, self._microbatch_ep_groups(n_micro))
             runner = PipelineRunner(model, ctx.pp_group, schedule=par.schedule, n_microbatches=n_micro,
-                                    device=device, autocast=autocast)
+                                    device=device, autocast=autocast, overlap_threads=overlap)
             named = list(runner.named_parameters())
             duplicates = list(getattr(runner, "duplicate_params", []))
             local = {id(p) for _, p in named}
@@ -288,8 +291,9 @@ class DistributedTrainer:
             if runner is not None:
                 out = runner.step(torch.cat(local), lam, alpha)
                 parts = [out.total, out.main, out.mtp, out.balance, *out.mtp_per_depth]
+                pipe = {"pp_fb_threaded": runner.threaded_pairs, "pp_fb_early_sends": runner.early_sends}
             else:
-                parts = None
+                parts, pipe = None, None
                 for batch in local:
                     with autocast():
                         o = model.forward_train(batch[:, :-1])
@@ -332,6 +336,7 @@ class DistributedTrainer:
             if ctx.is_main:
                 rec = self._record(step, tokens, losses, lr, lam, gamma, alpha, grad_norm, dt, elapsed, all_counts,
                                    a2a)
+                rec.update(pipe or {})
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     metrics.append(rec)
                 self._update_bar(rec)
@@ -368,6 +373,19 @@ class DistributedTrainer:
                 return n
         raise ValueError(f"the {self.parallel.schedule} schedule needs at least {need} micro-batches, but each "
                          f"data rank has {local} sequences per step: raise --batch-size or lower --pp")
+
+    def _microbatch_ep_groups(self, n: int) -> list[dist.ProcessGroup]:
+        """``n`` copies of this rank's EP group (every rank creates every group, in the same order)."""
+        ranks = self.ctx.mesh.mesh  # (pp, dp, ep) global ranks
+        mine = []
+        for _ in range(n):
+            for pp in range(ranks.shape[0]):
+                for dp in range(ranks.shape[1]):
+                    members = ranks[pp, dp].tolist()
+                    group = dist.new_group(members)
+                    if self.ctx.rank in members:
+                        mine.append(group)
+        return mine
 
     def _summed_counts(self, collector: _CountCollector) -> dict[str, torch.Tensor]:
         counts = collector.take()
