@@ -161,6 +161,52 @@ def test_dead_or_hung_rank_fails_the_job(reference, mode):
     assert time.time() - t0 < 60
 
 
+def _moe_worker(rank: int, world: int) -> dict:
+    from nanoseek.distributed.expert_parallel import apply_expert_parallel
+
+    moe, x = _moe_and_input()
+    apply_expert_parallel(moe, torch.distributed.group.WORLD)
+    mine = x.detach()[rank::world].clone().requires_grad_(True)
+    y, routing = moe(mine)
+    (y.square().sum() + routing.scores.sum()).backward()
+    return {"y": y.detach(), "x_grad": mine.grad, "gate_up_grad": moe.experts.gate_up_proj.grad,
+            "router_grad": moe.gate.weight.grad, "counts": routing.counts}
+
+
+def _moe_and_input():
+    from nanoseek.config import ModelConfig
+    from nanoseek.model.moe import MoE
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny")  # 16 experts in 4 groups, top-4 within 2 groups
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.2)
+    moe.gate.e_score_correction_bias[:8] = -100.0  # every token picks experts 8..15: EP rank 1 only
+    return moe, torch.randn(4, 6, cfg.hidden_size, requires_grad=True)
+
+
+def test_expert_parallel_layer_when_a_rank_receives_no_token():
+    """EP=2 forward and backward equal one process even when rank 0's experts get no token at all (its
+    all-to-alls must still run in the backward)."""
+    results = run_spawned(_moe_worker, 2, timeout_s=60)
+    moe, x = _moe_and_input()
+    grads = torch.zeros_like(moe.experts.gate_up_proj)
+    for rank, res in enumerate(results):
+        mine = x.detach()[rank::2].clone().requires_grad_(True)
+        moe.zero_grad()
+        y, routing = moe(mine)
+        (y.square().sum() + routing.scores.sum()).backward()
+        torch.testing.assert_close(res["y"], y.detach(), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(res["x_grad"], mine.grad, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(res["router_grad"], moe.gate.weight.grad, rtol=1e-4, atol=1e-4)
+        assert torch.equal(res["counts"], routing.counts) and routing.counts[:8].sum() == 0
+        grads += moe.experts.gate_up_proj.grad
+    ep_grads = torch.cat([results[0]["gate_up_grad"] if results[0]["gate_up_grad"] is not None
+                          else torch.zeros(8, *grads.shape[1:]), results[1]["gate_up_grad"]])
+    torch.testing.assert_close(ep_grads, grads, rtol=1e-4, atol=1e-4)
+
+
 def test_layout_errors():
     from nanoseek.config import ModelConfig
     from nanoseek.distributed.mesh import Layout

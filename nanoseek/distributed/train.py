@@ -253,12 +253,14 @@ class DistributedTrainer:
                                 "params": n_params, "model": mc.to_hf(), "layout": str(layout)})
             cfg.save(run / ckpt_io.CONFIG_FILE)
 
+        bad_streak = int(state.get("bad_streak", 0)) if self.resume else 0
+
         def save(step_now: int) -> None:
             gathered = gather_full_state(model, named, optimizer, ctx, duplicates)
             if ctx.is_main:
                 model_sd, optim = gathered
                 st = {"step": step_now, "tokens": tokens, "elapsed": elapsed, "data": batches.position,
-                      "data_keys": data.summary["cache"], "bad_streak": 0,
+                      "data_keys": data.summary["cache"], "bad_streak": bad_streak,
                       "lr": learning_rate(max(step_now - 1, 0), cfg), "seed": cfg.seed, "layout": str(layout)}
                 ckpt_io.save_checkpoint(run, full_model(mc, model_sd), optim, st, cfg.to_dict(),
                                         keep=cfg.keep_checkpoints)
@@ -300,7 +302,7 @@ class DistributedTrainer:
                     terms = training_loss(o, batch[:, 1:], mtp_lambda=lam, balance_alpha=alpha)
                     (terms.total / cfg.grad_accum).backward()
                     vals = [terms.total, terms.main, terms.mtp, terms.balance, *terms.mtp_per_depth]
-                    vals = [float(v) / cfg.grad_accum for v in vals]
+                    vals = [float(v.detach()) / cfg.grad_accum for v in vals]
                     parts = vals if parts is None else [a + b for a, b in zip(parts, vals)]
                     del o, terms
             collector.enabled = False
@@ -321,9 +323,16 @@ class DistributedTrainer:
                             c = c.to(bias.device, torch.float32)
                             bias.add_(gamma * torch.sign(c.mean() - c))  # b_i += gamma sign(mean c - c_i)
             optimizer.zero_grad()
+            bad_streak = 0 if finite else bad_streak + 1  # the same on every rank: losses and norm are global
+            if bad_streak >= cfg.max_bad_steps:
+                msg = (f"stopped: the loss was NaN/inf in {bad_streak} consecutive steps (up to step {step + 1}); "
+                       f"lower --lr or check the data; the last good checkpoint is intact: resume with --resume {run}")
+                if ctx.is_main:
+                    metrics.append({"type": "event", "step": step + 1, "event": "stopped", "message": msg})
+                raise TrainingError(msg)
             if not finite:
-                raise TrainingError(f"step {step + 1}: the loss or gradient is not finite (loss {float(losses[0])}, "
-                                    f"grad norm {grad_norm}); lower --lr; resume with --resume {run}")
+                self.log(f"step {step + 1}: the loss or gradient is not finite (loss {float(losses[0])}, grad norm "
+                         f"{grad_norm}); the step was skipped ({bad_streak} in a row)")
             step += 1
             tokens += cfg.tokens_per_step
             dt = time.perf_counter() - t0
@@ -336,7 +345,7 @@ class DistributedTrainer:
             if ctx.is_main:
                 rec = self._record(step, tokens, losses, lr, lam, gamma, alpha, grad_norm, dt, elapsed, all_counts,
                                    a2a)
-                rec.update(pipe or {})
+                rec.update(pipe or {}, skipped=not finite)
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     metrics.append(rec)
                 self._update_bar(rec)
