@@ -111,6 +111,18 @@ def test_layout_equals_single_process(reference, name):
         assert (rec["pp_fb_threaded"] > 0) == (layout[0] > 1)
 
 
+def test_grad_accum_becomes_pipeline_microbatches(reference):
+    """--grad-accum 2 under PP=2: the accumulated micro-batches run as pipeline micro-batches, same run."""
+    from nanoseek.train.loop import train
+
+    root, cache = reference
+    cfg = base_config(cache, batch_size=4, grad_accum=2)
+    train(cfg, root / "single_accum", log=quiet)
+    run_spawned(_train_worker, 2, cfg.to_dict(), str(root / "pp2_accum"), (1, 2, 1), "dualpipev", False,
+                timeout_s=120)
+    assert_same_run(root / "pp2_accum", root / "single_accum")
+
+
 def test_resume_under_another_layout(reference):
     """3 steps with EP=2, then 2 more in one process: the 5-step single-process run."""
     from nanoseek.train.loop import train
