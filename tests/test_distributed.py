@@ -153,6 +153,17 @@ def test_torchrun_cli_equals_single_process(reference):
     assert_same_run(out, root / "single")
 
 
+def test_resume_from_a_pipeline_run_under_expert_and_zero_parallelism(reference):
+    """3 steps with PP=2 (1F1B: the last rank holds a copy of the embedding), then 2 more with EP=2 x DP=2
+    (ZeRO-1 shards the loaded AdamW moments): the 5-step single-process run."""
+    root, cache = reference
+    out = root / "pp2_then_ep2_dp2"
+    run_spawned(_train_worker, 2, base_config(cache, steps=3, save_every=3).to_dict(), str(out), (1, 2, 1), "1f1b",
+                False, timeout_s=120)
+    run_spawned(_train_worker, 4, base_config(cache).to_dict(), str(out), (2, 1, 2), "dualpipev", True, timeout_s=120)
+    assert_same_run(out, root / "single")
+
+
 def _dying_worker(rank: int, world: int, cfg_dict: dict, out: str, mode: str) -> None:
     if rank == 1:
         if mode == "hang":
