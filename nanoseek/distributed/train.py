@@ -434,21 +434,30 @@ class DistributedTrainer:
     def _evaluate(self, model, runner, val_batches, autocast, step, tokens, metrics, device) -> float | None:
         ctx = self.ctx
         total = torch.zeros(2, dtype=torch.float64)
+
+        def share(batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+            """This data rank's rows; a rank left without any still runs one row (its expert-parallel and
+            pipeline peers wait for its collectives) and counts none of it."""
+            part = batch[ctx.data_rank::ctx.data_size]
+            return (part, 1.0) if len(part) else (batch[:1], 0.0)
+
         if runner is not None:
             if not hasattr(runner, "eval_loss"):
                 return None
             for batch in val_batches:
-                s, n = runner.eval_loss(batch[ctx.data_rank::ctx.data_size].to(device))
-                total += torch.tensor([s, n], dtype=torch.float64)
+                part, weight = share(batch)
+                s, n = runner.eval_loss(part.to(device))
+                total += weight * torch.tensor([s, n], dtype=torch.float64)
         else:
             model.eval()
             try:
                 for batch in val_batches:
-                    part = batch[ctx.data_rank::ctx.data_size].to(device)
+                    part, weight = share(batch)
+                    part = part.to(device)
                     with autocast():
                         logits = model(part[:, :-1])
                     ce = F.cross_entropy(logits.float().flatten(0, 1), part[:, 1:].flatten(), reduction="sum")
-                    total += torch.tensor([ce.item(), part[:, 1:].numel()], dtype=torch.float64)
+                    total += weight * torch.tensor([ce.item(), part[:, 1:].numel()], dtype=torch.float64)
             finally:
                 model.train()
         total = sum_over(total, ctx.data_group)
