@@ -73,8 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--bf16-mode", choices=("autocast", "weights"), default="autocast",
-                   help="with --dtype bf16: autocast (fp32 master weights, default) or bf16 weights")
+    p.add_argument("--bf16-mode", choices=("autocast", "weights", "master"), default="autocast",
+                   help="with --dtype bf16: autocast (fp32 master weights, default), bf16 weights, or master: "
+                        "each side's own mixed precision, nanoseek --dtype bf16-weights (bf16 weights, fp32 master "
+                        "copies) against transformers under autocast (fp32 weights)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per implementation (after warmup)")
     p.add_argument("--warmup", type=int, default=1, help="discarded steps per implementation")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (CPU)")
@@ -121,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def precision_label(args) -> str:
     if args.dtype == "fp32":
         return "fp32"
+    if args.bf16_mode == "master":
+        return "bf16, fp32 master weights: nanoseek bf16 weights + fp32 masters, transformers autocast"
     return "bf16 autocast (fp32 master weights)" if args.bf16_mode == "autocast" else "bf16 weights"
 
 
@@ -132,8 +136,8 @@ def compute_dtype(args) -> torch.dtype:
     return torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
 
-def autocast_ctx(args, device: torch.device):
-    if args.dtype == "bf16" and args.bf16_mode == "autocast":
+def autocast_ctx(args, device: torch.device, name: str = ""):
+    if args.dtype == "bf16" and (args.bf16_mode == "autocast" or (args.bf16_mode == "master" and name != "nanoseek")):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -316,8 +320,14 @@ class Impl:
         self.model.train()
         # Same optimizer, same settings, both sides (default torch implementation choice).
         impl_kw = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[args.adamw]
-        self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
-                                     betas=(0.9, 0.95), weight_decay=0.1, **impl_kw)
+        self.masters = None
+        params = [p for p in model.parameters() if p.requires_grad]
+        if name == "nanoseek" and args.dtype == "bf16" and args.bf16_mode == "master":
+            from nanoseek.train.precision import MasterWeights
+
+            self.masters = MasterWeights(model)  # bf16 weights; the optimizer steps fp32 copies
+            params = [p for _, p in self.masters.named_parameters()]
+        self.opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, **impl_kw)
         self.args, self.device = args, device
         self.times: list[float] = []
         self.cpu_times: list[float] = []
@@ -337,11 +347,13 @@ class Impl:
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         t0, c0, b0 = time.perf_counter(), time.process_time(), cpu_busy_seconds()
-        with autocast_ctx(self.args, device):
+        with autocast_ctx(self.args, device, self.name):
             logits = self.logits(ids)
             loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         self.opt.step()
+        if self.masters is not None:
+            self.masters.copy_to_model()
         self.opt.zero_grad(set_to_none=True)
         sync(device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -498,7 +510,7 @@ def profile_step(impl: Impl, ids: torch.Tensor, rows: int) -> str:
         sync(device)
         t0, c0, b0 = time.perf_counter(), time.process_time(), cpu_busy_seconds()
         with profile(activities=acts, record_shapes=True) as prof:
-            with autocast_ctx(impl.args, device):
+            with autocast_ctx(impl.args, device, impl.name):
                 with record_function(tag + "forward(other)"):
                     logits = impl.logits(ids)
                 with record_function(tag + "loss"):

@@ -159,6 +159,9 @@ class DistributedTrainer:
         cfg, run, ctx, par = self.cfg, self.run_dir, self.ctx, self.parallel
         layout = par.layout
         t_setup = time.perf_counter()
+        if cfg.dtype == "bf16-weights":
+            raise ValueError("--dtype bf16-weights runs in one process only for now; use --dtype bf16 (autocast) "
+                             "with --ep / --pp / --dp")
         if cfg.batch_size % ctx.data_size:
             raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {ctx.data_size} data-parallel "
                              f"ranks (--dp {layout.dp} x --ep {layout.ep})")

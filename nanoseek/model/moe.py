@@ -48,13 +48,20 @@ class Router(nn.Module):
 
     def _apply(self, fn, recurse=True):
         """Keep the centroids and the bias in fp32 when the model is cast (``model.to(torch.bfloat16)``):
-        a bias update of gamma = 0.001 would round away in bf16, and the router is computed in fp32."""
+        a bias update of gamma = 0.001 would round away in bf16, and the router is computed in fp32. Their fp32
+        values are kept as they were (moved to the new device), not rounded through the cast."""
+        before = {"weight": self.weight.data, "e_score_correction_bias": self.e_score_correction_bias}
         super()._apply(fn, recurse)
-        if self.weight.is_floating_point() and self.weight.dtype != torch.float32 and not self.weight.is_meta:
-            self.weight.data = self.weight.data.float()
-        bias = self.e_score_correction_bias
-        if bias is not None and bias.dtype != torch.float32:
-            self.e_score_correction_bias = bias.float()
+        for name, old in before.items():
+            new = getattr(self, name)
+            if new is None or not new.is_floating_point() or new.dtype == torch.float32 or new.is_meta:
+                continue
+            kept = old.to(new.device) if old is not None and old.dtype == torch.float32 and not old.is_meta \
+                else new.float()
+            if name == "weight":
+                self.weight.data = kept
+            else:
+                self.e_score_correction_bias = kept
         return self
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

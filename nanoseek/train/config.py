@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 BALANCE_MODES = ("bias", "aux", "none")
-DTYPES = ("bf16", "fp32")
+DTYPES = ("bf16", "bf16-weights", "fp32")
 MIN_VOCAB = 258  # 256 byte tokens + bos + eos
 MAX_VOCAB = 1 << 20
 MIN_SEQ_LEN = 8

@@ -33,8 +33,11 @@ from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import BatchStream, prepare_data, validation_batches
 from .metrics import MetricsLog
 from .optim import bias_gamma, build_optimizer, learning_rate, mtp_lambda
+from .precision import MasterWeights
 
 
+DTYPE_NOTES = {"bf16": "bf16 autocast (fp32 weights)", "bf16-weights": "bf16 weights, fp32 master weights",
+               "fp32": "fp32"}
 FIT_PROBE_STEPS = 6  # steps timed before the number of steps is fitted to the time budget
 REFIT_EVERY = 10  # refit that often until the decay begins, so a slow start (a busy machine) is corrected
 
@@ -123,7 +126,7 @@ def estimate_memory(mc: ModelConfig, cfg: TrainConfig) -> dict[str, int]:
         n_params = sum(p.numel() for p in DeepSeekV3(mc).parameters())
     state = 16 * n_params
     N = cfg.batch_size * cfg.seq_len
-    act = 2 if cfg.dtype == "bf16" else 4
+    act = 2 if cfg.dtype in ("bf16", "bf16-weights") else 4
     D = mc.num_nextn_predict_layers
     logits = N * mc.vocab_size * (1 + D) * (act + 4 + 4 + 4)
     d = mc.hidden_size
@@ -327,7 +330,8 @@ class Trainer:
                 initialize_from(model, cfg.init_from)
                 self.log(f"initialized from the weights of {cfg.init_from}")
         model.train()
-        optimizer = build_optimizer(model, cfg)
+        masters = MasterWeights(model) if cfg.dtype == "bf16-weights" else None  # bf16 weights, fp32 masters
+        optimizer = build_optimizer(masters.named_parameters() if masters else model, cfg)
         step, tokens, elapsed, position = 0, 0, 0.0, {"epoch": 0, "cursor": 0}
         bad_streak = 0
         if self.resume:
@@ -351,7 +355,7 @@ class Trainer:
         self.log(f"model: preset {cfg.preset}, {n_params / 1e6:.2f} M parameters ({mc.num_hidden_layers} layers, "
                  f"d {mc.hidden_size}, {mc.n_routed_experts} routed experts top-{mc.num_experts_per_tok}, "
                  f"MTP depth {mc.num_nextn_predict_layers}, vocabulary {mc.vocab_size}); {device.type}, "
-                 f"{'bf16 autocast' if cfg.dtype == 'bf16' else 'fp32'}, {torch.get_num_threads()} threads")
+                 f"{DTYPE_NOTES[cfg.dtype]}, {torch.get_num_threads()} threads")
         self.log(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = "
                  f"{cfg.tokens_per_step:,} tokens, lr {cfg.lr:g}, balance {cfg.balance} (alpha {alpha:g}"
                  + (f", gamma {cfg.bias_gamma:g}" if cfg.balance == "bias" else "") + f"), MTP lambda {cfg.mtp_lambda:g}"
@@ -374,7 +378,8 @@ class Trainer:
             st = {"step": step_now, "tokens": tokens, "elapsed": elapsed, "data": batches.position,
                   "data_keys": data.summary["cache"], "bad_streak": bad_streak,
                   "lr": learning_rate(max(step_now - 1, 0), cfg), "seed": cfg.seed}
-            ckpt_io.save_checkpoint(run, model, optimizer, st, cfg.to_dict(), keep=cfg.keep_checkpoints)
+            with masters.fp32_weights() if masters else contextlib.nullcontext():  # checkpoints hold fp32
+                ckpt_io.save_checkpoint(run, model, optimizer, st, cfg.to_dict(), keep=cfg.keep_checkpoints)
 
         if not self.resume:
             save(0)
@@ -431,6 +436,8 @@ class Trainer:
                 finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
                 if finite:
                     optimizer.step()
+                    if masters:
+                        masters.copy_to_model()
                     if gamma and counts is not None:
                         update_balance_bias(model, counts, gamma)
                     bad_streak = 0
