@@ -263,7 +263,7 @@ def report(results: list[dict], args, cfg: ModelConfig, elapsed: float, start_ma
         f"{statistics.mean(one['sim_idle']):.2f} s for 1F1B vs {statistics.mean(dual['sim_idle']):.2f} s for "
         f"DualPipeV; the formulas give "
         f"{one['formula']:.2f} s and {dual['formula']:.2f} s.",
-        f"- The formula counts the bubble of a rank of uniform stages; per-rank simulated idle differs by rank "
+        "- The formula counts the bubble of a rank of uniform stages; per-rank simulated idle differs by rank "
         "because the first and last stages cost differently (embedding; head and loss) and DualPipeV's ranks "
         "do not all wait the same.",
         f"- Measured idle fractions include waiting for a core whenever more ranks than cores ({os.cpu_count()}) "

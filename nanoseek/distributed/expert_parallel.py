@@ -100,10 +100,6 @@ class ExpertParallelExperts(nn.Module):
             return self.group
         return self.microbatch_groups[mb % len(self.microbatch_groups)]
 
-    @property
-    def first_expert(self) -> int:
-        return self.ep_rank * self.n_local
-
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sum_k g_k FFN_{i_k}(x) per token (V3 eq. 12) with the experts spread over the EP group, and the
         token count per expert (E,) of this rank's tokens."""
@@ -138,10 +134,6 @@ class ExpertParallelExperts(nn.Module):
                           self.down_proj)  # (S, D)
         y_SD = (y_SD.float() * gate_QK[row_S, k_S][:, None]).to(x_TD.dtype)  # g_{i,t} FFN_i(u_t)
         y_QD = torch.zeros_like(x_QD, dtype=x_TD.dtype).index_add_(0, row_S, y_SD)  # summed per received row
-        if row_S.numel() == 0 and x_QD.requires_grad:
-            # no row for this rank's experts: keep the dispatch in the graph anyway, so that its backward
-            # all-to-all runs here too (every rank of the group must join it, or the collectives mismatch)
-            y_QD = y_QD + x_QD.sum() * 0.0
 
         # ---- combine: one row back per (token, rank) pair, summed per token at the source
         back_PD = all_to_all_single_autograd(y_QD.contiguous(), send_sizes, recv_sizes, group)

@@ -47,11 +47,6 @@ class DistributedOptimizer:
         else:
             self.optimizer = torch.optim.AdamW(plain_groups, **kw)
             self.local = self.optimizer
-        self.zero = ctx.layout.dp > 1
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return self.optimizer.param_groups
 
     def set_lr(self, lr: float) -> None:
         for g in self.optimizer.param_groups:

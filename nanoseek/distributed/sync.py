@@ -43,17 +43,9 @@ def reduce_gradients(named_params: Iterable[tuple[str, nn.Parameter]], ctx: Para
         (expert if is_expert_param(name) else plain).append(p.grad)
     if ctx.data_size == 1:
         return
-    scale = 1.0 / ctx.data_size
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for g in plain:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for grads in by_dtype.values():
-        _all_reduce_flat(grads, ctx.data_group, scale)
-    by_dtype = {}
-    for g in expert:
-        by_dtype.setdefault(g.dtype, []).append(g)
-    for grads in by_dtype.values():
-        _all_reduce_flat(grads, ctx.dp_group, scale)
+    for grads, group in ((plain, ctx.data_group), (expert, ctx.dp_group)):
+        for dtype in sorted({g.dtype for g in grads}, key=str):  # one flat buffer per dtype, same order everywhere
+            _all_reduce_flat([g for g in grads if g.dtype == dtype], group, 1.0 / ctx.data_size)
 
 
 def clip_global_grad_norm(named_params: list[tuple[str, nn.Parameter]], ctx: ParallelContext, max_norm: float,

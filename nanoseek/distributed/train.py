@@ -31,13 +31,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..model import DeepSeekV3
 from ..objectives import max_violation, training_loss
 from ..train import checkpoint as ckpt_io
 from ..train.config import TrainConfig
 from ..train.data import BatchStream, prepare_data, validation_batches
 from ..train.loop import (TrainingError, TrainResult, Trainer, _resume_mismatches, autocast_context,
-                          initialize_from, model_config, pick_device)
+                          build_model, model_config, pick_device)
 from ..train.metrics import MetricsLog
 from ..train.optim import bias_gamma, learning_rate, mtp_lambda
 from .expert_parallel import apply_expert_parallel, moe_modules, node_limit_note, use_microbatch_groups
@@ -192,15 +191,7 @@ class DistributedTrainer:
         # ---- model: every rank builds (or loads) the full model identically, then keeps its part
         mc = model_config(cfg, data.vocab_size, data.bos_id, data.eos_id)
         layout.validate(dist.get_world_size(), mc)
-        if self.resume:
-            model = ckpt_io.load_model(ckpt_dir, device)
-        else:
-            torch.manual_seed(cfg.seed)
-            model = DeepSeekV3(mc).to(device)
-            if cfg.init_from:
-                initialize_from(model, cfg.init_from)
-                self.log(f"initialized from the weights of {cfg.init_from}")
-        model.train()
+        model = build_model(cfg, mc, device, ckpt_dir if self.resume else None, self.log)
         n_params = sum(p.numel() for p in model.parameters())
         stats = apply_expert_parallel(model, ctx.ep_group) if layout.ep > 1 else None
         collector = _CountCollector(model)
@@ -216,7 +207,7 @@ class DistributedTrainer:
             runner = PipelineRunner(model, ctx.pp_group, schedule=par.schedule, n_microbatches=n_micro,
                                     device=device, autocast=autocast, overlap_threads=overlap)
             named = list(runner.named_parameters())
-            duplicates = list(getattr(runner, "duplicate_params", []))
+            duplicates = list(runner.duplicate_params)
             local = {id(p) for _, p in named}
             for p in model.parameters():  # free the layers of the other stages
                 if id(p) not in local:
@@ -445,8 +436,6 @@ class DistributedTrainer:
             return (part, 1.0) if len(part) else (batch[:1], 0.0)
 
         if runner is not None:
-            if not hasattr(runner, "eval_loss"):
-                return None
             for batch in val_batches:
                 part, weight = share(batch)
                 s, n = runner.eval_loss(part.to(device))
@@ -472,23 +461,11 @@ class DistributedTrainer:
         return loss
 
     def _open_bar(self, step: int) -> None:
-        if not self.cfg.progress or not self.ctx.is_main:
-            return
-        from tqdm.auto import tqdm
+        if self.ctx.is_main:  # the other ranks show nothing
+            Trainer._open_bar(self, step)
 
-        self._bar = tqdm(total=self.cfg.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
-                         desc="train", mininterval=0.5, smoothing=0.1)
-
-    def _update_bar(self, rec: dict[str, Any]) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix_str(f"loss {rec['main_loss']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | "
-                                      f"lr {rec['lr']:.2e}", refresh=False)
-            self._bar.update(1)
-
-    def _close_bar(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+    _update_bar = Trainer._update_bar
+    _close_bar = Trainer._close_bar
 
 
 def _layer_order(name: str) -> tuple[int, int]:

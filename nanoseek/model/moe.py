@@ -127,7 +127,9 @@ def expert_ffn(x_SD: torch.Tensor, counts_E: torch.Tensor, gate_up_EFD: torch.Te
         if x_e.shape[0]:
             gate, up = (x_e @ gate_up[e].T).chunk(2, dim=-1)
             chunks.append((F.silu(gate) * up) @ down[e].T)
-    return torch.cat(chunks) if chunks else x_SD.new_zeros(0, down.shape[1])
+    # no row at all: an empty result that still depends on x_SD, so that whatever produced x_SD runs its
+    # backward too (expert parallelism: every rank must join the dispatch all-to-all's backward)
+    return torch.cat(chunks) if chunks else x_SD[:, : down.shape[1]] * 0
 
 
 class RoutedExperts(nn.Module):

@@ -387,7 +387,7 @@ def cmd_extend(args) -> int:
         print(f"nanoseek extend: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\nnanoseek extend: interrupted; run the same command again to continue", file=sys.stderr)
+        print("\nnanoseek extend: interrupted; run the same command again to continue", file=sys.stderr)
         return 130
     print(Path(args.out) / "final")
     return 0

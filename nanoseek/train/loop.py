@@ -100,6 +100,25 @@ def initialize_from(model: DeepSeekV3, source: str | Path) -> None:
     model.load_state_dict(src.state_dict())
 
 
+def build_model(cfg: TrainConfig, mc: ModelConfig, device: torch.device, resume_from: Path | None,
+                log: Callable[[str], None]) -> DeepSeekV3:
+    """The run's model in training mode: the checkpoint's (``resume_from``, which must have the configured
+    architecture), or a new one from the seed, started from ``cfg.init_from``'s weights when given."""
+    if resume_from is not None:
+        model = ckpt_io.load_model(resume_from, device)
+        if model.config.to_hf() != mc.to_hf():
+            diff = sorted(k for k, v in mc.to_hf().items() if model.config.to_hf().get(k) != v)
+            raise ValueError(f"cannot resume from {resume_from}: the checkpoint's model differs from the "
+                             f"configuration ({', '.join(diff)})")
+    else:
+        torch.manual_seed(cfg.seed)
+        model = DeepSeekV3(mc).to(device)
+        if cfg.init_from:
+            initialize_from(model, cfg.init_from)
+            log(f"initialized from the weights of {cfg.init_from}")
+    return model.train()
+
+
 # ---------------------------------------------------------------------------------------------- memory
 def available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
@@ -317,19 +336,7 @@ class Trainer:
         # ---- model and optimizer
         mc = model_config(cfg, data.vocab_size, data.bos_id, data.eos_id)
         est = check_memory(mc, cfg, device)
-        if self.resume:
-            model = ckpt_io.load_model(ckpt_dir, device)
-            if model.config.to_hf() != mc.to_hf():
-                diff = sorted(k for k, v in mc.to_hf().items() if model.config.to_hf().get(k) != v)
-                raise ValueError(f"cannot resume {run}: the checkpoint's model differs from the configuration "
-                                 f"({', '.join(diff)})")
-        else:
-            torch.manual_seed(cfg.seed)
-            model = DeepSeekV3(mc).to(device)
-            if cfg.init_from:
-                initialize_from(model, cfg.init_from)
-                self.log(f"initialized from the weights of {cfg.init_from}")
-        model.train()
+        model = build_model(cfg, mc, device, ckpt_dir if self.resume else None, self.log)
         masters = MasterWeights(model) if cfg.dtype == "bf16-weights" else None  # bf16 weights, fp32 masters
         optimizer = build_optimizer(masters.named_parameters() if masters else model, cfg)
         step, tokens, elapsed, position = 0, 0, 0.0, {"epoch": 0, "cursor": 0}
