@@ -155,6 +155,15 @@ def test_generate_sampling_is_seeded(ckpt, capsys):
     assert outs[0] == outs[1] != outs[2]
 
 
+def test_generate_threads_option(ckpt, capsys):
+    torch.set_num_threads(2)
+    try:
+        assert main(["generate", "--checkpoint", ckpt, "--prompt", "hi", "--max-new-tokens", "2", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_generate_speculative_greedy_equals_plain(ckpt, capsys):
     args = ["generate", "--checkpoint", ckpt, "--prompt", "Hello", "--max-new-tokens", "10"]
     assert main(args) == 0
@@ -229,6 +238,7 @@ def test_generate_system_prompt_and_context_clamp(ckpt, tok, capsys, monkeypatch
     (["--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens must be an integer >= 1"),
     (["--prompt", "hello " * 600], "leaves no room in the model's context of 512 tokens"),
     (["--prompt", "hi", "--device", "nonsense"], "invalid --device"),
+    (["--prompt", "hi", "--threads", "0"], "--threads must be a positive integer"),
 ])
 def test_generate_bad_input_is_one_line(ckpt, capsys, extra, message):
     assert main(["generate", "--checkpoint", ckpt, *extra]) == 2

@@ -7,7 +7,7 @@ import torch
 
 from nanoseek import DeepSeekV3, ModelConfig, generate
 from nanoseek.inference import LatentCache, logits_to_probs
-from nanoseek.inference.sampling import check_sampling
+from nanoseek.inference.sampling import check_sampling, sample
 
 VOCAB = 64
 
@@ -151,6 +151,26 @@ def test_logits_to_probs_greedy_top_k_top_p_by_hand():
     hot = logits_to_probs(logits, 0.5)  # p^2, renormalized
     torch.testing.assert_close(hot, torch.tensor([[0.01, 0.25, 0.0225, 0.0625]]) / 0.345)
     assert logits_to_probs(logits.bfloat16(), 1.0).dtype == torch.float32
+
+
+def test_sample_draws_from_the_distribution_and_never_a_zero_probability_token(monkeypatch):
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])  # zeros first, inside and last
+    g = torch.Generator().manual_seed(0)
+    n = 60_000
+    draws = sample(probs.expand(n, -1), g)  # (n,)
+    assert draws.shape == (n,) and draws.dtype == torch.long
+    freq = torch.bincount(draws, minlength=6).double() / n
+    assert freq[[0, 2, 5]].sum() == 0
+    torch.testing.assert_close(freq, probs.double(), atol=0.01, rtol=0)  # 5 sigma is 0.01 at p = 0.5
+    # unnormalized rows are fine, one-hot rows (greedy) give their token, batch shapes are kept
+    assert sample(torch.tensor([[0.0, 0.0, 3.0, 0.0], [1.0, 0.0, 0.0, 0.0]]), g).tolist() == [2, 0]
+    assert sample(torch.full((2, 3, 5), 0.2), g).shape == (2, 3)
+    # the same generator state gives the same tokens
+    a = sample(probs.expand(100, -1), torch.Generator().manual_seed(7))
+    assert torch.equal(a, sample(probs.expand(100, -1), torch.Generator().manual_seed(7)))
+    # u * total rounded up to the total mass itself (u = 1): still the last token of nonzero probability
+    monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw.get("dtype")))
+    assert sample(torch.tensor([[0.25, 0.75, 0.0, 0.0]])).tolist() == [1]
 
 
 @pytest.mark.parametrize("kwargs, message", [

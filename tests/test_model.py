@@ -334,6 +334,26 @@ def test_routed_experts_match_naive_loop(path, monkeypatch):
         torch.testing.assert_close(got.grad, ref.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_few_rows_loop_over_the_used_experts(monkeypatch):
+    """Below E / 8 rows (decoding with many experts) the used experts run one by one, with the same result."""
+    E, D, F = 64, 16, 8
+    torch.manual_seed(0)
+    gate_up, down = torch.randn(E, 2 * F, D), torch.randn(E, D, F)
+    experts_of_rows = [3, 3, 10, 40, 40, 40, 63]  # 7 rows sorted by expert: 8 x 7 < 64
+    x = torch.randn(len(experts_of_rows), D)
+    counts = torch.bincount(torch.tensor(experts_of_rows), minlength=E)
+    calls = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = moe_mod.expert_ffn(x, counts, gate_up, down)
+    assert not calls
+    for row, e in enumerate(experts_of_rows):
+        gate, up = (gate_up[e] @ x[row]).chunk(2)
+        torch.testing.assert_close(out[row], down[e] @ (torch.nn.functional.silu(gate) * up))
+    moe_mod.expert_ffn(torch.cat([x, x]), counts * 2, gate_up, down)  # 14 rows: 8 x 14 >= 64
+    assert len(calls) == 2
+
+
 def test_moe_drops_no_token_even_when_all_pick_the_same_experts():
     cfg = small_config(hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, num_experts_per_tok=2,
                        n_group=4, topk_group=2, n_shared_experts=2)

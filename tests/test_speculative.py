@@ -166,7 +166,8 @@ def test_drafts_are_the_mtp_modules_predictions(monkeypatch):
 def test_speculative_sampling_is_exact_end_to_end():
     """On a vocabulary of 6 with D = 2, the joint distribution of the first three generated tokens with
     speculation matches the main model's exact distribution (enumerated with full forwards): chi-square at
-    the 0.999 level over 4000 samples, and TV of each marginal < 0.03."""
+    the 0.999 level over 4000 samples, and TV of each marginal < 0.04 (about 4 standard deviations: over
+    seeds 0-13 the largest was 0.030, the typical 0.013)."""
     model = tiny_model(seed=5, vocab_size=6, num_nextn_predict_layers=2)
     with torch.no_grad():
         model.lm_head.weight.mul_(2.0)  # peaked enough for drafts to be both accepted and rejected
@@ -188,4 +189,4 @@ def test_speculative_sampling_is_exact_end_to_end():
     assert _chi2_ok(codes, joint.flatten())
     for axis in range(3):
         marginal = joint.sum(dim=tuple(i for i in range(3) if i != axis)).float()
-        assert _tv(torch.tensor([t[axis] for t in result.tokens]), marginal) < 0.03
+        assert _tv(torch.tensor([t[axis] for t in result.tokens]), marginal) < 0.04

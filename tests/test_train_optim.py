@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import torch
 
 from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.train import optim

@@ -116,8 +116,9 @@ def expert_ffn(x_SD: torch.Tensor, counts_E: torch.Tensor, gate_up_EFD: torch.Te
     if torch.is_autocast_enabled(x_SD.device.type):  # grouped_mm is not on autocast's list: cast here
         dtype = torch.get_autocast_dtype(x_SD.device.type)
         x_SD, gate_up, down = x_SD.to(dtype), gate_up.to(dtype), down.to(dtype)
-    # few rows (decoding): most experts are empty, and grouped_mm still visits every group; loop over the used ones
-    if x_SD.shape[0] >= gate_up.shape[0] and _grouped_mm_ok(x_SD, gate_up, down):
+    # very few rows (decoding with many experts): grouped_mm still visits every empty group, and a loop over the
+    # used experts is faster below about E / 8 rows (measured on CPU from 16 to 256 experts, fp32 and bf16)
+    if 8 * x_SD.shape[0] >= gate_up.shape[0] and _grouped_mm_ok(x_SD, gate_up, down):
         offsets = counts_E.cumsum(0).to(torch.int32)
         h_SF2 = torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=offsets)  # (S, 2F)
         gate, up = h_SF2.chunk(2, dim=-1)
