@@ -106,6 +106,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="markdown file to append results to")
     p.add_argument("--no-write", action="store_true", help="print only, do not append to --out")
     p.add_argument("--note", default="", help="free text recorded with the results")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: the process keeps freed memory for reuse, as `nanoseek train` does on the CPU "
+                        "(nanoseek/train/allocator.py; it applies to every implementation in the process); "
+                        "default: glibc's defaults (large blocks mapped and unmapped, page faults every step)")
     # internal: memory child
     p.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_ckpt", dest="ckpt", default=None, help=argparse.SUPPRESS)
@@ -439,7 +443,7 @@ def run_mem_children(args, ckpt: Path) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_mem-child", name, "--_ckpt", str(ckpt),
                "--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
                "--bf16-mode", args.bf16_mode, "--threads", str(args.threads), "--lr", str(args.lr),
-               "--seed", str(args.seed), "--device", args.device, "--adamw", args.adamw]
+               "--seed", str(args.seed), "--device", args.device, "--adamw", args.adamw, "--malloc", args.malloc]
         print(f"[mem] {name}: fresh process, load + 2 steps ...", flush=True)
         r = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
@@ -694,6 +698,9 @@ def report(args, cfg, machine, impls, peaks, flops, mem, first_losses, load_befo
                      f"1 s), {quiet_waited:.0f} s in all (budget {args.wait_quiet:.0f} s).")
     if args.note:
         notes.append(args.note)
+    notes.append("Allocator: " + ("freed memory kept for reuse (`--malloc keep`, as `nanoseek train` does), for every "
+                                  "implementation." if getattr(args, "malloc_applied", False) else
+                                  "glibc's defaults (`--malloc default`)."))
     lines.append("Notes: " + " ".join(notes) + f" Wall time of the whole run: {elapsed:.0f} s.")
     lines.append("")
     for text in profiles:
@@ -704,6 +711,9 @@ def report(args, cfg, machine, impls, peaks, flops, mem, first_losses, load_befo
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.malloc == "keep" and args.device == "cpu":
+        from nanoseek.train.allocator import keep_freed_memory
+        args.malloc_applied = keep_freed_memory()
     if args.mem_child:
         mem_child(args)
         return

@@ -29,6 +29,7 @@ from ..hf import CheckpointError, load_pretrained
 from ..model import DeepSeekV3
 from ..objectives import ExpertLoadTracker, max_violation, training_loss, update_balance_bias
 from . import checkpoint as ckpt_io
+from .allocator import keep_freed_memory
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import BatchStream, prepare_data, validation_batches
 from .metrics import MetricsLog
@@ -302,6 +303,8 @@ class Trainer:
     def _run(self) -> TrainResult:
         cfg, run = self.cfg, self.run_dir
         device = pick_device(cfg.device)
+        if device.type == "cpu":
+            keep_freed_memory()  # no page faults for the same activations every step (see allocator.py)
         t_setup = time.perf_counter()
 
         # ---- checkpoint to resume (read before anything is written)
