@@ -108,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--note", default="", help="free text recorded with the results")
     p.add_argument("--malloc", choices=("keep", "default"), default="keep",
                    help="keep: the process keeps freed memory for reuse, as `nanoseek train` does on the CPU "
-                        "(nanoseek/train/allocator.py; it applies to every implementation in the process); "
+                        "(nanoseek/allocator.py; it applies to every implementation in the process); "
                         "default: glibc's defaults (large blocks mapped and unmapped, page faults every step)")
     # internal: memory child
     p.add_argument("--_mem-child", dest="mem_child", default=None, help=argparse.SUPPRESS)
@@ -712,7 +712,7 @@ def report(args, cfg, machine, impls, peaks, flops, mem, first_losses, load_befo
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.malloc == "keep" and args.device == "cpu":
-        from nanoseek.train.allocator import keep_freed_memory
+        from nanoseek.allocator import keep_freed_memory
         args.malloc_applied = keep_freed_memory()
     if args.mem_child:
         mem_child(args)

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .allocator import keep_freed_memory
 from .config import ModelConfig
 
 # ---------------------------------------------------------------------------------------------- the passkey task
@@ -323,6 +324,8 @@ def evaluate(directory: str | Path, *, lengths: list[int] | None = None, passkey
         raise ValueError("lengths must be positive")
     T = max(lengths)
     dev = torch.device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()
     val, data = validation_windows(base, T, windows, log)
     tokenizer = load_tokenizer(base / "tokenizer.json")
     examples = (passkey_examples(tokenizer, passkey_lengths, depths, passkey_samples, EVAL_SEED)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from ..objectives import max_violation, training_loss
 from ..train import checkpoint as ckpt_io
-from ..train.allocator import keep_freed_memory
+from ..allocator import keep_freed_memory
 from ..train.config import TrainConfig
 from ..train.data import BatchStream, prepare_data, validation_batches
 from ..train.loop import (TrainingError, TrainResult, Trainer, _resume_mismatches, autocast_context,

@@ -24,12 +24,12 @@ from typing import Any, Callable
 
 import torch
 
+from ..allocator import keep_freed_memory
 from ..config import ModelConfig
 from ..hf import CheckpointError, load_pretrained
 from ..model import DeepSeekV3
 from ..objectives import ExpertLoadTracker, max_violation, training_loss, update_balance_bias
 from . import checkpoint as ckpt_io
-from .allocator import keep_freed_memory
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import BatchStream, prepare_data, validation_batches
 from .metrics import MetricsLog

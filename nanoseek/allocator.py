@@ -1,16 +1,21 @@
-"""Keep freed memory for reuse during CPU training (glibc's malloc settings, applied to this process).
+"""Keep freed memory for reuse in CPU training and inference (glibc's malloc settings, applied to this process).
 
 PyTorch's CPU allocator takes every tensor from malloc and gives it back when the tensor dies. glibc serves
-blocks above its mmap threshold (at most 32 MiB, and the activations, gradients and logits of a training step
-are mostly larger) with a fresh ``mmap`` and returns them with ``munmap``, and it trims the heap's free top
-back to the kernel. So every step faults the same few GiB in again, page by page, each page zeroed by the
+blocks above its mmap threshold (128 KiB at first, rising to at most 32 MiB as such blocks are freed; many
+activations, gradients and the logits of a training step are larger) with a fresh ``mmap`` and returns them
+with ``munmap``, and it trims the heap's free top back to the kernel. So every step faults the same few GiB in again, page by page, each page zeroed by the
 kernel: on the 2-core machine of benchmarks/results/train_step.md about 300,000 page faults and a second of
 system time per step of the bench preset, 20% of the step.
 
 ``mallopt(M_MMAP_MAX, 0)`` serves large blocks from the heap and ``mallopt(M_TRIM_THRESHOLD, ...)`` stops
 trimming it, so after the first step the same memory is reused: about 20,000 faults per step, steps 1.2x
-faster (bench preset, bf16 and fp32; demo preset 1.24x), peak resident memory 5% higher. The price: memory a
-training process frees stays with the process until it exits.
+faster (bench preset, bf16 and fp32; demo preset 1.24x); a 1900-token prefill of the demo model 1.35x faster.
+The price: memory the process frees stays with it until it exits, and heap fragmentation adds some. Peak
+resident memory of the bench preset rose 5%; the demo preset with batches alternating between two sequence
+lengths held 3.17 GiB after 20 steps (flat to step 40) where it otherwise moved around 2.3 GiB.
+
+Applied by ``nanoseek train`` (and the distributed trainer), ``generate`` / ``chat`` and ``eval-long`` when they
+run on the CPU; from Python, call :func:`keep_freed_memory` yourself.
 
 The environment variable ``NANOSEEK_KEEP_FREED_MEMORY=0`` turns this off. Other C libraries: nothing done.
 """
