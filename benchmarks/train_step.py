@@ -711,9 +711,9 @@ def report(args, cfg, machine, impls, peaks, flops, mem, first_losses, load_befo
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None) -> None:
     args = parse_args(argv)
-    if args.malloc == "keep" and args.device == "cpu":
+    if args.malloc == "keep":
         from nanoseek.allocator import keep_freed_memory
-        args.malloc_applied = keep_freed_memory()
+        args.malloc_applied = keep_freed_memory(args.device)
     if args.mem_child:
         mem_child(args)
         return

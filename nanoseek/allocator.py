@@ -3,9 +3,10 @@
 PyTorch's CPU allocator takes every tensor from malloc and gives it back when the tensor dies. glibc serves
 blocks above its mmap threshold (128 KiB at first, rising to at most 32 MiB as such blocks are freed; many
 activations, gradients and the logits of a training step are larger) with a fresh ``mmap`` and returns them
-with ``munmap``, and it trims the heap's free top back to the kernel. So every step faults the same few GiB in again, page by page, each page zeroed by the
-kernel: on the 2-core machine of benchmarks/results/train_step.md about 300,000 page faults and a second of
-system time per step of the bench preset, 20% of the step.
+with ``munmap``, and it trims the heap's free top back to the kernel. So every step faults the same few GiB
+in again, page by page, each page zeroed by the kernel: on the 2-core machine of
+benchmarks/results/train_step.md about 300,000 page faults and a second of system time per step of the bench
+preset, 20% of the step.
 
 ``mallopt(M_MMAP_MAX, 0)`` serves large blocks from the heap and ``mallopt(M_TRIM_THRESHOLD, ...)`` stops
 trimming it, so after the first step the same memory is reused: about 20,000 faults per step, steps 1.2x
@@ -26,17 +27,21 @@ import ctypes
 import os
 import sys
 
+import torch
+
 M_TRIM_THRESHOLD = -1  # glibc's malloc.h
 M_MMAP_MAX = -4
 _applied = False
 
 
-def keep_freed_memory() -> bool:
-    """Apply the settings above once per process; return whether they are in effect."""
+def keep_freed_memory(device: torch.device | str = "cpu") -> bool:
+    """Apply the settings above once per process when ``device`` is the CPU (other devices have their own
+    allocators); return whether they are in effect."""
     global _applied
     if _applied:
         return True
-    if os.environ.get("NANOSEEK_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+    if torch.device(device).type != "cpu" or os.environ.get("NANOSEEK_KEEP_FREED_MEMORY", "1") == "0" \
+            or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(None)

@@ -324,8 +324,7 @@ def evaluate(directory: str | Path, *, lengths: list[int] | None = None, passkey
         raise ValueError("lengths must be positive")
     T = max(lengths)
     dev = torch.device(device)
-    if dev.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(dev)
     val, data = validation_windows(base, T, windows, log)
     tokenizer = load_tokenizer(base / "tokenizer.json")
     examples = (passkey_examples(tokenizer, passkey_lengths, depths, passkey_samples, EVAL_SEED)

@@ -43,4 +43,14 @@ def test_environment_variable_turns_it_off():
     env = {**os.environ, "NANOSEEK_KEEP_FREED_MEMORY": "0"}
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, check=True, env=env).stdout
     applied, _, plain, kept = out.split()
-    assert applied == "False" and float(kept) > 0.5 * float(plain)
+    # glibc's own threshold rises as blocks are freed, but blocks above 32 MiB (the 64 MiB ones) always come
+    # from a fresh mmap: still faulted in every step
+    assert applied == "False" and float(kept) > 10_000
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
+def test_other_devices_are_left_alone():
+    code = "from nanoseek.allocator import keep_freed_memory as k; print(k('meta'), k('cpu'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "False"  # a device with its own allocator: nothing applied
+    assert out[1] in ("True", "False")  # False only without glibc

@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..allocator import keep_freed_memory
 from ..objectives import max_violation, training_loss
 from ..train import checkpoint as ckpt_io
-from ..allocator import keep_freed_memory
 from ..train.config import TrainConfig
 from ..train.data import BatchStream, prepare_data, validation_batches
 from ..train.loop import (TrainingError, TrainResult, Trainer, _resume_mismatches, autocast_context,
@@ -120,8 +120,7 @@ class DistributedTrainer:
     # ------------------------------------------------------------------ main
     def run(self) -> TrainResult | None:
         device = pick_device(self.cfg.device)
-        if device.type == "cpu":
-            keep_freed_memory()
+        keep_freed_memory(device)
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)

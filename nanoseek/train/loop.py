@@ -303,8 +303,7 @@ class Trainer:
     def _run(self) -> TrainResult:
         cfg, run = self.cfg, self.run_dir
         device = pick_device(cfg.device)
-        if device.type == "cpu":
-            keep_freed_memory()  # no page faults for the same activations every step (see allocator.py)
+        keep_freed_memory(device)  # no page faults for the same activations every step (see allocator.py)
         t_setup = time.perf_counter()
 
         # ---- checkpoint to resume (read before anything is written)
