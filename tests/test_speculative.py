@@ -7,9 +7,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanoseek import generate
 from nanoseek.inference import MTPSpeculator, speculative_accept
+from nanoseek.inference.cache import LatentCache
+from nanoseek.inference.draft_head import DraftHead, quantize_rows
+from nanoseek.inference.speculative import greedy_accept
 from nanoseek.inference import speculative as speculative_module
 
 from test_inference import _random_seqs, one_thread, tiny_model  # noqa: F401  (one_thread: autouse fixture)
@@ -144,6 +148,8 @@ def test_drafts_are_the_mtp_modules_predictions(monkeypatch):
         return drafts, probs
 
     monkeypatch.setattr(MTPSpeculator, "_draft", recording)
+    # the draft's own int8 head is tested in test_draft_head_*; here the draft uses the model's exact head
+    monkeypatch.setattr(speculative_module, "DraftHead", lambda weight: lambda h: F.linear(h, weight).float())
     prompts = _random_seqs([2, 7], seed=12)
     result = generate(model, prompts, 24, temperature=1.0, seed=0, speculative=True)
     checked = [0, 0]
@@ -190,3 +196,71 @@ def test_speculative_sampling_is_exact_end_to_end():
     for axis in range(3):
         marginal = joint.sum(dim=tuple(i for i in range(3) if i != axis)).float()
         assert _tv(torch.tensor([t[axis] for t in result.tokens]), marginal) < 0.04
+
+
+def test_greedy_accept_is_the_rule_on_one_hot_distributions():
+    """At temperature 0 the rule on one-hot p and q (accept d_j iff it is p_j's argmax; then p's argmax after
+    the accepted prefix) is what greedy_accept computes from the logits, for every prefix length 0..D."""
+    g = torch.Generator().manual_seed(0)
+    B, D, V = 64, 3, 5
+    logits = torch.randn(B, D + 1, V, generator=g)
+    target = logits.argmax(-1)  # (B, D + 1)
+    drafts = target[:, :D].clone()
+    cut = torch.randint(0, D + 1, (B,), generator=g)  # first wrong draft per row (D: all right)
+    for b in range(B):
+        if cut[b] < D:
+            drafts[b, cut[b]] = (target[b, cut[b]] + 1) % V
+    one_hot = torch.nn.functional.one_hot
+    n_rule, next_rule = speculative_accept(drafts, one_hot(drafts, V).float(), one_hot(target, V).float(), g)
+    n_greedy, next_greedy = greedy_accept(drafts, logits)
+    assert torch.equal(n_greedy, cut) and torch.equal(n_rule, cut)
+    assert torch.equal(next_greedy, next_rule) and torch.equal(next_greedy, target[torch.arange(B), cut])
+
+
+def test_draft_head_int8_is_the_dequantized_head():
+    """The draft head multiplies by the int8 weights: equal to bf16 activations times the dequantized weight
+    (up to bf16 rounding of the result), close to the exact head, requantized when the weight changes."""
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(300, 64, generator=g) * 0.05
+    h = torch.randn(2, 3, 64, generator=g)
+    head = DraftHead(weight)
+    assert head.int8
+    q, scale = quantize_rows(weight)
+    assert q.dtype == torch.int8 and int(q.abs().max()) == 127
+    assert (scale[:, None] * q.float() - weight).abs().max() <= scale.max() / 2 + 1e-7  # rounding error <= scale/2
+    reference = h.bfloat16().float() @ (scale.bfloat16().float()[:, None] * q.float()).T  # (2, 3, 300)
+    got = head(h)
+    assert got.shape == (2, 3, 300) and got.dtype == torch.float32
+    torch.testing.assert_close(got, reference, atol=2e-2, rtol=1e-2)
+    exact = h @ weight.T
+    assert (got - exact).abs().max() < 0.02 * exact.abs().max()
+    with torch.no_grad():
+        weight.neg_()  # an in-place change moves the version counter: the quantized copy is rebuilt
+    torch.testing.assert_close(DraftHead(weight)(h), -got, atol=2e-2, rtol=1e-2)
+
+
+def test_draft_head_falls_back_to_the_exact_head():
+    """Widths that are not a multiple of 16 (which torch's int8 kernel gets wrong) keep the model's head."""
+    weight = torch.randn(50, 24)
+    head = DraftHead(weight)
+    h = torch.randn(4, 24)
+    assert not head.int8
+    torch.testing.assert_close(head(h), h @ weight.T)
+
+
+def test_mtp_outputs_at_skips_only_the_unneeded_positions():
+    """outputs_at: the cache is written at every position exactly as a full pass writes it, and the selected
+    positions' outputs equal the full pass's."""
+    model = tiny_model(seed=6)
+    seq = torch.tensor(_random_seqs([12], seed=3))
+    pos = torch.arange(11)[None]
+    with torch.no_grad():
+        caches = [LatentCache.for_model(model, 1, 16, mtp=True) for _ in range(2)]
+        outs = []
+        for cache, at in zip(caches, (None, torch.tensor([[2]]))):  # index 2 of this call: slot 10
+            h0 = model.forward_cached(seq[:, :11], pos, cache, absorb=False)
+            outs.append(model.mtp_forward_cached(1, h0[:, :8], seq[:, 1:9], pos[:, :8], cache, absorb=False))
+            outs.append(model.mtp_forward_cached(1, h0[:, 8:], seq[:, 9:12], pos[:, 8:], cache, outputs_at=at))
+    assert outs[3].shape == (1, 1, model.config.hidden_size)
+    torch.testing.assert_close(outs[3][:, 0], outs[1][:, 2])
+    torch.testing.assert_close(caches[1].mtp_layers[0].kv, caches[0].mtp_layers[0].kv)

@@ -138,7 +138,13 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
 
     device = model.embed_tokens.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    to_probs = partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
+    # greedy picks the argmax directly: the same token as sampling its one-hot distribution, without forming it
+    to_probs = None if temperature == 0 else partial(logits_to_probs, temperature=temperature, top_k=top_k,
+                                                     top_p=top_p)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
+        return logits.argmax(dim=-1) if to_probs is None else sample(to_probs(logits), generator)
+
     B, depth = len(prompts), len(model.mtp) if speculative else 0
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     P = int(lengths.max())
@@ -165,7 +171,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
         last[ends_here] = h[rows[ends_here], (lengths - 1 - s)[ends_here]].to(last.dtype)
         if speculative:
             kept.append(h)
-    first = sample(to_probs(model.lm_head(last)), generator)  # (B,)
+    first = pick(model.lm_head(last))  # (B,)
     n = lengths.clone()  # slot of the newest accepted token t_n, not yet seen by the main model
     tokens[rows, n] = first
     if speculative:
@@ -177,18 +183,20 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     # decode: one token per step, or the accepted drafts + one per step
     start = time.perf_counter()
     while not all(out.done):
-        active = torch.tensor([not d for d in out.done], device=device)
+        running = [not d for d in out.done]
+        active = torch.tensor(running, device=device)
         if speculative:
             new, n_accepted, n = speculator.step(n, active)
-            counts = (n_accepted + 1).tolist()
-            stats.draft_steps += int(active.sum())
-            stats.drafted += depth * int(active.sum())
-            stats.accepted += int(n_accepted[active].sum())
+            accepted = [a for a, r in zip(n_accepted.tolist(), running) if r]  # per running sequence
+            counts = [a + 1 for a in n_accepted.tolist()]
+            stats.draft_steps += len(accepted)
+            stats.drafted += depth * len(accepted)
+            stats.accepted += sum(accepted)
             for k in range(depth):
-                stats.accepted_per_depth[k] += int((n_accepted[active] > k).sum())
+                stats.accepted_per_depth[k] += sum(a > k for a in accepted)
         else:
             hidden = model.forward_cached(tokens[rows, n][:, None], n[:, None], cache)  # (B, 1, d)
-            new = sample(to_probs(model.lm_head(hidden[:, 0])), generator)[:, None]  # (B, 1)
+            new = pick(model.lm_head(hidden[:, 0]))[:, None]  # (B, 1)
             n = n + active.long()
             tokens[rows, n] = torch.where(active, new[:, 0], tokens[rows, n])
             counts = [1] * B

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from .cache import LatentCache
+from .draft_head import DraftHead
 from .sampling import sample
 
 
@@ -53,6 +54,19 @@ def speculative_accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, ta
     return n_accepted, sample(residual / residual.sum(-1, keepdim=True), generator)
 
 
+def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The speculative-sampling rule at temperature 0, where p and q are one-hot: d_j is accepted iff it is the
+    main model's argmax, and the next token is the argmax after the accepted prefix. Same result as
+    ``speculative_accept`` on the one-hot distributions, without forming them.
+
+    draft_tokens (B, D), target_logits (B, D + 1, V) -> n_accepted (B,), next_token (B,).
+    """
+    D = draft_tokens.shape[1]
+    target = target_logits.argmax(dim=-1)  # (B, D + 1)
+    n_accepted = (draft_tokens == target[:, :D]).long().cumprod(dim=-1).sum(dim=-1)  # (B,)
+    return n_accepted, target.gather(1, n_accepted[:, None])[:, 0]
+
+
 class MTPSpeculator:
     """Drafting and verification state for one batch of sequences.
 
@@ -66,12 +80,14 @@ class MTPSpeculator:
     """
 
     def __init__(self, model: torch.nn.Module, cache: LatentCache, tokens: torch.Tensor,
-                 to_probs: Callable[[torch.Tensor], torch.Tensor], generator: torch.Generator | None):
+                 to_probs: Callable[[torch.Tensor], torch.Tensor] | None, generator: torch.Generator | None):
+        """``to_probs`` turns logits into the sampling distribution; None is greedy (argmax, no distribution)."""
         self.model, self.cache, self.tokens = model, cache, tokens  # tokens: (B, slots) accepted + drafted ids
         self.to_probs, self.generator = to_probs, generator
         self.depth = len(model.mtp)  # D
         self.window = 2 * self.depth  # W
         self.rows = torch.arange(tokens.shape[0], device=tokens.device)
+        self.draft_head = DraftHead(model.lm_head.weight)  # int8 where supported: the draft only
 
     def prefill(self, hidden: torch.Tensor, lengths: torch.Tensor) -> None:
         """Run the MTP modules over the whole (right-padded) prompt and draft the first D tokens.
@@ -91,8 +107,13 @@ class MTPSpeculator:
         # 1. verify: the main model scores [t_n, d_1..d_D] at slots n..n+D in one forward
         positions = n[:, None] + torch.arange(D + 1, device=n.device)  # (B, D + 1)
         hidden = self.model.forward_cached(self.tokens.gather(1, positions), positions, self.cache)  # (B, D+1, d)
-        target_probs = self.to_probs(self.model.lm_head(hidden))  # (B, D + 1, V)
-        n_accepted, next_token = speculative_accept(self.drafts, self.draft_probs, target_probs, self.generator)
+        flat = hidden.reshape(-1, hidden.shape[-1])  # (B * (D + 1), d)
+        target_logits = (self.model.lm_head.weight @ flat.T).T.reshape(*hidden.shape[:2], -1)  # (B, D + 1, V)
+        if self.to_probs is None:
+            n_accepted, next_token = greedy_accept(self.drafts, target_logits)
+        else:
+            n_accepted, next_token = speculative_accept(self.drafts, self.draft_probs, self.to_probs(target_logits),
+                                                        self.generator)
         advance = torch.where(active, n_accepted + 1, 0)
         # a sequence that runs past max_new_tokens here is finished; the clamp keeps its (ignored) slots in range
         new_n = torch.minimum(n + advance, torch.full_like(n, self.cache.max_length - D - 1))
@@ -112,21 +133,36 @@ class MTPSpeculator:
         return new_tokens, n_accepted, new_n
 
     def _draft(self, h: torch.Tensor, positions: torch.Tensor, last: torch.Tensor,
-               absorb: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               absorb: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Modules k = 1..D at ``positions`` (B, T); position i combines h^{k-1}_i with Emb(t_{i+k}).
 
         The draft d_k (for slot n + k) comes from position n - 1 = positions[b, last[b]]; it is written to the
-        token buffer at n + k so that module k + 1 can embed it. Returns drafts (B, D) and their q (B, D, V).
+        token buffer at n + k so that module k + 1 can embed it. Module D's output is needed at that position
+        only: its other positions just write their cache slots (``outputs_at``), skipping queries and the MoE.
+        Returns drafts (B, D) and their q (B, D, V) (None when greedy).
         """
         n = positions[self.rows, last] + 1
+        spans = chunks(positions.shape[1])
         drafts, probs = [], []
         for k in range(1, self.depth + 1):
-            h = torch.cat([self.model.mtp_forward_cached(k, h[:, s:e], self.tokens.gather(1, positions[:, s:e] + k),
-                                                         positions[:, s:e], self.cache, absorb=absorb)
-                           for s, e in chunks(positions.shape[1])], dim=1)  # (B, T, d) = RMSNorm_k(h^k)
-            q = self.to_probs(self.model.lm_head(h[self.rows, last]))  # (B, V): predicts t_{n+k}
-            d_k = sample(q, self.generator)
+            outs = []
+            for s, e in spans:
+                at = (last - s).clamp(0, e - s - 1)[:, None] if k == self.depth else None  # (B, 1)
+                outs.append(self.model.mtp_forward_cached(k, h[:, s:e], self.tokens.gather(1, positions[:, s:e] + k),
+                                                          positions[:, s:e], self.cache, absorb=absorb,
+                                                          outputs_at=at))  # (B, e - s or 1, d) = RMSNorm_k(h^k)
+            if k < self.depth:
+                h = torch.cat(outs, dim=1)  # (B, T, d)
+                h_last = h[self.rows, last]  # (B, d)
+            else:
+                span = last // (spans[0][1] - spans[0][0])  # the span holding each row's position n - 1
+                h_last = torch.stack([o[:, 0] for o in outs], dim=1)[self.rows, span]  # (B, d)
+            logits = self.draft_head(h_last)  # (B, V): predicts t_{n+k}
+            if self.to_probs is None:
+                d_k = logits.argmax(dim=-1)
+            else:
+                probs.append(self.to_probs(logits))
+                d_k = sample(probs[-1], self.generator)
             self.tokens[self.rows, n + k] = d_k
             drafts.append(d_k)
-            probs.append(q)
-        return torch.stack(drafts, dim=1), torch.stack(probs, dim=1)
+        return torch.stack(drafts, dim=1), torch.stack(probs, dim=1) if probs else None

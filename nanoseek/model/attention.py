@@ -81,16 +81,22 @@ class MultiHeadLatentAttention(nn.Module):
         return self._attend_expanded(q_nope, q_rope, c_kv, k_rope, attn_mask)
 
     def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCacheLayer,
-                       input_pos: torch.Tensor, attn_mask: torch.Tensor, absorb: bool = True) -> torch.Tensor:
+                       input_pos: torch.Tensor, attn_mask: torch.Tensor, absorb: bool = True,
+                       outputs_at: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of x: (B, T, d) at cache slots ``input_pos`` (B, T) over the cached latent.
 
         The new tokens' [c_KV ; k^R] are written at ``input_pos`` first (explicit positions: nothing advances
         implicitly, and a slot left by a rejected draft is simply overwritten later); then the queries attend
         to cache slots 0..S-1 with ``attn_mask`` (B, 1, T, S), True = attend. ``absorb`` picks the absorbed
         decode math (cheap for few queries) or the up-projected prefill math (cheap for many); both are exact.
+        ``outputs_at`` (B, T') indexes the positions whose output is wanted (default all T): every position
+        is still written to the cache, but only those form queries. Returns (B, T or T', d).
         """
-        q_nope, q_rope = self.queries(x, cos, sin)
         kv = cache.update(input_pos, *self.latent(x, cos, sin), length=attn_mask.shape[-1])  # (B, S, d_c + d_R)
+        if outputs_at is not None:
+            x, cos, sin = (t.gather(1, outputs_at[..., None].expand(-1, -1, t.shape[-1])) for t in (x, cos, sin))
+            attn_mask = attn_mask.gather(2, outputs_at[:, None, :, None].expand(-1, 1, -1, attn_mask.shape[-1]))
+        q_nope, q_rope = self.queries(x, cos, sin)
         B, S = kv.shape[:2]
         if B * S * self.n_heads * (self.qk_nope_head_dim + self.v_head_dim) > EXPANDED_KV_BUDGET:
             absorb = True  # a long cached prefix: per-head keys and values would outgrow the latent cache itself

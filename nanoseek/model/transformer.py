@@ -37,14 +37,18 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 cache: LatentCacheLayer | None = None, input_pos: torch.Tensor | None = None,
-                absorb: bool = True) -> tuple[torch.Tensor, Routing | None]:
+                absorb: bool = True, outputs_at: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
         """With ``cache``, attention writes this block's latent at ``input_pos`` and reads the cache (see
-        :meth:`MultiHeadLatentAttention.forward_cached`); without it, the training path."""
+        :meth:`MultiHeadLatentAttention.forward_cached`); without it, the training path. ``outputs_at`` (B, T'):
+        with a cache, only these positions go on past the cache write (attention queries, FFN): (B, T', d)."""
         if cache is None:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
         else:
             h = self.input_layernorm(x)
-            x = x + self.self_attn.forward_cached(h, cos, sin, cache, input_pos, attn_mask, absorb)
+            attn = self.self_attn.forward_cached(h, cos, sin, cache, input_pos, attn_mask, absorb, outputs_at)
+            if outputs_at is not None:
+                x = x.gather(1, outputs_at[..., None].expand(-1, -1, x.shape[-1]))  # (B, T', d)
+            x = x + attn
         if self.is_moe:
             ffn, routing = self.mlp(self.post_attention_layernorm(x))
         else:
@@ -178,15 +182,18 @@ class DeepSeekV3(nn.Module):
         return self.norm(x)
 
     def mtp_forward_cached(self, k: int, h_prev: torch.Tensor, next_ids: torch.Tensor, input_pos: torch.Tensor,
-                           cache: LatentCache, absorb: bool = True) -> torch.Tensor:
+                           cache: LatentCache, absorb: bool = True,
+                           outputs_at: torch.Tensor | None = None) -> torch.Tensor:
         """MTP module k (1-based) at positions ``input_pos`` (B, T) with its own cache layer (SPEC §5).
 
         Position i combines h^{k-1}_i (B, T, d), normed, with Emb(t_{i+k}) (``next_ids``, B x T); returns
-        RMSNorm_k(h^k) (B, T, d), whose ``lm_head`` logits predict t_{i+k+1}.
+        RMSNorm_k(h^k) (B, T, d), whose ``lm_head`` logits predict t_{i+k+1}. ``outputs_at`` (B, T'): every
+        position is written to the cache, but only these run the rest of the block; returns (B, T', d).
         """
         cos, sin = self.rotary(input_pos)
         h, _ = self.mtp[k - 1](h_prev, self.embed_tokens(next_ids), cos, sin, self.cache_mask(input_pos),
-                               cache=cache.mtp_layers[k - 1], input_pos=input_pos, absorb=absorb)
+                               cache=cache.mtp_layers[k - 1], input_pos=input_pos, absorb=absorb,
+                               outputs_at=outputs_at)
         return h
 
     # ------------------------------------------------------------------ sizes
