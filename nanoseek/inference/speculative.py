@@ -107,8 +107,7 @@ class MTPSpeculator:
         # 1. verify: the main model scores [t_n, d_1..d_D] at slots n..n+D in one forward
         positions = n[:, None] + torch.arange(D + 1, device=n.device)  # (B, D + 1)
         hidden = self.model.forward_cached(self.tokens.gather(1, positions), positions, self.cache)  # (B, D+1, d)
-        flat = hidden.reshape(-1, hidden.shape[-1])  # (B * (D + 1), d)
-        target_logits = (self.model.lm_head.weight @ flat.T).T.reshape(*hidden.shape[:2], -1)  # (B, D + 1, V)
+        target_logits = self.model.lm_head(hidden)  # (B, D + 1, V)
         if self.to_probs is None:
             n_accepted, next_token = greedy_accept(self.drafts, target_logits)
         else:
