@@ -13,7 +13,7 @@ from nanoseek import generate
 from nanoseek.inference import MTPSpeculator, speculative_accept
 from nanoseek.inference.cache import LatentCache
 from nanoseek.inference.draft_head import DraftHead, quantize_rows
-from nanoseek.inference.speculative import greedy_accept
+from nanoseek.inference.speculative import greedy_accept, verification_logits
 from nanoseek.inference import speculative as speculative_module
 
 from test_inference import _random_seqs, one_thread, tiny_model  # noqa: F401  (one_thread: autouse fixture)
@@ -264,3 +264,14 @@ def test_mtp_outputs_at_skips_only_the_unneeded_positions():
     assert outs[3].shape == (1, 1, model.config.hidden_size)
     torch.testing.assert_close(outs[3][:, 0], outs[1][:, 2])
     torch.testing.assert_close(caches[1].mtp_layers[0].kv, caches[0].mtp_layers[0].kv)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_verification_logits_are_the_heads(dtype):
+    """However the product is laid out, the verification logits are lm_head's (same dtype, shape, values)."""
+    g = torch.Generator().manual_seed(2)
+    weight = torch.randn(300, 64, generator=g).to(dtype)
+    hidden = torch.randn(3, 2, 64, generator=g).to(dtype)
+    got = verification_logits(weight, hidden)
+    assert got.shape == (3, 2, 300) and got.dtype == dtype
+    torch.testing.assert_close(got, F.linear(hidden, weight))
