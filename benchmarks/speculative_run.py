@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import statistics
 import sys
 import sysconfig
 import time
@@ -28,6 +29,8 @@ from train_step import loadavg, machine_info  # noqa: E402
 from nanoseek import generate  # noqa: E402
 from nanoseek.hf import load_pretrained  # noqa: E402
 from nanoseek.inference.cache import LatentCache  # noqa: E402
+from nanoseek.inference.draft_head import DraftHead  # noqa: E402
+from nanoseek.inference.speculative import verification_logits  # noqa: E402
 from nanoseek.tokenizer import Tokenizer  # noqa: E402
 
 
@@ -63,13 +66,17 @@ def timed_parts(model, context: int, reps: int = 50) -> dict[str, float]:
 
     W = 2 * max(D, 1)
     hh = h[:, -W:]
+    draft_head = DraftHead(model.lm_head.weight)
     return {
         "main, 1 token": ms(lambda: model.forward_cached(ids[:, context:context + 1], pos[:, context:context + 1], cache)),
         f"main, {D + 1} tokens (verify)": ms(lambda: model.forward_cached(ids[:, context:context + D + 1],
                                                                         pos[:, context:context + D + 1], cache)),
-        f"MTP module 1, {W} positions": ms(lambda: model.mtp_forward_cached(
-            1, hh, ids[:, context - W + 1:context + 1], pos[:, context - W:context], cache)),
-        "output head, 1 position": ms(lambda: model.lm_head(h[:, -1:]).float().softmax(-1)),
+        f"MTP module 1, {W} positions, output at the last": ms(lambda: model.mtp_forward_cached(
+            1, hh, ids[:, context - W + 1:context + 1], pos[:, context - W:context], cache,
+            outputs_at=torch.full((1, 1), W - 1))),
+        "output head, 1 position (plain)": ms(lambda: model.lm_head(h[:, -1:])),
+        f"output head, {D + 1} positions (verify)": ms(lambda: verification_logits(model.lm_head.weight, h[:, -D - 1:])),
+        "draft head (int8), 1 position": ms(lambda: draft_head(h[:, -1])),
     }
 
 
@@ -80,7 +87,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--passes", type=int, default=3, help="passes over the prompts (each mode, alternating)")
+    p.add_argument("--passes", type=int, default=6, help="passes over the prompts (each mode, alternating)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "speculative.md"))
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
@@ -93,9 +100,12 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         for temperature in (0.0, 0.7):
             totals = {False: [0, 0.0], True: [0, 0.0]}
+            per_pass = []  # speedup of each pass over the prompts: the spread shows the machine's noise
             drafted = accepted = 0
             same = True
             for i, prompt in enumerate(ps * args.passes):
+                if i % len(ps) == 0:
+                    pass_start = {s: list(totals[s]) for s in totals}
                 outs = {}
                 for spec in ((False, True) if i % 2 == 0 else (True, False)):
                     r = generate(model, [prompt], args.new_tokens, temperature=temperature, seed=i % len(ps), speculative=spec)
@@ -106,10 +116,15 @@ def main(argv=None) -> int:
                         drafted += r.stats.drafted
                         accepted += r.stats.accepted
                 same &= temperature > 0 or outs[True] == outs[False]
+                if i % len(ps) == len(ps) - 1:
+                    rate = {s: (totals[s][0] - pass_start[s][0]) / (totals[s][1] - pass_start[s][1]) for s in totals}
+                    per_pass.append(rate[True] / rate[False])
             plain, spec = (totals[s][0] / totals[s][1] for s in (False, True))
-            rows.append((temperature, plain, spec, spec / plain, accepted / max(drafted, 1), same))
-            print(f"T={temperature}: plain {plain:.1f} tok/s, speculative {spec:.1f} tok/s ({spec / plain:.2f}x), "
-                  f"acceptance {accepted / max(drafted, 1):.2f}", file=sys.stderr)
+            rows.append((temperature, plain, spec, spec / plain, statistics.median(per_pass), min(per_pass),
+                         max(per_pass), accepted / max(drafted, 1), same))
+            print(f"T={temperature}: plain {plain:.1f} tok/s, speculative {spec:.1f} tok/s ({spec / plain:.2f}x, "
+                  f"per pass {min(per_pass):.2f}-{max(per_pass):.2f}x), acceptance {accepted / max(drafted, 1):.2f}",
+                  file=sys.stderr)
         parts = timed_parts(model, args.prompt_tokens + args.new_tokens // 2)
     cfg = model.config
     lines = [f"\n## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC - trained run `{args.run_dir}`", "",
@@ -121,10 +136,12 @@ def main(argv=None) -> int:
              f"- Decode: {len(ps)} held-out stdlib prompts of {args.prompt_tokens} tokens, {args.new_tokens} new "
              f"tokens, batch 1, plain and speculative back to back per prompt (first mode alternating), "
              f"{args.passes} passes; tok/s = all new tokens after the first / all decode time", "",
-             "| temperature | plain tok/s | speculative tok/s | speedup | acceptance | greedy = plain |",
-             "|---|---|---|---|---|---|"]
-    for t, plain, spec, ratio, acc, same in rows:
-        lines.append(f"| {t} | {plain:.1f} | {spec:.1f} | {ratio:.2f}x | {acc:.2f} | {same if t == 0 else '-'} |")
+             "| temperature | plain tok/s | speculative tok/s | speedup | per pass: median (min-max) | acceptance "
+             "| greedy = plain |",
+             "|---|---|---|---|---|---|---|"]
+    for t, plain, spec, ratio, median, low, high, acc, same in rows:
+        lines.append(f"| {t} | {plain:.1f} | {spec:.1f} | {ratio:.2f}x | {median:.2f}x ({low:.2f}-{high:.2f}) | "
+                     f"{acc:.2f} | {same if t == 0 else '-'} |")
     lines += ["", "Pieces of a decode step timed alone (ms): " + "; ".join(f"{k} {v:.2f}" for k, v in parts.items())]
     text = "\n".join(lines) + "\n"
     print(text)
