@@ -354,6 +354,34 @@ def test_few_rows_loop_over_the_used_experts(monkeypatch):
     assert len(calls) == 2
 
 
+def test_one_token_runs_its_experts_in_turn_with_the_same_result():
+    """A single token (decoding at batch 1) takes the K-products path: output, gradients and counts equal the
+    sorted path's for the same token (taken from a batch of two copies of it)."""
+    cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=3,
+                       n_group=1, topk_group=1, topk_method="greedy")
+    torch.manual_seed(1)
+    experts = RoutedExperts(cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(1, 32)
+    idx = torch.tensor([[5, 0, 2]])
+    w = torch.rand(1, 3)
+    out, counts = experts(x, w, idx)
+    out.sum().backward()
+    grads = [p.grad.clone() for p in experts.parameters()]
+    experts.zero_grad()
+    out2, counts2 = experts(torch.cat([x, x]), torch.cat([w, w]), torch.cat([idx, idx]))  # the sorted path
+    (out2[:1].sum()).backward()
+    torch.testing.assert_close(out, out2[:1])
+    assert torch.equal(counts * 2, counts2) and counts.tolist() == [1, 0, 1, 0, 0, 1, 0, 0]
+    for g, p in zip(grads, experts.parameters()):
+        torch.testing.assert_close(g, p.grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = experts(x, w, idx)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, out, atol=0.05 * out.abs().max().item(), rtol=0.05)
+
+
 def test_moe_drops_no_token_even_when_all_pick_the_same_experts():
     cfg = small_config(hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, num_experts_per_tok=2,
                        n_group=4, topk_group=2, n_shared_experts=2)

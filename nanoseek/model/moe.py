@@ -146,6 +146,8 @@ class RoutedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sum_k g_k FFN_{i_k}(x) per token (V3 eq. 12) and the token count per expert (E,)."""
         T, K = idx_TK.shape
+        if T == 1:  # one token (decoding at batch 1): its K experts in turn, with no sort and no empty groups
+            return self._one_token(x_TD, weights_TK, idx_TK)
         flat_idx = idx_TK.flatten()  # (T*K,) slot t*K + k: token t's k-th expert
         order = flat_idx.argsort(stable=True)  # slots sorted by expert
         counts_E = torch.bincount(flat_idx, minlength=self.n_experts)
@@ -159,6 +161,22 @@ class RoutedExperts(nn.Module):
         # ran 1.08x (fp32) to 1.25x (bf16) faster than with x[idx] and a weighted index_add_ into zeros
         out_TD = torch.bmm(weights_TK.unsqueeze(1).to(y_TKD.dtype), y_TKD).squeeze(1)  # (T, D)
         return out_TD.to(x_TD.dtype), counts_E
+
+
+    def _one_token(self, x_1D: torch.Tensor, weights_1K: torch.Tensor, idx_1K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sum_k g_k FFN_{i_k}(x) for a single token: K small products on the selected experts' weights (no
+        copies). On the demo model this made plain decoding 1.06x faster than the sorted grouped path."""
+        gate_up, down, out_dtype = self.gate_up_proj, self.down_proj, x_1D.dtype
+        if torch.is_autocast_enabled(x_1D.device.type):  # as expert_ffn: cast here, outside autocast's list
+            dtype = torch.get_autocast_dtype(x_1D.device.type)
+            x_1D, gate_up, down = x_1D.to(dtype), gate_up.to(dtype), down.to(dtype)
+        ys = []
+        for e in idx_1K[0].tolist():
+            gate, up = F.linear(x_1D, gate_up[e]).chunk(2, dim=-1)  # (1, F) each
+            ys.append(F.linear(F.silu(gate) * up, down[e]))  # (1, D)
+        y_KD = torch.cat(ys)  # (K, D)
+        out_1D = weights_1K.to(y_KD.dtype) @ y_KD  # (1, K) @ (K, D)
+        return out_1D.to(out_dtype), torch.bincount(idx_1K.flatten(), minlength=self.n_experts)
 
 
 class MoE(nn.Module):
