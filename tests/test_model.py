@@ -355,7 +355,7 @@ def test_few_rows_loop_over_the_used_experts(monkeypatch):
 
 
 def test_one_token_runs_its_experts_in_turn_with_the_same_result():
-    """A single token (decoding at batch 1) takes the K-products path: output, gradients and counts equal the
+    """A single token (decoding at batch 1) takes the T x K-products path: output, gradients and counts equal the
     sorted path's for the same token (taken from a batch of two copies of it)."""
     cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=3,
                        n_group=1, topk_group=1, topk_method="greedy")
