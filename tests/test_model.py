@@ -52,6 +52,22 @@ def test_rmsnorm_by_hand():
     torch.testing.assert_close(y, expected, atol=1e-6, rtol=0)
 
 
+def test_rmsnorm_fp32_gradients_are_the_formulas():
+    """fp32 runs as one fused op: its gradients (input and weight) equal autograd through the formula."""
+    torch.manual_seed(0)
+    norm = RMSNorm(16, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.5)
+    x = torch.randn(3, 16, requires_grad=True)
+    g = torch.randn(3, 16)
+    norm(x).backward(g)
+    x2 = x.detach().clone().requires_grad_()
+    w2 = norm.weight.detach().clone().requires_grad_()
+    (w2 * x2 * torch.rsqrt(x2.pow(2).mean(-1, keepdim=True) + 1e-5)).backward(g)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(norm.weight.grad, w2.grad)
+
+
 def test_rmsnorm_bf16_computes_in_fp32():
     norm = RMSNorm(3, eps=1e-6).to(torch.bfloat16)
     x = torch.tensor([300.0, -400.0, 1200.0], dtype=torch.bfloat16)
