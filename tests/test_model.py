@@ -94,6 +94,23 @@ def test_rope_interleaved_pairs_by_hand():
     torch.testing.assert_close(y, expected, atol=1e-6, rtol=0)
 
 
+def test_rope_on_views_at_odd_offsets_and_strides():
+    """The rope part of a query is a view into a wider head; with odd widths (e.g. 33 + 16) its pairs are not
+    aligned for a complex view: the result is still the pairwise rotation, and bf16 comes back as bf16."""
+    g = torch.Generator().manual_seed(1)
+    cos, sin = torch.randn(1, 3, 8, generator=g), torch.randn(1, 3, 8, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        head = torch.randn(2, 3, 4, 33 + 16, generator=g).to(dtype)
+        x = head[..., 33:]  # offset 33, head stride 49: both odd
+        y = apply_rope(x, cos, sin)
+        xf = x.float()
+        c, s_ = cos[:, :, None], sin[:, :, None]  # (1, 3, 1, 8)
+        even, odd = xf[..., 0::2], xf[..., 1::2]
+        expected = torch.stack((even * c - odd * s_, odd * c + even * s_), dim=-1).flatten(-2)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y.float(), expected.to(dtype).float())
+
+
 def test_rope_relative_position():
     cfg = small_config(qk_rope_head_dim=16)  # YaRN-scaled frequencies, attention factor 1
     rot = RotaryEmbedding(cfg)
