@@ -239,6 +239,17 @@ def test_draft_head_int8_is_the_dequantized_head():
     torch.testing.assert_close(DraftHead(weight)(h), -got, atol=2e-2, rtol=1e-2)
 
 
+def test_draft_head_of_an_inference_mode_weight():
+    """A model built under torch.inference_mode has weights without a version counter: still quantized."""
+    with torch.inference_mode():
+        weight = torch.randn(64, 32)
+        h = torch.randn(2, 32)
+        head = DraftHead(weight)
+        assert head.int8
+        exact = h @ weight.T
+        assert (head(h) - exact).abs().max() < 0.02 * exact.abs().max()
+
+
 def test_draft_head_falls_back_to_the_exact_head():
     """Widths that are not a multiple of 16 (which torch's int8 kernel gets wrong) keep the model's head."""
     weight = torch.randn(50, 24)

@@ -37,6 +37,15 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def _version(weight: torch.Tensor) -> int | None:
+    """The weight's version counter (it moves on every in-place change); None for an inference-mode tensor,
+    which has none: its quantized copy is then rebuilt every time rather than trusted."""
+    try:
+        return weight._version
+    except RuntimeError:
+        return None
+
+
 class DraftHead:
     """``head(h)``: draft logits (..., V) in fp32 for hidden states h (..., d), from an int8 copy of ``weight``
     where :func:`int8_head_supported`, else the weight itself."""
@@ -45,12 +54,13 @@ class DraftHead:
         self.weight = weight
         self.int8 = int8_head_supported(weight)
         if self.int8:
+            version = _version(weight)
             cached = _QUANTIZED.get(id(weight))
-            if cached is None or cached[0]() is not weight or cached[1] != weight._version:
+            if cached is None or cached[0]() is not weight or version is None or cached[1] != version:
                 for key in [k for k, v in _QUANTIZED.items() if v[0]() is None]:  # heads freed since
                     del _QUANTIZED[key]
                 q, scale = quantize_rows(weight)
-                cached = (weakref.ref(weight), weight._version, q, scale.to(torch.bfloat16))
+                cached = (weakref.ref(weight), version, q, scale.to(torch.bfloat16))
                 _QUANTIZED[id(weight)] = cached
             self.q, self.scale = cached[2], cached[3]
 

@@ -152,7 +152,8 @@ class RoutedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sum_k g_k FFN_{i_k}(x) per token (V3 eq. 12) and the token count per expert (E,)."""
         T, K = idx_TK.shape
-        if T <= FEW_TOKENS:  # decoding at batch 1: each token's K experts in turn, no sort and no empty groups
+        if T <= FEW_TOKENS and x_TD.device.type == "cpu":  # decoding at batch 1: each token's K experts in
+            # turn, no sort and no empty groups (CPU only: reading the expert ids is a device sync elsewhere)
             return self._few_tokens(x_TD, weights_TK, idx_TK)
         flat_idx = idx_TK.flatten()  # (T*K,) slot t*K + k: token t's k-th expert
         order = flat_idx.argsort(stable=True)  # slots sorted by expert
