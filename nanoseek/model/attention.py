@@ -114,9 +114,10 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, d_h + d_h^R)  eq. 40
         k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)), dim=-1)  # eq. 44
         pad = self.qk_head_dim - self.v_head_dim
-        if attn_mask is None and pad > 0 and q.device.type == "cpu":
+        if pad > 0 and q.device.type == "cpu":
             # PyTorch's fused (flash) CPU kernel needs equal key and value widths, else SDPA falls back to its
-            # math path (2x slower in bf16 here): pad v with zeros and drop those output columns again
+            # math path (2x slower in bf16 here; with a cache mask, as in a chunked prefill, it also runs
+            # where / isneginf / all passes over the scores): pad v with zeros and drop those columns again
             v = F.pad(v, (0, pad))  # (B, S, H, d_h + d_h^R)
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T or S, .)
