@@ -73,6 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--note", default="")
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="keep: the process keeps freed memory for reuse, as `nanoseek generate` does on the CPU "
+                        "(nanoseek/allocator.py; it applies to both implementations); default: glibc's defaults")
     args = p.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
     return args
@@ -163,6 +166,10 @@ def load_sides(cfg: ModelConfig, args, directory: Path) -> list[Side]:
 
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
+    if args.malloc == "keep":
+        from nanoseek.allocator import keep_freed_memory
+
+        keep_freed_memory("cpu")
     base = ModelConfig.preset(args.preset)
     cfg = base.replace(num_nextn_predict_layers=0,
                        max_position_embeddings=max(base.max_position_embeddings, max(args.contexts) + args.steps))
@@ -237,7 +244,8 @@ def report(args, res: dict) -> str:
                  "cached latent through kv_b_proj to per-head K and V (S x d_c x H x (d_h + d_v) multiply-adds per "
                  "layer), which the absorbed path never does: that is the growing gap with context.")
     lines.append(f"- Decode: {args.steps} greedy tokens per round, {args.rounds} timed rounds (+{args.warmup} "
-                 f"warmup) per side, alternating; median round. Prefill in {args.chunk}-token chunks. "
+                 f"warmup) per side, alternating; median round. Prefill in {args.chunk}-token chunks. Allocator: "
+                 f"{'freed memory kept for reuse (--malloc keep), for both' if args.malloc == 'keep' else 'glibc defaults'}. "
                  f"Waited {res['waited']:.0f} s in total for idle CPUs.")
     lines.append(f"- Expected latent cache bytes per token: (d_c + d_R) x layers x dtype bytes = "
                  f"({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} x "
