@@ -187,8 +187,9 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
         active = torch.tensor(running, device=device)
         if speculative:
             new, n_accepted, n = speculator.step(n, active)
-            accepted = [a for a, r in zip(n_accepted.tolist(), running) if r]  # per running sequence
-            counts = [a + 1 for a in n_accepted.tolist()]
+            n_acc = n_accepted.tolist()
+            accepted = [a for a, r in zip(n_acc, running) if r]  # per running sequence
+            counts = [a + 1 for a in n_acc]
             stats.draft_steps += len(accepted)
             stats.drafted += depth * len(accepted)
             stats.accepted += sum(accepted)

@@ -32,6 +32,11 @@ EXPANDED_KV_BUDGET = 1 << 28  # per-head keys + values of the prefix (B x S x H 
 SCORES_BUDGET = 1 << 26  # absorbed attention's scores (B x H x T x S): else flash attention over the latent
 
 
+def select_positions(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """t (B, T, C) at positions ``index`` (B, T') of each row: (B, T', C)."""
+    return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+
+
 class MultiHeadLatentAttention(nn.Module):
     """MLA with query compression, joint KV compression and the decoupled shared RoPE key."""
 
@@ -94,7 +99,7 @@ class MultiHeadLatentAttention(nn.Module):
         """
         kv = cache.update(input_pos, *self.latent(x, cos, sin), length=attn_mask.shape[-1])  # (B, S, d_c + d_R)
         if outputs_at is not None:
-            x, cos, sin = (t.gather(1, outputs_at[..., None].expand(-1, -1, t.shape[-1])) for t in (x, cos, sin))
+            x, cos, sin = (select_positions(t, outputs_at) for t in (x, cos, sin))
             attn_mask = attn_mask.gather(2, outputs_at[:, None, :, None].expand(-1, 1, -1, attn_mask.shape[-1]))
         q_nope, q_rope = self.queries(x, cos, sin)
         B, S = kv.shape[:2]

@@ -108,6 +108,12 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         w.dtype == x.dtype for w in weights)
 
 
+def swiglu(x: torch.Tensor, gate_up_FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
+    """One expert's FFN on its rows x (N, D): down(silu(gate x) * up x), gate_up_FD = [gate; up] (2F, D)."""
+    gate, up = F.linear(x, gate_up_FD).chunk(2, dim=-1)  # (N, F) each
+    return F.linear(F.silu(gate) * up, down_DF)  # (N, D)
+
+
 def expert_ffn(x_SD: torch.Tensor, counts_E: torch.Tensor, gate_up_EFD: torch.Tensor,
                down_EDF: torch.Tensor) -> torch.Tensor:
     """SwiGLU of each expert on its rows: x_SD holds the rows sorted by expert, ``counts_E[e]`` of them for
@@ -126,14 +132,13 @@ def expert_ffn(x_SD: torch.Tensor, counts_E: torch.Tensor, gate_up_EFD: torch.Te
     chunks = []  # fallback: one matmul per expert that received rows
     for e, x_e in enumerate(x_SD.split(counts_E.tolist())):
         if x_e.shape[0]:
-            gate, up = (x_e @ gate_up[e].T).chunk(2, dim=-1)
-            chunks.append((F.silu(gate) * up) @ down[e].T)
+            chunks.append(swiglu(x_e, gate_up[e], down[e]))
     # no row at all: an empty result that still depends on x_SD, so that whatever produced x_SD runs its
     # backward too (expert parallelism: every rank must join the dispatch all-to-all's backward)
     return torch.cat(chunks) if chunks else x_SD[:, : down.shape[1]] * 0
 
 
-# Up to this many tokens, the experts run as T x K separate products (see RoutedExperts._few_tokens). On the
+# Up to this many tokens, the experts run as T x K separate products (see RoutedExperts.forward). On the
 # demo model, 1 made plain decoding 1.06x faster than the sorted grouped path; 2 left speculative decoding's
 # 2-token verification as fast as before (1.01x), so the sorted path keeps it.
 FEW_TOKENS = 1
@@ -152,37 +157,26 @@ class RoutedExperts(nn.Module):
     def forward(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sum_k g_k FFN_{i_k}(x) per token (V3 eq. 12) and the token count per expert (E,)."""
         T, K = idx_TK.shape
-        if T <= FEW_TOKENS and x_TD.device.type == "cpu":  # decoding at batch 1: each token's K experts in
-            # turn, no sort and no empty groups (CPU only: reading the expert ids is a device sync elsewhere)
-            return self._few_tokens(x_TD, weights_TK, idx_TK)
         flat_idx = idx_TK.flatten()  # (T*K,) slot t*K + k: token t's k-th expert
-        order = flat_idx.argsort(stable=True)  # slots sorted by expert
         counts_E = torch.bincount(flat_idx, minlength=self.n_experts)
-        x_SD = x_TD.index_select(0, order // K)  # (S = T*K, D) each slot's token row, sorted by expert
-        y_SD = expert_ffn(x_SD, counts_E, self.gate_up_proj, self.down_proj)  # (S, D)
-        unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        y_TKD = y_SD.index_select(0, unsort).view(T, K, y_SD.shape[-1])  # (T, K, D) back in slot order
+        if T <= FEW_TOKENS and x_TD.device.type == "cpu":
+            # decoding at batch 1: each token's K experts in turn, on their weights as stored (under autocast
+            # F.linear casts just the expert it uses), with no sort and no empty groups; CPU only, since reading
+            # the expert ids syncs other devices
+            y_TKD = torch.stack([swiglu(x_TD[t: t + 1], self.gate_up_proj[e], self.down_proj[e])[0]
+                                 for t, experts in enumerate(idx_TK.tolist()) for e in experts]).view(T, K, -1)
+        else:
+            order = flat_idx.argsort(stable=True)  # slots sorted by expert
+            x_SD = x_TD.index_select(0, order // K)  # (S = T*K, D) each slot's token row, sorted by expert
+            y_SD = expert_ffn(x_SD, counts_E, self.gate_up_proj, self.down_proj)  # (S, D)
+            unsort = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+            y_TKD = y_SD.index_select(0, unsort).view(T, K, y_SD.shape[-1])  # (T, K, D) back in slot order
         # sum_k g_{t,k} FFN_{i_k}(u_t) as one batched (1 x K) @ (K x D) product per token; in a low-precision
         # compute dtype it accumulates in fp32 and rounds once. With the index_select gather (whose backward is an
         # index_add_, not x[idx]'s accumulating index_put_) a MoE layer's forward + backward on the bench preset
         # ran 1.08x (fp32) to 1.25x (bf16) faster than with x[idx] and a weighted index_add_ into zeros
         out_TD = torch.bmm(weights_TK.unsqueeze(1).to(y_TKD.dtype), y_TKD).squeeze(1)  # (T, D)
         return out_TD.to(x_TD.dtype), counts_E
-
-
-    def _few_tokens(self, x_TD: torch.Tensor, weights_TK: torch.Tensor, idx_TK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """sum_k g_k FFN_{i_k}(x) for a handful of tokens (decoding): T x K small products on the selected
-        experts' weights, no copies (under autocast, F.linear casts just the expert it uses)."""
-        T, K = idx_TK.shape
-        rows = []
-        for t, experts in enumerate(idx_TK.tolist()):
-            x_t = x_TD[t: t + 1]  # (1, D)
-            for e in experts:
-                gate, up = F.linear(x_t, self.gate_up_proj[e]).chunk(2, dim=-1)  # (1, F) each
-                rows.append(F.linear(F.silu(gate) * up, self.down_proj[e]))  # (1, D)
-        y_TKD = torch.cat(rows).view(T, K, -1)  # (T, K, D)
-        out_TD = torch.bmm(weights_TK.unsqueeze(1).to(y_TKD.dtype), y_TKD).squeeze(1)  # (T, 1, K) @ (T, K, D)
-        return out_TD.to(x_TD.dtype), torch.bincount(idx_TK.flatten(), minlength=self.n_experts)
 
 
 class MoE(nn.Module):

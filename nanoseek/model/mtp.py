@@ -34,7 +34,8 @@ class MTPModule(nn.Module):
         """h_prev: h^{k-1} (B, T, d) after its final norm; emb_next: Emb(t_{i+k}) (B, T, d).
 
         Returns RMSNorm_k(h^k): the input of the shared output head and of depth k + 1. ``cache_args``
-        (cache, input_pos, absorb) run the block against this module's own latent cache layer (drafting) and may include ``outputs_at`` (positions that run the block past the cache write).
+        (cache, input_pos, absorb, outputs_at) run the block against this module's own latent cache layer
+        (drafting); ``outputs_at`` picks the positions that run the block past the cache write.
         """
         h = self.eh_proj(torch.cat((self.enorm(emb_next), self.hnorm(h_prev)), dim=-1))  # eq. 21
         h, routing = self.block(h, cos, sin, attn_mask, **cache_args)  # eq. 22

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import MultiHeadLatentAttention
+from .attention import MultiHeadLatentAttention, select_positions
 from .layers import MLP, RMSNorm
 from .moe import MoE, Routing, RoutedExperts, Router
 from .mtp import MTPModule
@@ -47,7 +47,7 @@ class Block(nn.Module):
             h = self.input_layernorm(x)
             attn = self.self_attn.forward_cached(h, cos, sin, cache, input_pos, attn_mask, absorb, outputs_at)
             if outputs_at is not None:
-                x = x.gather(1, outputs_at[..., None].expand(-1, -1, x.shape[-1]))  # (B, T', d)
+                x = select_positions(x, outputs_at)  # (B, T', d): the residual of the positions that go on
             x = x + attn
         if self.is_moe:
             ffn, routing = self.mlp(self.post_attention_layernorm(x))
