@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import nanoseek.model.moe as moe_mod
 from nanoseek.config import ModelConfig
 from nanoseek.model import DeepSeekV3, count_parameters, kv_cache_elements_per_token
-from nanoseek.model.attention import MultiHeadLatentAttention
+from nanoseek.model.attention import MultiHeadLatentAttention, causal_attention_lowp
 from nanoseek.model.layers import RMSNorm
 from nanoseek.model.moe import MoE, RoutedExperts, Router
 from nanoseek.model.rope import (
@@ -245,6 +245,50 @@ def _gate_of(weights, idx, expert):
 S16 = [0.95, 0.05, 0.05, 0.05, 0.60, 0.58, 0.10, 0.10, 0.70, 0.55, 0.50, 0.50, 0.45, 0.45, 0.45, 0.45]
 
 
+@pytest.mark.parametrize("T", [1, 7, 64])
+def test_low_precision_causal_attention_matches_fp32(T):
+    """The two-block bf16 attention equals fp32 causal attention within bf16 rounding, values and gradients."""
+    torch.manual_seed(0)
+    B, H, d, dv = 2, 3, 24, 16
+    q, k, v = (torch.randn(B, H, T, n) for n in (d, d, dv))
+    scale = 0.3
+    low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = causal_attention_lowp(*low, scale)
+    expected = F.scaled_dot_product_attention(*ref, is_causal=True, scale=scale)
+    assert out.dtype == torch.bfloat16 and out.shape == (B, H, T, dv)
+    torch.testing.assert_close(out.float(), expected, atol=0.03, rtol=0.03)
+    probe = torch.randn(B, H, T, dv)
+    (out.float() * probe).sum().backward()
+    (expected * probe).sum().backward()
+    for a, b in zip(low, ref):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=0.05 * b.grad.abs().max().item(), rtol=0.05)
+
+
+@pytest.mark.parametrize("mode", ["bf16_weights", "autocast"])
+def test_mla_low_precision_training_path_matches_fused_kernel(mode, monkeypatch):
+    """bf16 on the CPU without a mask: MLA runs causal_attention_lowp, close to the fused SDPA kernel's result."""
+    import nanoseek.model.attention as attn_mod
+
+    cfg = small_config(num_attention_heads=4, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+    torch.manual_seed(0)
+    attn = MultiHeadLatentAttention(cfg)
+    if mode == "bf16_weights":
+        attn.to(torch.bfloat16)
+    x = torch.randn(2, 12, cfg.hidden_size, dtype=attn.o_proj.weight.dtype)
+    cos, sin = RotaryEmbedding(cfg)(torch.arange(12)[None])
+    calls = []
+    real = attn_mod.causal_attention_lowp
+    monkeypatch.setattr(attn_mod, "causal_attention_lowp", lambda *a: calls.append(1) or real(*a))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        out = attn(x, cos, sin)
+        assert len(calls) == 1
+        monkeypatch.setattr(attn_mod, "LOWP_SCORES_BUDGET", 0)  # the fused kernel instead
+        fused = attn(x, cos, sin)
+    assert len(calls) == 1 and out.dtype == fused.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), fused.float(), atol=0.02 * fused.abs().max().item(), rtol=0.02)
+
+
 def test_router_sigmoid_noaux_tc_by_hand():
     router = _router(16, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5)
     x = _logit(S16)[None]
@@ -413,6 +457,72 @@ def test_one_token_runs_its_experts_in_turn_with_the_same_result():
         low, _ = experts(x, w, idx)
     assert low.dtype == torch.float32
     torch.testing.assert_close(low, out, atol=0.05 * out.abs().max().item(), rtol=0.05)
+
+
+def test_padded_counts_by_hand():
+    """Multiples of 32 up to 1024 rows, then of 1/32 of the count's power of two; empty experts stay empty."""
+    counts = torch.tensor([0, 1, 31, 32, 33, 1000, 1024, 1025, 2048, 3000, 5000])
+    assert moe_mod.padded_counts(counts).tolist() == [0, 32, 32, 32, 64, 1024, 1024, 1088, 2048, 3072, 5120]
+
+
+@pytest.mark.parametrize("mode", ["bf16_weights", "autocast"])
+def test_padded_expert_groups_give_the_unpadded_result(mode, monkeypatch):
+    """bf16 on the CPU with >= 32 rows per expert: each expert's group is padded to a multiple of 32 rows for the
+    grouped products; output, gradients and counts equal those of the unpadded groups."""
+    cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                       n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    experts = RoutedExperts(cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    if mode == "bf16_weights":
+        experts.to(torch.bfloat16)
+    T, K = 70, 2  # 140 rows >= 32 x 4 experts
+    x = torch.randn(T, 32, dtype=experts.down_proj.dtype, requires_grad=True)
+    w = torch.rand(T, K)
+    idx = torch.stack([torch.randperm(4)[:K] for _ in range(T)])
+    idx[:5] = torch.tensor([0, 1])  # uneven loads
+    offsets = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: offsets.append(k["offs"].tolist()) or real(*a, **k))
+
+    def run():
+        x.grad = None
+        experts.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+            out, counts = experts(x, w, idx)
+        out.float().square().sum().backward()
+        return out, counts, [t.grad.clone() for t in (x, experts.gate_up_proj, experts.down_proj)]
+
+    out, counts, grads = run()
+    loads = torch.bincount(idx.flatten(), minlength=4)
+    assert counts.tolist() == loads.tolist()
+    assert offsets[0] == moe_mod.padded_counts(loads).cumsum(0).tolist() and all(o % 32 == 0 for o in offsets[0])
+    assert offsets[0][-1] > T * K
+    monkeypatch.setattr(moe_mod, "_pad_rows", lambda *a: False)
+    offsets.clear()
+    out2, counts2, grads2 = run()
+    assert offsets[0] == loads.cumsum(0).tolist()
+    assert torch.equal(counts, counts2)
+    torch.testing.assert_close(out, out2, atol=0, rtol=0)
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g, g2, atol=1e-2 * g2.abs().max().item(), rtol=1e-2)
+
+
+def test_fp32_and_decoding_rows_are_not_padded(monkeypatch):
+    cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                       n_group=1, topk_group=1)
+    experts = RoutedExperts(cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    offsets = []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: offsets.append(k["offs"][-1].item()) or real(*a, **k))
+    idx = torch.stack([torch.randperm(4)[:2] for _ in range(70)])
+    experts(torch.randn(70, 32), torch.rand(70, 2), idx)  # fp32: no padding
+    experts.to(torch.bfloat16)
+    experts(torch.randn(10, 32, dtype=torch.bfloat16), torch.rand(10, 2), idx[:10])  # 20 rows < 32 x 4
+    assert offsets == [140, 140, 20, 20]
 
 
 def test_moe_drops_no_token_even_when_all_pick_the_same_experts():

@@ -1,10 +1,21 @@
-"""Building blocks shared across the model: RMSNorm and the SwiGLU feed-forward network."""
+"""Building blocks shared across the model: RMSNorm, the SwiGLU feed-forward network, and a dtype check."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype x's matrix products run in: autocast's where it is on for x's device, else x's own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def low_precision_cpu(x: torch.Tensor) -> bool:
+    """Whether x is on the CPU and its products run in bf16 / fp16 (oneDNN's paths, see moe.PAD_ROWS)."""
+    return x.device.type == "cpu" and compute_dtype(x) in (torch.bfloat16, torch.float16)
 
 
 class RMSNorm(nn.Module):
