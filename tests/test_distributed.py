@@ -230,6 +230,53 @@ def test_expert_parallel_layer_when_a_rank_receives_no_token():
     torch.testing.assert_close(ep_grads, grads, rtol=1e-4, atol=1e-4)
 
 
+def _bf16_moe_worker(rank: int, world: int) -> dict:
+    import nanoseek.distributed.expert_parallel as ep
+
+    moe, x = _bf16_moe_and_input()
+    ep.apply_expert_parallel(moe, torch.distributed.group.WORLD)
+    groups = []
+    real = ep.expert_ffn
+    ep.expert_ffn = lambda x_SD, counts, *w: groups.append(counts.tolist()) or real(x_SD, counts, *w)
+    mine = x.detach()[rank::world].clone().requires_grad_(True)
+    y, routing = moe(mine)
+    y.float().square().sum().backward()
+    return {"y": y.detach(), "x_grad": mine.grad, "groups": groups, "counts": routing.counts}
+
+
+def _bf16_moe_and_input():
+    from nanoseek.config import ModelConfig
+    from nanoseek.model.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(ModelConfig.preset("tiny"))  # 16 experts: 8 per rank at EP=2
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.2)
+    return moe.to(torch.bfloat16), torch.randn(2, 160, moe.experts.gate_up_proj.shape[-1], dtype=torch.bfloat16)
+
+
+def test_expert_parallel_bf16_pads_each_experts_rows_like_one_process():
+    """bf16 on the CPU with enough rows: each rank pads its experts' rows to multiples of 32 (moe.PAD_ROWS), as
+    one process does, and EP=2 gives one process's output and input gradient."""
+    from nanoseek.model.moe import padded_counts
+
+    results = run_spawned(_bf16_moe_worker, 2, timeout_s=60)
+    moe, x = _bf16_moe_and_input()
+    for rank, res in enumerate(results):
+        (groups,) = res["groups"]
+        assert all(c % 32 == 0 for c in groups) and sum(groups) > 0
+        mine = x.detach()[rank::2].clone().requires_grad_(True)
+        y, routing = moe(mine)
+        y.float().square().sum().backward()
+        assert torch.equal(res["counts"], routing.counts)
+        torch.testing.assert_close(res["y"].float(), y.float(), rtol=2e-2, atol=2e-2 * y.abs().max().item())
+        torch.testing.assert_close(res["x_grad"].float(), mine.grad.float(), rtol=2e-2,
+                                   atol=2e-2 * mine.grad.abs().max().item())
+    loads = results[0]["counts"] + results[1]["counts"]  # every token's slots, per expert
+    for rank, res in enumerate(results):
+        assert res["groups"][0] == padded_counts(loads[8 * rank: 8 * rank + 8]).tolist()
+
+
 def test_layout_errors():
     from nanoseek.config import ModelConfig
     from nanoseek.distributed.mesh import Layout

@@ -155,10 +155,27 @@ def padded_counts(counts_E: torch.Tensor) -> torch.Tensor:
     return (counts_E + step - 1) // step * step
 
 
-def _pad_rows(x_TD: torch.Tensor, rows: int, n_experts: int) -> bool:
+def pad_rows(x_TD: torch.Tensor, rows: int, n_experts: int) -> bool:
     """Whether to pad the expert groups: low-precision products on the CPU, with enough rows per expert on
     average that padding costs little (not for decoding, whose few rows would grow many-fold)."""
     return rows >= PAD_ROWS * n_experts and low_precision_cpu(x_TD)
+
+
+def expert_groups(source_S: torch.Tensor, expert_S: torch.Tensor, counts_E: torch.Tensor,
+                  pad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Lay out the rows that the experts receive: ``source_S`` (S,) the input row of each routed slot and
+    ``expert_S`` its expert, both sorted by expert; ``counts_E`` slots per expert. Returns ``source_G`` (G,) the
+    input row of each row of the experts' input, ``pos_S`` (S,) the row of that input holding each slot, and
+    ``counts_G`` (E,) rows per expert there: the slots themselves, or with ``pad`` each expert's rows padded
+    (see PAD_ROWS) by rows that read input row 0."""
+    pos_S = torch.arange(source_S.numel(), device=source_S.device)
+    if not pad:
+        return source_S, pos_S, counts_E
+    counts_G = padded_counts(counts_E)
+    shift_E = (counts_G.cumsum(0) - counts_G) - (counts_E.cumsum(0) - counts_E)  # padding rows before expert e
+    pos_S = pos_S + shift_E[expert_S]
+    source_G = source_S.new_zeros(int(counts_G.sum())).index_copy_(0, pos_S, source_S)
+    return source_G, pos_S, counts_G
 
 
 # Up to this many tokens, the experts run as T x K separate products (see RoutedExperts.forward). On the
@@ -190,13 +207,8 @@ class RoutedExperts(nn.Module):
                                  for t, experts in enumerate(idx_TK.tolist()) for e in experts]).view(T, K, -1)
         else:
             order = flat_idx.argsort(stable=True)  # slots sorted by expert
-            pos_S = torch.arange(order.numel(), device=order.device)  # row of each sorted slot in the expert input
-            counts_G, token_G = counts_E, order // K  # rows per expert group, token row of each group row
-            if _pad_rows(x_TD, order.numel(), self.n_experts):  # see PAD_ROWS
-                counts_G = padded_counts(counts_E)
-                shift_E = (counts_G.cumsum(0) - counts_G) - (counts_E.cumsum(0) - counts_E)  # padding before e
-                pos_S = pos_S + shift_E[flat_idx[order]]
-                token_G = order.new_zeros(int(counts_G.sum())).index_copy_(0, pos_S, order // K)
+            token_G, pos_S, counts_G = expert_groups(order // K, flat_idx[order], counts_E,
+                                                     pad_rows(x_TD, order.numel(), self.n_experts))
             x_GD = x_TD.index_select(0, token_G)  # (G, D) token rows sorted by expert (G = T*K, plus padding)
             y_GD = expert_ffn(x_GD, counts_G, self.gate_up_proj, self.down_proj)  # (G, D)
             slot_pos = torch.empty_like(order).scatter_(0, order, pos_S)  # row of y_GD for each slot t*K + k
