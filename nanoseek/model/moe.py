@@ -174,7 +174,8 @@ def expert_groups(source_S: torch.Tensor, expert_S: torch.Tensor, counts_E: torc
     counts_G = padded_counts(counts_E)
     shift_E = (counts_G.cumsum(0) - counts_G) - (counts_E.cumsum(0) - counts_E)  # padding rows before expert e
     pos_S = pos_S + shift_E[expert_S]
-    source_G = source_S.new_zeros(int(counts_G.sum())).index_copy_(0, pos_S, source_S)
+    source_G = torch.zeros(int(counts_G.sum()), dtype=source_S.dtype, device=source_S.device)  # padding: row 0
+    source_G.index_copy_(0, pos_S, source_S)
     return source_G, pos_S, counts_G
 
 
