@@ -7,14 +7,16 @@ step like benchmarks/train_step.py. Variants:
   baseline          nanoseek as it is; AdamW with torch's default implementation (the for-loop one on CPU)
   fused-adamw       torch.optim.AdamW(fused=True): one fused kernel per parameter instead of ~10 elementwise
                     passes over parameters, gradients and moments
-  experts-dispatch  RoutedExperts.forward with a cheaper dispatch and combine: gather the token rows with
+  experts-dispatch  (historical: written against the dispatch of an earlier commit, without the bf16 padding of
+                    moe.PAD_ROWS) RoutedExperts.forward with a cheaper dispatch and combine: gather the token rows with
                     index_select (its backward is index_add_, not the accumulating index_put_ of x[idx]), multiply
                     the gate weights in the compute dtype, and combine by un-sorting (index_select with the inverse
                     permutation) and summing the k rows of each token (view(T, K, D).sum(1)) instead of index_add_
                     into zeros; the grouped matmuls are unchanged
   all               fused-adamw + experts-dispatch
   math-sdpa         undo the padded-v change of d86a0b7: force SDPA's math backend (what unequal q/k and v head
-                    dims got before), to show what the fused CPU kernel is worth
+                    dims got before), to show what the fused CPU kernel is worth (fp32; in bf16 on the CPU training
+                    attention no longer goes through SDPA, see causal_attention_lowp, so this changes nothing there)
   fp32-experts      (bf16 autocast only) undo the autocast cast in RoutedExperts: run the routed experts in fp32
                     under autocast, as before that change, to show what it is worth
 
