@@ -30,8 +30,8 @@ LATENT_NORM_EPS = 1e-6
 # of any length needs activation memory for one chunk, not for the whole prefix:
 EXPANDED_KV_BUDGET = 1 << 28  # per-head keys + values of the prefix (B x S x H x (d_h + d_v)): else absorbed
 SCORES_BUDGET = 1 << 26  # absorbed attention's scores (B x H x T x S): else flash attention over the latent
-# Causal self-attention in bf16 / fp16 on the CPU without a mask (training, a prefill from position 0) runs as
-# explicit scores up to this many (B x H x T x T), see causal_attention_lowp:
+# Causal self-attention in bf16 / fp16 on the CPU without a mask (the full forward: training, validation) runs
+# as explicit scores up to this many (B x H x T x T), see causal_attention_lowp:
 LOWP_SCORES_BUDGET = 1 << 25
 
 
@@ -44,7 +44,7 @@ def causal_attention_lowp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     PyTorch's fused CPU kernel keeps the scores in fp32 but is slow on short, narrow heads: forward + backward
     of the bench preset's attention (4 x 16 heads x 512 tokens, d = 48, bf16) took 65 ms there against 24 ms
     here. The price is the rounding of the scores to bf16 (as in transformers' eager attention): the mean error
-    against fp32 attention was 0.00038 against 0.00021 for the fused kernel (benchmarks/results/train_step.md).
+    against fp32 attention was 0.00038 against 0.00021 for the fused kernel (random inputs of that shape).
     """
     B, H, T, _ = q.shape
     q_NTd, k_NTd, v_NTd = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)  # (B*H, T, .)

@@ -194,8 +194,8 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-# The defaults above are tuned for the demo model on 2 CPU cores (see README "Training"): ~6.4k tokens/s in
-# bf16. The demo trains up to 760 steps (~7.5 minutes) within a time budget, and fits
+# The defaults above are tuned for the demo model on 2 CPU cores (see README "Training"): ~7.3k tokens/s in
+# bf16. The demo trains up to 760 steps (~7.1 minutes measured) within a time budget, and fits
 # the number of steps (hence the whole learning-rate schedule) to it after timing the first steps, so a slower
 # machine still finishes in time.
 # Its bias speed is 10x V3's 0.001: over a few hundred steps, 0.001 moves a bias by at most ~0.3 and the
