@@ -499,7 +499,7 @@ def test_padded_expert_groups_give_the_unpadded_result(mode, monkeypatch):
     assert counts.tolist() == loads.tolist()
     assert offsets[0] == moe_mod.padded_counts(loads).cumsum(0).tolist() and all(o % 32 == 0 for o in offsets[0])
     assert offsets[0][-1] > T * K
-    monkeypatch.setattr(moe_mod, "pad_rows", lambda *a: False)
+    monkeypatch.setattr(moe_mod, "pads_expert_rows", lambda *a: False)
     offsets.clear()
     out2, counts2, grads2 = run()
     assert offsets[0] == loads.cumsum(0).tolist()

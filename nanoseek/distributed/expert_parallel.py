@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from ..model.moe import MoE, RoutedExperts, expert_ffn, expert_groups, pad_rows
+from ..model.moe import MoE, RoutedExperts, expert_ffn, expert_groups, pads_expert_rows
 
 
 # The pipeline micro-batch whose forward runs in this thread (None outside a pipeline). With DualPipeV's F&B
@@ -131,7 +131,7 @@ class ExpertParallelExperts(nn.Module):
         order = expert_S.argsort(stable=True)
         row_S, k_S, expert_S = row_S[order], k_S[order], expert_S[order]
         row_G, pos_S, counts_G = expert_groups(row_S, expert_S, torch.bincount(expert_S, minlength=E_local),
-                                               pad_rows(x_QD, len(row_S), E_local))  # see moe.PAD_ROWS
+                                               pads_expert_rows(x_QD, len(row_S), E_local))  # see moe.PAD_ROWS
         y_GD = expert_ffn(x_QD.index_select(0, row_G), counts_G, self.gate_up_proj, self.down_proj)  # (G, D)
         y_SD = y_GD if y_GD.shape[0] == len(row_S) else y_GD.index_select(0, pos_S)  # (S, D) in slot order
         y_SD = (y_SD.float() * gate_QK[row_S, k_S][:, None]).to(x_TD.dtype)  # g_{i,t} FFN_i(u_t)

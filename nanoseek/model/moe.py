@@ -155,7 +155,7 @@ def padded_counts(counts_E: torch.Tensor) -> torch.Tensor:
     return (counts_E + step - 1) // step * step
 
 
-def pad_rows(x_TD: torch.Tensor, rows: int, n_experts: int) -> bool:
+def pads_expert_rows(x_TD: torch.Tensor, rows: int, n_experts: int) -> bool:
     """Whether to pad the expert groups: low-precision products on the CPU, with enough rows per expert on
     average that padding costs little (not for decoding, whose few rows would grow many-fold)."""
     return rows >= PAD_ROWS * n_experts and low_precision_cpu(x_TD)
@@ -209,7 +209,7 @@ class RoutedExperts(nn.Module):
         else:
             order = flat_idx.argsort(stable=True)  # slots sorted by expert
             token_G, pos_S, counts_G = expert_groups(order // K, flat_idx[order], counts_E,
-                                                     pad_rows(x_TD, order.numel(), self.n_experts))
+                                                     pads_expert_rows(x_TD, order.numel(), self.n_experts))
             x_GD = x_TD.index_select(0, token_G)  # (G, D) token rows sorted by expert (G = T*K, plus padding)
             y_GD = expert_ffn(x_GD, counts_G, self.gate_up_proj, self.down_proj)  # (G, D)
             slot_pos = torch.empty_like(order).scatter_(0, order, pos_S)  # row of y_GD for each slot t*K + k
