@@ -80,6 +80,40 @@ def timed_parts(model, context: int, reps: int = 50) -> dict[str, float]:
     }
 
 
+def step_bytes(model, tok: Tokenizer, tokens: int = 512) -> dict[str, float]:
+    """MB of weights a decode step reads at batch 1, counted from the parameters (bytes of the model dtype): a
+    plain step (every non-expert weight but the embedding table, K experts per MoE layer, the head); a
+    verification of 2 tokens (the distinct experts of two consecutive tokens, averaged over the routing of
+    ``tokens`` tokens of a stdlib file); a speculative step (the verification, the MTP module with K experts,
+    the int8 draft head). The most a memory-bound step could gain is tokens-per-step / (speculative / plain)."""
+    cfg, size = model.config, model.embed_tokens.weight.element_size()
+    numel = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    expert = 3 * cfg.moe_intermediate_size * cfg.hidden_size
+    distinct: list[int] = []
+
+    def record(module, inputs, output):
+        idx = output[1].tolist()  # (T, K) expert ids
+        distinct.extend(len(set(a) | set(b)) for a, b in zip(idx, idx[1:]))
+
+    hooks = [layer.mlp.gate.register_forward_hook(record) for layer in model.layers if layer.is_moe]
+    text = Path(sysconfig.get_paths()["stdlib"], "zipfile", "__init__.py")
+    text = text if text.exists() else Path(sysconfig.get_paths()["stdlib"], "zipfile.py")
+    with torch.no_grad():
+        model(torch.tensor([tok.encode(text.read_text())[:tokens]]))
+    for h in hooks:
+        h.remove()
+    pair = sum(distinct) / len(distinct)
+    K, head = cfg.num_experts_per_tok, model.lm_head.weight.numel()
+    fixed = [numel(layer) - (numel(layer.mlp.experts) if layer.is_moe else 0) for layer in model.layers]
+    moe = sum(layer.is_moe for layer in model.layers)
+    plain = sum(fixed) + moe * K * expert + head + numel(model.norm)
+    verify = plain + moe * (pair - K) * expert
+    mtp = sum(numel(m) - numel(m.block.mlp.experts) + K * expert for m in model.mtp)
+    spec = verify + mtp + head / size  # int8 draft head: one byte per weight
+    return {"distinct experts, 2 tokens": pair, "plain MB": plain * size / 1e6, "verify MB": verify * size / 1e6,
+            "speculative MB": spec * size / 1e6, "speculative / plain": spec / plain}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
@@ -89,6 +123,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--passes", type=int, default=6, help="passes over the prompts (each mode, alternating)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "speculative.md"))
+    p.add_argument("--compile", action="store_true", help="generate(compile=True): torch.compile'd decoding steps")
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -98,6 +133,11 @@ def main(argv=None) -> int:
     load_before = loadavg()
     rows = []
     with torch.inference_mode():
+        if args.compile:  # compile every step shape first (not timed)
+            start = time.perf_counter()
+            for spec in (False, True):
+                generate(model, [ps[0]], args.new_tokens, speculative=spec, compile=True)
+            print(f"compiled the decoding steps in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         for temperature in (0.0, 0.7):
             totals = {False: [0, 0.0], True: [0, 0.0]}
             per_pass = []  # speedup of each pass over the prompts: the spread shows the machine's noise
@@ -108,7 +148,8 @@ def main(argv=None) -> int:
                     pass_start = {s: list(totals[s]) for s in totals}
                 outs = {}
                 for spec in ((False, True) if i % 2 == 0 else (True, False)):
-                    r = generate(model, [prompt], args.new_tokens, temperature=temperature, seed=i % len(ps), speculative=spec)
+                    r = generate(model, [prompt], args.new_tokens, temperature=temperature, seed=i % len(ps), speculative=spec,
+                                 compile=args.compile)
                     totals[spec][0] += r.stats.new_tokens - 1
                     totals[spec][1] += r.stats.decode_s
                     outs[spec] = r.tokens[0]
@@ -126,9 +167,11 @@ def main(argv=None) -> int:
                   f"per pass {min(per_pass):.2f}-{max(per_pass):.2f}x), acceptance {accepted / max(drafted, 1):.2f}",
                   file=sys.stderr)
         parts = timed_parts(model, args.prompt_tokens + args.new_tokens // 2)
+    weights = step_bytes(model, tok)
     cfg = model.config
     lines = [f"\n## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC - trained run `{args.run_dir}`", "",
-             f"Command: `python benchmarks/speculative_run.py {args.run_dir} --passes {args.passes}`", "",
+             f"Command: `python benchmarks/speculative_run.py {args.run_dir} --passes {args.passes}"
+             f"{' --compile' if args.compile else ''}`", "",
              f"- Machine: {machine_info(args, torch.device('cpu'))}; {args.threads} thread(s); load average before {load_before}, after "
              f"{loadavg()}",
              f"- Model: d={cfg.hidden_size}, {cfg.num_hidden_layers} layers, vocabulary {cfg.vocab_size}, "
@@ -143,6 +186,7 @@ def main(argv=None) -> int:
         lines.append(f"| {t} | {plain:.1f} | {spec:.1f} | {ratio:.2f}x | {median:.2f}x ({low:.2f}-{high:.2f}) | "
                      f"{acc:.2f} | {same if t == 0 else '-'} |")
     lines += ["", "Pieces of a decode step timed alone (ms): " + "; ".join(f"{k} {v:.2f}" for k, v in parts.items())]
+    lines += ["", "Weights read per decode step (see step_bytes): " + "; ".join(f"{k} {v:.2f}" for k, v in weights.items())]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:

@@ -164,6 +164,15 @@ def test_generate_threads_option(ckpt, capsys):
         torch.set_num_threads(1)
 
 
+def test_generate_compile_option_reaches_the_core(ckpt, capsys, monkeypatch):
+    fake = Scripted([])
+    _use(monkeypatch, fake)
+    for extra, want in (([], False), (["--compile"], True)):
+        fake.replies.append([5, 6])
+        assert main(["generate", "--checkpoint", ckpt, "--prompt", "hi", "--max-new-tokens", "2", *extra]) == 0
+        assert fake.calls[-1].compile is want
+
+
 def test_generate_speculative_greedy_equals_plain(ckpt, capsys):
     args = ["generate", "--checkpoint", ckpt, "--prompt", "Hello", "--max-new-tokens", "10"]
     assert main(args) == 0

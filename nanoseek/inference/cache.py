@@ -62,6 +62,12 @@ class LatentCache:
         return cls(model.config, batch_size, max_length, mtp=mtp, dtype=weight.dtype, device=weight.device)
 
     @property
+    def slots(self) -> int:
+        """Slots per sequence, read off a buffer's shape (under torch.compile a size, not a constant that
+        would compile the graph again for every request length)."""
+        return self.layers[0].kv.shape[1] if self.layers else self.mtp_layers[0].kv.shape[1]
+
+    @property
     def nbytes(self) -> int:
         """Bytes held by all layers, the MTP layers included."""
         return sum(layer.kv.nbytes for layer in self.layers + self.mtp_layers)

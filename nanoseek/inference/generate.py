@@ -16,6 +16,7 @@ from functools import partial
 import torch
 
 from .cache import LatentCache
+from .compiled import main_step
 from .sampling import check_sampling, logits_to_probs, sample
 from .speculative import MTPSpeculator, chunks
 
@@ -108,7 +109,7 @@ def _check_request(model: torch.nn.Module, prompts, max_new_tokens, stop_tokens,
 @torch.inference_mode()
 def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens: Iterable[int] = (),
-             seed: int | None = None, speculative: bool = False,
+             seed: int | None = None, speculative: bool = False, compile: bool = False,
              on_tokens: Callable[[list[list[int]]], None] | None = None) -> GenerationResult:
     """Generate up to ``max_new_tokens`` tokens after each prompt.
 
@@ -122,6 +123,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
         speculative: draft with the model's MTP modules and verify with the main model (the output
             distribution is the main model's; greedy output is identical to plain greedy). Without MTP
             modules: a warning, then plain decoding.
+        compile: run the decoding steps through torch.compile (:mod:`nanoseek.inference.compiled`): the first
+            steps of each shape compile (seconds), later steps are several times faster on the CPU.
         on_tokens: called after every step with the tokens each sequence accepted in it (streaming).
 
     Raises:
@@ -175,7 +178,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     n = lengths.clone()  # slot of the newest accepted token t_n, not yet seen by the main model
     tokens[rows, n] = first
     if speculative:
-        speculator = MTPSpeculator(model, cache, tokens, to_probs, generator)
+        speculator = MTPSpeculator(model, cache, tokens, to_probs, generator, compiled=compile)
         speculator.prefill(torch.cat(kept, dim=1), lengths)  # (B, P, d)
     stats.new_tokens = out.emit([[t] for t in first.tolist()])
     stats.prefill_s = time.perf_counter() - start
@@ -196,8 +199,11 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
             for k in range(depth):
                 stats.accepted_per_depth[k] += sum(a > k for a in accepted)
         else:
-            hidden = model.forward_cached(tokens[rows, n][:, None], n[:, None], cache)  # (B, 1, d)
-            new = pick(model.lm_head(hidden[:, 0]))[:, None]  # (B, 1)
+            if compile:
+                new = pick(main_step(model, tokens[rows, n][:, None], n[:, None], cache)[1][:, 0])[:, None]  # (B, 1)
+            else:
+                hidden = model.forward_cached(tokens[rows, n][:, None], n[:, None], cache)  # (B, 1, d)
+                new = pick(model.lm_head(hidden[:, 0]))[:, None]  # (B, 1)
             n = n + active.long()
             tokens[rows, n] = torch.where(active, new[:, 0], tokens[rows, n])
             counts = [1] * B

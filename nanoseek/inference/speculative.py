@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .cache import LatentCache
+from .compiled import main_step, mtp_step
 from .draft_head import DraftHead
 from .sampling import sample
 
@@ -94,10 +95,12 @@ class MTPSpeculator:
     """
 
     def __init__(self, model: torch.nn.Module, cache: LatentCache, tokens: torch.Tensor,
-                 to_probs: Callable[[torch.Tensor], torch.Tensor] | None, generator: torch.Generator | None):
-        """``to_probs`` turns logits into the sampling distribution; None is greedy (argmax, no distribution)."""
+                 to_probs: Callable[[torch.Tensor], torch.Tensor] | None, generator: torch.Generator | None,
+                 compiled: bool = False):
+        """``to_probs`` turns logits into the sampling distribution; None is greedy (argmax, no distribution).
+        ``compiled``: run the verification and drafting steps compiled (:mod:`.compiled`)."""
         self.model, self.cache, self.tokens = model, cache, tokens  # tokens: (B, slots) accepted + drafted ids
-        self.to_probs, self.generator = to_probs, generator
+        self.to_probs, self.generator, self.compiled = to_probs, generator, compiled
         self.depth = len(model.mtp)  # D
         self.window = 2 * self.depth  # W
         self.rows = torch.arange(tokens.shape[0], device=tokens.device)
@@ -120,8 +123,11 @@ class MTPSpeculator:
         D, W = self.depth, self.window
         # 1. verify: the main model scores [t_n, d_1..d_D] at slots n..n+D in one forward
         positions = n[:, None] + torch.arange(D + 1, device=n.device)  # (B, D + 1)
-        hidden = self.model.forward_cached(self.tokens.gather(1, positions), positions, self.cache)  # (B, D+1, d)
-        target_logits = verification_logits(self.model.lm_head.weight, hidden)  # (B, D + 1, V)
+        if self.compiled:
+            hidden, target_logits = main_step(self.model, self.tokens.gather(1, positions), positions, self.cache)
+        else:
+            hidden = self.model.forward_cached(self.tokens.gather(1, positions), positions, self.cache)  # (B, D+1, d)
+            target_logits = verification_logits(self.model.lm_head.weight, hidden)  # (B, D + 1, V)
         if self.to_probs is None:
             n_accepted, next_token = greedy_accept(self.drafts, target_logits)
         else:
@@ -161,9 +167,12 @@ class MTPSpeculator:
             outs = []
             for s, e in spans:
                 at = (last - s).clamp(0, e - s - 1)[:, None] if k == self.depth else None  # (B, 1)
-                outs.append(self.model.mtp_forward_cached(k, h[:, s:e], self.tokens.gather(1, positions[:, s:e] + k),
-                                                          positions[:, s:e], self.cache, absorb=absorb,
-                                                          outputs_at=at))  # (B, e - s or 1, d) = RMSNorm_k(h^k)
+                args = (k, h[:, s:e], self.tokens.gather(1, positions[:, s:e] + k), positions[:, s:e], self.cache)
+                if absorb and self.compiled:
+                    outs.append(mtp_step(self.model, *args, outputs_at=at))
+                else:
+                    outs.append(self.model.mtp_forward_cached(*args, absorb=absorb, outputs_at=at))
+                # outs[-1]: (B, e - s or 1, d) = RMSNorm_k(h^k)
             if k < self.depth:
                 h = torch.cat(outs, dim=1)  # (B, T, d)
                 h_last = h[self.rows, last]  # (B, d)

@@ -98,6 +98,8 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     if x.device.type == "cpu":
         if x.dtype not in (torch.float32, torch.bfloat16):
             return False
+        if x.dtype == torch.float32 and torch.compiler.is_compiling():
+            return False  # torch 2.13's shape function (for tracing) accepts only bf16, though the CPU kernel runs fp32
     elif x.device.type == "cuda":
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
             return False
@@ -106,6 +108,15 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     size = x.element_size()
     return all((w.shape[-1] * size) % 16 == 0 and (w.shape[-2] * size) % 16 == 0 for w in weights) and all(
         w.dtype == x.dtype for w in weights)
+
+
+def expert_counts(flat_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Slots routed to each expert (E,). Under torch.compile as a scatter-add into E counters: bincount's
+    output size depends on the data, which would break the graph."""
+    if torch.compiler.is_compiling():
+        return torch.zeros(n_experts, dtype=torch.long, device=flat_idx.device).scatter_add_(
+            0, flat_idx, torch.ones_like(flat_idx))
+    return torch.bincount(flat_idx, minlength=n_experts)
 
 
 def swiglu(x: torch.Tensor, gate_up_FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
@@ -136,6 +147,23 @@ def expert_ffn(x_SD: torch.Tensor, counts_E: torch.Tensor, gate_up_EFD: torch.Te
     # no row at all: an empty result that still depends on x_SD, so that whatever produced x_SD runs its
     # backward too (expert parallelism: every rank must join the dispatch all-to-all's backward)
     return torch.cat(chunks) if chunks else x_SD[:, : down.shape[1]] * 0
+
+
+def gathered_swiglu(x_TD: torch.Tensor, idx_TK: torch.Tensor, gate_up_EFD: torch.Tensor,
+                    down_EDF: torch.Tensor) -> torch.Tensor:
+    """FFN_{i_k}(x_t) for every (token, expert) slot as batched products over each slot's expert weights,
+    gathered by index: (T, K, D). Static shapes whatever the routing; it reads (copies) T x K expert weights,
+    so it suits a few tokens (decoding), not a batch."""
+    T, K = idx_TK.shape
+    flat_idx = idx_TK.flatten()  # (T*K,)
+    gate_up, down = gate_up_EFD[flat_idx], down_EDF[flat_idx]  # (T*K, 2F, D), (T*K, D, F)
+    if torch.is_autocast_enabled(x_TD.device.type):
+        dtype = torch.get_autocast_dtype(x_TD.device.type)
+        x_TD, gate_up, down = x_TD.to(dtype), gate_up.to(dtype), down.to(dtype)
+    x_SD1 = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[-1]).reshape(T * K, -1, 1)  # (T*K, D, 1): slot t*K + k
+    gate, up = torch.bmm(gate_up, x_SD1).squeeze(-1).chunk(2, dim=-1)  # (T*K, F) each
+    y_SD = torch.bmm(down, (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # (T*K, D)
+    return y_SD.view(T, K, -1)  # (T, K, D)
 
 
 # bf16 / fp16 matrix products on the CPU go through oneDNN, which compiles a kernel for each new shape and caches
@@ -199,14 +227,20 @@ class RoutedExperts(nn.Module):
         """sum_k g_k FFN_{i_k}(x) per token (V3 eq. 12) and the token count per expert (E,)."""
         T, K = idx_TK.shape
         flat_idx = idx_TK.flatten()  # (T*K,) slot t*K + k: token t's k-th expert
-        counts_E = torch.bincount(flat_idx, minlength=self.n_experts)
-        if T <= FEW_TOKENS and x_TD.device.type == "cpu":
+        if torch.compiler.is_compiling() and T * K <= self.n_experts:
+            # a compiled decoding step (nanoseek.inference.compiled): no data-dependent shapes, so each
+            # (token, expert) slot multiplies by its expert's weights gathered by index
+            counts_E = expert_counts(flat_idx, self.n_experts)
+            y_TKD = gathered_swiglu(x_TD, idx_TK, self.gate_up_proj, self.down_proj)
+        elif T <= FEW_TOKENS and x_TD.device.type == "cpu":
             # decoding at batch 1: each token's K experts in turn, on their weights as stored (under autocast
             # F.linear casts just the expert it uses), with no sort and no empty groups; CPU only, since reading
             # the expert ids syncs other devices
+            counts_E = expert_counts(flat_idx, self.n_experts)
             y_TKD = torch.stack([swiglu(x_TD[t: t + 1], self.gate_up_proj[e], self.down_proj[e])[0]
                                  for t, experts in enumerate(idx_TK.tolist()) for e in experts]).view(T, K, -1)
         else:
+            counts_E = expert_counts(flat_idx, self.n_experts)
             order = flat_idx.argsort(stable=True)  # slots sorted by expert
             token_G, pos_S, counts_G = expert_groups(order // K, flat_idx[order], counts_E,
                                                      pads_expert_rows(x_TD, order.numel(), self.n_experts))

@@ -72,6 +72,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     and 3-8x for a training batch's forward + backward.
     """
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, d_R/2, 2)
+    if torch.compiler.is_compiling():  # the compiler generates no complex arithmetic: the same formula in reals
+        real, imag = pairs[..., 0], pairs[..., 1]  # (B, T, H, d_R/2) each
+        c, s = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (B, T, 1, d_R/2)
+        rotated = torch.stack((real * c - imag * s, imag * c + real * s), dim=-1)  # (B, T, H, d_R/2, 2)
+        return rotated.flatten(-2).to(x.dtype)  # (B, T, H, d_R)
     if pairs.storage_offset() % 2 or any(s % 2 for s in pairs.stride()[:-2]):
         pairs = pairs.contiguous()  # a complex view needs whole (real, imaginary) pairs in memory
     x_pairs = torch.view_as_complex(pairs)  # (B, T, H, d_R/2) complex

@@ -157,13 +157,16 @@ class DeepSeekV3(nn.Module):
 
     # ------------------------------------------------------------------ inference with a latent cache
     @staticmethod
-    def cache_mask(input_pos: torch.Tensor) -> torch.Tensor:
+    def cache_mask(input_pos: torch.Tensor, cache: LatentCache) -> torch.Tensor:
         """(B, 1, T, S) bool: query at slot input_pos[b, t] sees cache slots 0..input_pos[b, t]; S = max slot + 1.
 
         Slot = token index in its sequence = RoPE position, so sequences of different lengths share a batch
         without any padding inside the cache; slots past a query (right padding, rejected drafts) are masked.
+        Under torch.compile S is the cache's whole length instead (static shapes: the graph does not depend on
+        the slot reached; the masked slots cost a little attention).
         """
-        slots = torch.arange(int(input_pos.max()) + 1, device=input_pos.device)  # (S,)
+        S = cache.slots if torch.compiler.is_compiling() else int(input_pos.max()) + 1
+        slots = torch.arange(S, device=input_pos.device)  # (S,)
         return (slots <= input_pos[..., None]).unsqueeze(1)  # (B, 1, T, S)
 
     def forward_cached(self, input_ids: torch.Tensor, input_pos: torch.Tensor, cache: LatentCache,
@@ -175,7 +178,7 @@ class DeepSeekV3(nn.Module):
         the input of ``lm_head`` and of the first MTP module.
         """
         cos, sin = self.rotary(input_pos)  # (B, T, d_R/2) each
-        mask = self.cache_mask(input_pos)
+        mask = self.cache_mask(input_pos, cache)
         x = self.embed_tokens(input_ids)
         for layer, layer_cache in zip(self.layers, cache.layers, strict=True):
             x, _ = layer(x, cos, sin, mask, cache=layer_cache, input_pos=input_pos, absorb=absorb)
@@ -191,7 +194,7 @@ class DeepSeekV3(nn.Module):
         position is written to the cache, but only these run the rest of the block; returns (B, T', d).
         """
         cos, sin = self.rotary(input_pos)
-        h, _ = self.mtp[k - 1](h_prev, self.embed_tokens(next_ids), cos, sin, self.cache_mask(input_pos),
+        h, _ = self.mtp[k - 1](h_prev, self.embed_tokens(next_ids), cos, sin, self.cache_mask(input_pos, cache),
                                cache=cache.mtp_layers[k - 1], input_pos=input_pos, absorb=absorb,
                                outputs_at=outputs_at)
         return h
