@@ -82,6 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (CPU)")
     p.add_argument("--impls", default="nanoseek,hf",
                    help=f"comma list from {','.join(IMPLS)} (hf = transformers default experts implementation)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile nanoseek's forward (as `nanoseek train --compile`); the warmup steps compile")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--adamw", choices=("default", "foreach", "fused"), default="default",
                    help="AdamW implementation, the same on every side (default: torch's choice, the for-loop one "
@@ -322,6 +324,7 @@ class Impl:
     def __init__(self, name: str, model: torch.nn.Module, args, device: torch.device, info: str):
         self.name, self.model, self.info = name, model, info
         self.model.train()
+        self.compiled = torch.compile(model) if name == "nanoseek" and args.compile else None
         # Same optimizer, same settings, both sides (default torch implementation choice).
         impl_kw = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[args.adamw]
         self.masters = None
@@ -342,7 +345,7 @@ class Impl:
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         if self.name == "nanoseek":
-            return self.model(ids)
+            return self.compiled(ids) if self.compiled is not None else self.model(ids)
         return self.model(input_ids=ids, use_cache=False).logits
 
     def step(self, ids: torch.Tensor, timed: bool = True) -> float:
@@ -394,7 +397,8 @@ def load_impl(name: str, ckpt: Path, args, device: torch.device) -> Impl:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = load_pretrained(ckpt, dtype=wd, device=device)
-        return Impl(name, model, args, device, "grouped experts (torch._grouped_mm when eligible), F.sdpa")
+        return Impl(name, model, args, device, "grouped experts (torch._grouped_mm when eligible), F.sdpa"
+                    + (", torch.compile" if args.compile else ""))
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 

@@ -344,6 +344,9 @@ def test_format_summary_without_speculation():
                            "acceptance_rate": None}, 7, 3, speculative=False)
     assert line == ("[nanoseek] 7 prompt + 3 new tokens | prefill 12.3 tok/s | decode 5.0 tok/s | "
                     "MTP acceptance n/a (not speculative) | cache 3.00 MiB")
+    line = format_summary({"prefill_tokens_per_s": 12.34, "decode_tokens_per_s": 5.0, "cache_bytes": 3 * 2**20,
+                           "compiled": True, "first_step_s": 4.25}, 7, 3, speculative=False)
+    assert "| decode 5.0 tok/s | first step 4.2 s (compiled, not in the decode rate) | MTP" in line
 
 
 # ------------------------------------------------------------------------------------------- process

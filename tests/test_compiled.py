@@ -87,6 +87,8 @@ def test_compiled_generation_equals_eager(model, speculative):
         got = generate(model, prompts, 12, temperature=temperature, seed=5, speculative=speculative, compile=True)
         assert got.tokens == want.tokens
         assert got.stats.accepted == want.stats.accepted
+        assert got.stats.compiled and not want.stats.compiled
+        assert 0 < got.stats.first_step_s < got.stats.decode_s and got.stats.decode_tokens_per_s > 0
 
 
 def test_compiled_training_forward_and_backward_equal_eager():

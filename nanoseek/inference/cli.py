@@ -224,6 +224,8 @@ def format_summary(stats: Any, n_prompt: int, n_new: int, speculative: bool) -> 
         value = _stat(stats, name)
         if value is not None:
             parts.append(f"{label} {value:.1f} tok/s")
+    if _stat(stats, "compiled"):
+        parts.append(f"first step {_stat(stats, 'first_step_s'):.1f} s (compiled, not in the decode rate)")
     rate = _stat(stats, "acceptance_rate")
     if speculative and rate is not None:
         drafted, accepted = _stat(stats, "drafted"), _stat(stats, "accepted")

@@ -26,7 +26,8 @@ class GenerationStats:
     """Throughput, cache size and (speculative decoding) acceptance of one ``generate`` call.
 
     prefill_tokens_per_s: prompt tokens (all sequences) / time to the first new token (MTP prefill included).
-    decode_tokens_per_s: new tokens after the first of each sequence / time after prefill.
+    decode_tokens_per_s: new tokens after the first of each sequence / time after prefill; with ``compile``,
+    after the first decoding step (which compiles the step when its shape is new): see first_step_s.
     cache_bytes: bytes of the latent cache allocated for the request (MTP layers included when speculative).
     drafted / accepted: draft tokens proposed / accepted for sequences still running (0 when not speculative).
     acceptance_rate: accepted / drafted, None when not speculative.
@@ -41,6 +42,8 @@ class GenerationStats:
     prefill_tokens_per_s: float = 0.0
     decode_tokens_per_s: float = 0.0
     decode_steps: int = 0
+    first_step_s: float = 0.0
+    compiled: bool = False
     cache_bytes: int = 0
     speculative: bool = False
     drafted: int = 0
@@ -159,7 +162,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     rows = torch.arange(B, device=device)
     out = _Output(B, max_new_tokens, set(stop_tokens), on_tokens)
     stats = GenerationStats(prompt_tokens=int(lengths.sum()), cache_bytes=cache.nbytes, speculative=speculative,
-                            accepted_per_depth=[0] * depth)
+                            accepted_per_depth=[0] * depth, compiled=compile)
 
     # prefill: the right-padded prompts in chunks (padding only fills slots each sequence overwrites later)
     start = time.perf_counter()
@@ -209,11 +212,15 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
             counts = [1] * B
         stats.decode_steps += 1
         stats.new_tokens += out.emit([row[:c] for row, c in zip(new.tolist(), counts)])
+        if stats.decode_steps == 1:
+            stats.first_step_s, first_step_tokens = time.perf_counter() - start, stats.new_tokens
     stats.decode_s = time.perf_counter() - start
 
     stats.prefill_tokens_per_s = stats.prompt_tokens / stats.prefill_s if stats.prefill_s > 0 else 0.0
-    decoded = stats.new_tokens - B
-    stats.decode_tokens_per_s = decoded / stats.decode_s if stats.decode_s > 0 else 0.0
+    decoded, decode_s = stats.new_tokens - B, stats.decode_s
+    if compile and stats.decode_steps > 1:  # leave out the first step: it compiles
+        decoded, decode_s = stats.new_tokens - first_step_tokens, decode_s - stats.first_step_s
+    stats.decode_tokens_per_s = decoded / decode_s if decode_s > 0 else 0.0
     if speculative:
         stats.acceptance_rate = stats.accepted / stats.drafted if stats.drafted else 0.0
         stats.acceptance_rate_per_depth = [a / stats.draft_steps if stats.draft_steps else 0.0

@@ -227,20 +227,18 @@ class RoutedExperts(nn.Module):
         """sum_k g_k FFN_{i_k}(x) per token (V3 eq. 12) and the token count per expert (E,)."""
         T, K = idx_TK.shape
         flat_idx = idx_TK.flatten()  # (T*K,) slot t*K + k: token t's k-th expert
+        counts_E = expert_counts(flat_idx, self.n_experts)
         if torch.compiler.is_compiling() and T * K <= self.n_experts:
             # a compiled decoding step (nanoseek.inference.compiled): no data-dependent shapes, so each
             # (token, expert) slot multiplies by its expert's weights gathered by index
-            counts_E = expert_counts(flat_idx, self.n_experts)
             y_TKD = gathered_swiglu(x_TD, idx_TK, self.gate_up_proj, self.down_proj)
         elif T <= FEW_TOKENS and x_TD.device.type == "cpu":
             # decoding at batch 1: each token's K experts in turn, on their weights as stored (under autocast
             # F.linear casts just the expert it uses), with no sort and no empty groups; CPU only, since reading
             # the expert ids syncs other devices
-            counts_E = expert_counts(flat_idx, self.n_experts)
             y_TKD = torch.stack([swiglu(x_TD[t: t + 1], self.gate_up_proj[e], self.down_proj[e])[0]
                                  for t, experts in enumerate(idx_TK.tolist()) for e in experts]).view(T, K, -1)
         else:
-            counts_E = expert_counts(flat_idx, self.n_experts)
             order = flat_idx.argsort(stable=True)  # slots sorted by expert
             token_G, pos_S, counts_G = expert_groups(order // K, flat_idx[order], counts_E,
                                                      pads_expert_rows(x_TD, order.numel(), self.n_experts))
