@@ -1,6 +1,7 @@
 """One training step, side by side: nanoseek vs transformers' DeepseekV3ForCausalLM, same model and weights.
 
-A benchmark, not a test. One step = forward, next-token cross-entropy, backward, AdamW step, zero_grad.
+A benchmark, not a test. One step = forward, next-token cross-entropy (each library's own, see Impl.loss),
+backward, AdamW step, zero_grad.
 
   * Same weights: a nanoseek model (``num_nextn_predict_layers=0``, so both sides hold the same parameters)
     is saved with ``nanoseek.hf.save_pretrained`` and read back by both ``nanoseek.hf.load_pretrained`` and
@@ -348,6 +349,15 @@ class Impl:
             return self.compiled(ids) if self.compiled is not None else self.model(ids)
         return self.model(input_ids=ids, use_cache=False).logits
 
+    def loss(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token cross-entropy, each library's own (the same math): nanoseek's as `nanoseek train` computes
+        it; for transformers what its ForCausalLMLoss computes, cross-entropy on the fp32 copy of the logits."""
+        if self.name == "nanoseek":
+            from nanoseek.objectives import next_token_loss
+
+            return next_token_loss(logits[:, :-1], ids[:, 1:])
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+
     def step(self, ids: torch.Tensor, timed: bool = True) -> float:
         device = self.device
         if device.type == "cuda":
@@ -356,7 +366,7 @@ class Impl:
         t0, c0, b0 = time.perf_counter(), time.process_time(), cpu_busy_seconds()
         with autocast_ctx(self.args, device, self.name):
             logits = self.logits(ids)
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+            loss = self.loss(logits, ids)
         loss.backward()
         self.opt.step()
         if self.masters is not None:
@@ -522,7 +532,7 @@ def profile_step(impl: Impl, ids: torch.Tensor, rows: int) -> str:
                 with record_function(tag + "forward(other)"):
                     logits = impl.logits(ids)
                 with record_function(tag + "loss"):
-                    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+                    loss = impl.loss(logits, ids)
             loss.backward()
             with record_function(tag + "optimizer"):
                 impl.opt.step()

@@ -15,6 +15,10 @@ What makes a step one graph with static shapes:
   2 rows against 134 us for 1 (fp32, 2 threads), the fused reduction 82 us against 70 us. The whole step
   went from 0.63 to 0.55 ms for 1 token and from 1.11 to 0.79 ms for 2 (speculative verification).
 
+In fp32 a compiled step gives the eager step's logits within ~1e-6 (greedy outputs were identical in every
+test). In bf16 the two round differently: the demo model's logits were off fp32 by 0.0058 on average compiled
+against 0.0085 eager, and bf16 logits often tie, so greedy outputs can part at such a tie.
+
 Compilation takes seconds per step shape (the first step for each batch size and number of tokens per step;
 the cache length is a dynamic size after the second request), so it pays off for long generations; the eager
 path stays the default.
