@@ -48,6 +48,7 @@ from train_step import QuietWaiter, cpu_busy_seconds, loadavg, machine_info  # n
 from nanoseek import DeepSeekV3, ModelConfig  # noqa: E402
 from nanoseek.hf import load_pretrained, save_pretrained  # noqa: E402
 from nanoseek.inference import LatentCache  # noqa: E402
+from nanoseek.inference.compiled import main_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "decode.md"
@@ -71,6 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wait-quiet", type=float, default=120.0,
                    help="seconds in total to wait for idle CPUs before rounds (0: never wait)")
     p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--compile", action="store_true",
+                   help="nanoseek decodes through its compiled step (generate(compile=True)); warmup rounds compile")
     p.add_argument("--no-write", action="store_true")
     p.add_argument("--note", default="")
     p.add_argument("--malloc", choices=("keep", "default"), default="keep",
@@ -130,7 +133,10 @@ class Side:
         for i in range(steps):
             if self.name == "nanoseek":
                 pos = torch.tensor([[self.context + i]])
-                logits = self.model.lm_head(self.model.forward_cached(tok, pos, self.cache)[:, -1])
+                if getattr(self, "compiled", False):
+                    logits = main_step(self.model, tok, pos, self.cache)[1][:, -1]
+                else:
+                    logits = self.model.lm_head(self.model.forward_cached(tok, pos, self.cache)[:, -1])
             else:
                 logits = self.model(input_ids=tok, cache=self.cache, use_cache=True).logits[:, -1]
             tok = logits.argmax(-1, keepdim=True)
@@ -160,6 +166,7 @@ def load_sides(cfg: ModelConfig, args, directory: Path) -> list[Side]:
             p.data = p.data.clone()
     info = f"attn={hf.config._attn_implementation}, experts={hf.config._experts_implementation}"
     sides = [Side("nanoseek", ns), Side("transformers", hf)]
+    sides[0].compiled = args.compile
     sides[1].info = info
     return sides
 
@@ -246,7 +253,9 @@ def report(args, res: dict) -> str:
     lines.append(f"- Decode: {args.steps} greedy tokens per round, {args.rounds} timed rounds (+{args.warmup} "
                  f"warmup) per side, alternating; median round. Prefill in {args.chunk}-token chunks. Allocator: "
                  f"{'freed memory kept for reuse (--malloc keep), for both' if args.malloc == 'keep' else 'glibc defaults'}. "
-                 f"Waited {res['waited']:.0f} s in total for idle CPUs.")
+                 f"Waited {res['waited']:.0f} s in total for idle CPUs."
+                 + (" nanoseek decodes through its torch.compile'd step (`--compile`, generate(compile=True)); "
+                    "the warmup rounds compile it." if args.compile else ""))
     lines.append(f"- Expected latent cache bytes per token: (d_c + d_R) x layers x dtype bytes = "
                  f"({cfg.kv_lora_rank} + {cfg.qk_rope_head_dim}) x {cfg.num_hidden_layers} x "
                  f"{2 if args.dtype == 'bf16' else 4} = {res['expected_per_token']}")
