@@ -132,6 +132,17 @@ def test_resume_in_process_bf16_and_activation_checkpointing(tmp_path, cache):
     assert [v for _, v in losses(tmp_path / "c")] == pytest.approx([v for _, v in losses(tmp_path / "a")], rel=1e-3)
 
 
+def test_compiled_training_equals_eager(tmp_path, cache):
+    """`--compile`: the forward and the loss as one torch.compile'd function (bf16 autocast, the default
+    training dtype). Same losses as eager mode, within bf16's rounding."""
+    cfg = tiny(cache, steps=2, eval_every=2, save_every=2, dtype="bf16")
+    train(cfg, tmp_path / "eager", log=quiet)
+    train(cfg.replace(compile=True), tmp_path / "compiled", log=quiet)
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert [s for s, _ in compiled] == [1, 2]
+    assert [v for _, v in compiled] == pytest.approx([v for _, v in eager], rel=1e-3)
+
+
 def test_a_kill_at_any_point_of_a_save_leaves_a_complete_checkpoint(tmp_path, cache):
     """Snapshot the run directory at every stage of the step-4 save (what a kill there would leave on disk):
     each snapshot loads as a checkpoint and resumes to the same losses as the uninterrupted run."""
