@@ -157,9 +157,7 @@ def gathered_swiglu(x_TD: torch.Tensor, idx_TK: torch.Tensor, gate_up_EFD: torch
     T, K = idx_TK.shape
     flat_idx = idx_TK.flatten()  # (T*K,)
     gate_up, down = gate_up_EFD[flat_idx], down_EDF[flat_idx]  # (T*K, 2F, D), (T*K, D, F)
-    if torch.is_autocast_enabled(x_TD.device.type):
-        dtype = torch.get_autocast_dtype(x_TD.device.type)
-        x_TD, gate_up, down = x_TD.to(dtype), gate_up.to(dtype), down.to(dtype)
+    # (bmm is on autocast's list: under autocast it casts these itself, unlike grouped_mm in expert_ffn)
     x_SD1 = x_TD.unsqueeze(1).expand(T, K, x_TD.shape[-1]).reshape(T * K, -1, 1)  # (T*K, D, 1): slot t*K + k
     gate, up = torch.bmm(gate_up, x_SD1).squeeze(-1).chunk(2, dim=-1)  # (T*K, F) each
     y_SD = torch.bmm(down, (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # (T*K, D)
