@@ -84,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--impls", default="nanoseek,hf",
                    help=f"comma list from {','.join(IMPLS)} (hf = transformers default experts implementation)")
     p.add_argument("--compile", action="store_true",
-                   help="torch.compile nanoseek's forward (as `nanoseek train --compile`); the warmup steps compile")
+                   help="torch.compile nanoseek's forward and loss as one function, and with --bf16-mode master step the "
+                        "masters in one compiled pass (as `nanoseek train --compile`); the warmup steps compile")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--adamw", choices=("default", "foreach", "fused"), default="default",
                    help="AdamW implementation, the same on every side (default: torch's choice, the for-loop one "
@@ -325,7 +326,8 @@ class Impl:
     def __init__(self, name: str, model: torch.nn.Module, args, device: torch.device, info: str):
         self.name, self.model, self.info = name, model, info
         self.model.train()
-        self.compiled = torch.compile(model) if name == "nanoseek" and args.compile else None
+        # as `nanoseek train --compile`: the forward and the loss as one compiled function
+        self.compiled = torch.compile(self._logits_and_loss) if name == "nanoseek" and args.compile else None
         # Same optimizer, same settings, both sides (default torch implementation choice).
         impl_kw = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[args.adamw]
         self.masters = None
@@ -333,7 +335,8 @@ class Impl:
         if name == "nanoseek" and args.dtype == "bf16" and args.bf16_mode == "master":
             from nanoseek.train.precision import MasterWeights
 
-            self.masters = MasterWeights(model)  # bf16 weights; the optimizer steps fp32 copies
+            # bf16 weights; fp32 copies stepped by AdamW, with --compile in one compiled pass per weight (as train)
+            self.masters = MasterWeights(model, fused=args.compile)
             params = [p for _, p in self.masters.named_parameters()]
         self.opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, **impl_kw)
         self.args, self.device = args, device
@@ -346,8 +349,11 @@ class Impl:
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         if self.name == "nanoseek":
-            return self.compiled(ids) if self.compiled is not None else self.model(ids)
+            return self.model(ids)
         return self.model(input_ids=ids, use_cache=False).logits
+
+    def _logits_and_loss(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.logits(ids), ids)
 
     def loss(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy, each library's own (the same math): nanoseek's as `nanoseek train` computes
@@ -365,13 +371,15 @@ class Impl:
         sync(device)
         t0, c0, b0 = time.perf_counter(), time.process_time(), cpu_busy_seconds()
         with autocast_ctx(self.args, device, self.name):
-            logits = self.logits(ids)
-            loss = self.loss(logits, ids)
+            loss = self.compiled(ids) if self.compiled is not None else self._logits_and_loss(ids)
         loss.backward()
-        self.opt.step()
         if self.masters is not None:
-            self.masters.copy_to_model()
+            self.masters.step(self.opt)  # AdamW on the masters, then the bf16 weights refreshed
+        else:
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            self.masters.zero_grad()
         sync(device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         others = max(0.0, cpu_busy_seconds() - b0 - cpu) / (wall * (os.cpu_count() or 1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -13,16 +14,17 @@ from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.loop import train
 from nanoseek.train.metrics import of_type, read_metrics
-from nanoseek.train.precision import MasterWeights
+from nanoseek.train.precision import MasterWeights, _compiled_update
 
 STDLIB_JSON = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
 
 
-def test_master_weights_accumulate_in_fp32_and_refresh_the_model():
+@pytest.mark.parametrize("fused", [False, True])
+def test_master_weights_accumulate_in_fp32_and_refresh_the_model(fused):
     torch.manual_seed(0)
     model = DeepSeekV3(ModelConfig.preset("tiny"))
     reference = {n: p.detach().clone() for n, p in model.named_parameters()}
-    masters = MasterWeights(model)
+    masters = MasterWeights(model, fused=fused)
     named = dict(masters.named_parameters())
     assert named.keys() == reference.keys()
     for name, m in named.items():
@@ -33,11 +35,15 @@ def test_master_weights_accumulate_in_fp32_and_refresh_the_model():
 
     ids = torch.randint(0, 256, (2, 9))
     grads = []
+    head = named["lm_head.weight"]
     for _ in range(2):  # two micro-batches accumulate into the fp32 master gradients
         model(ids).float().logsumexp(-1).mean().backward()
-        grads.append(named["lm_head.weight"].grad.clone())
-        assert model.lm_head.weight.grad is None  # the bf16 gradient is freed once added
-    torch.testing.assert_close(grads[1], 2 * grads[0], rtol=1e-2, atol=1e-6)
+        grads.append(masters.gradient(head).clone())
+        assert model.lm_head.weight.grad is None  # taken off the bf16 weight
+        # fused step: after one micro-batch kept as the backward made it (bf16); else in the master's fp32 gradient
+        kept = fused and len(grads) == 1
+        assert (head.grad is None, grads[-1].dtype) == ((True, torch.bfloat16) if kept else (False, torch.float32))
+    torch.testing.assert_close(grads[1], 2 * grads[0].float(), rtol=1e-2, atol=1e-6)
 
     with torch.no_grad():
         named["lm_head.weight"].add_(1.0)
@@ -47,6 +53,78 @@ def test_master_weights_accumulate_in_fp32_and_refresh_the_model():
         assert model.lm_head.weight.dtype == torch.float32
         assert torch.equal(model.lm_head.weight, named["lm_head.weight"])
     assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+def run_steps(fused: bool, micro_batches: int, clip: float = 0.05):
+    """One clipped AdamW step of a bf16-weights model; returns the model, masters, optimizer and gradient norm."""
+    torch.manual_seed(0)
+    model = DeepSeekV3(ModelConfig.preset("tiny"))
+    masters = MasterWeights(model, fused=fused)
+    optimizer = torch.optim.AdamW([p for _, p in masters.named_parameters()], lr=1e-2, betas=(0.9, 0.95),
+                                  weight_decay=0.1)
+    data = torch.Generator().manual_seed(1)
+    for _ in range(micro_batches):
+        ids = torch.randint(0, 256, (2, 9), generator=data)
+        (model(ids).float().logsumexp(-1).mean() / micro_batches).backward()
+    norm = masters.clip_grad_norm(clip)
+    masters.step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    masters.zero_grad()
+    return model, masters, optimizer, norm
+
+
+def test_adamw_update_equals_torch_adamw():
+    """The single-pass update (compiled, as the fused step runs it) against torch.optim.AdamW over 3 steps, with
+    bf16 gradients and a clipping factor."""
+    torch.manual_seed(0)
+    start = torch.randn(1000)
+    grads = [torch.randn(1000).bfloat16() for _ in range(3)]
+    reference = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.AdamW([reference], lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, eps=1e-8)
+    master, m, v = start.clone(), torch.zeros(1000), torch.zeros(1000)
+    weight = torch.empty(1000, dtype=torch.bfloat16)
+    update = _compiled_update()
+    for step, g in enumerate(grads, 1):
+        reference.grad = g.float() * 0.5
+        optimizer.step()
+        hyper = torch.tensor([1e-2, 0.9, 0.95, 0.1, 1e-8, 1e-2 / (1 - 0.9 ** step), (1 - 0.95 ** step) ** -0.5, 0.5])
+        update(master, g, m, v, weight, hyper)
+        torch.testing.assert_close(master, reference.detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(m, optimizer.state[reference]["exp_avg"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(v, optimizer.state[reference]["exp_avg_sq"], rtol=1e-5, atol=1e-9)
+        assert torch.equal(weight, master.bfloat16())
+    assert (master - start).abs().min() > 0  # every element moved
+
+
+def test_fused_master_step_equals_the_eager_step():
+    """The compiled single-pass step (nanoseek train --compile) against the eager one (fp32 gradients, clipping,
+    torch.optim.AdamW, refresh): same norm, masters, moments and bf16 weights, with one micro-batch (bf16
+    gradients) and two (fp32 sums); its state is torch's, so an eager optimizer continues it."""
+    for micro_batches in (1, 2):
+        model_e, masters_e, opt_e, norm_e = run_steps(False, micro_batches)
+        model_f, masters_f, opt_f, norm_f = run_steps(True, micro_batches)
+        assert norm_f == pytest.approx(norm_e, rel=1e-6) and norm_e > 0.05  # clipping was active
+        for (name, m_e), (_, m_f) in zip(masters_e.named_parameters(), masters_f.named_parameters()):
+            torch.testing.assert_close(m_f, m_e, rtol=1e-6, atol=1e-6, msg=name)
+            assert (m_f in opt_f.state) == (m_e in opt_e.state)  # both step the same parameters
+            if m_e not in opt_e.state:  # no gradient (not reached by this loss)
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(opt_f.state[m_f][key], opt_e.state[m_e][key], rtol=1e-5, atol=1e-12)
+            assert float(opt_f.state[m_f]["step"]) == float(opt_e.state[m_e]["step"]) == 1
+            assert not torch.equal(m_f, m_e.detach().clone().zero_())  # (not a zero tensor on both sides)
+        for w_e, w_f in zip(model_e.parameters(), model_f.parameters()):
+            assert w_f.dtype == w_e.dtype
+            # masters a rounding apart may round to neighbouring bf16 values
+            torch.testing.assert_close(w_f.float(), w_e.float(), rtol=2 ** -7, atol=1e-6)
+    restored = torch.optim.AdamW([p for _, p in masters_f.named_parameters()], lr=1e-2, betas=(0.9, 0.95),
+                                 weight_decay=0.1)
+    restored.load_state_dict(opt_f.state_dict())
+    masters_f.fused = False
+    model_f(torch.randint(0, 256, (2, 9))).float().logsumexp(-1).mean().backward()
+    masters_f.clip_grad_norm(1.0)
+    masters_f.step(restored)
+    assert all(float(restored.state[p]["step"]) == 2 for _, p in masters_f.named_parameters() if p in opt_f.state)
 
 
 def config(cache: Path, **kw) -> TrainConfig:

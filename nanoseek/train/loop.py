@@ -339,7 +339,8 @@ class Trainer:
         mc = model_config(cfg, data.vocab_size, data.bos_id, data.eos_id)
         est = check_memory(mc, cfg, device)
         model = build_model(cfg, mc, device, ckpt_dir if self.resume else None, self.log)
-        masters = MasterWeights(model) if cfg.dtype == "bf16-weights" else None  # bf16 weights, fp32 masters
+        # bf16 weights, fp32 masters; with --compile they are stepped by one compiled pass per weight
+        masters = MasterWeights(model, fused=cfg.compile) if cfg.dtype == "bf16-weights" else None
         optimizer = build_optimizer(masters.named_parameters() if masters else model, cfg)
         step, tokens, elapsed, position = 0, 0, 0.0, {"epoch": 0, "cursor": 0}
         bad_streak = 0
@@ -447,19 +448,25 @@ class Trainer:
                         raise TrainingError(self._oom_message(e)) from None
                     raise
                 clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+                if masters:
+                    grad_norm = masters.clip_grad_norm(clip)  # the step scales the gradients
+                else:
+                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
                 counts = tracker.take() if mc.n_routed_experts and tracker._counts is not None else None
                 finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
                 if finite:
-                    optimizer.step()
                     if masters:
-                        masters.copy_to_model()
+                        masters.step(optimizer)  # AdamW on the masters, then the bf16 weights refreshed
+                    else:
+                        optimizer.step()
                     if gamma and counts is not None:
                         update_balance_bias(model, counts, gamma)
                     bad_streak = 0
                 else:
                     bad_streak += 1
                 optimizer.zero_grad(set_to_none=True)
+                if masters:
+                    masters.zero_grad()
                 step += 1
                 tokens += cfg.tokens_per_step
                 dt = time.perf_counter() - t0
