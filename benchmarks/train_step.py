@@ -26,7 +26,9 @@ backward, AdamW step, zero_grad.
     ``torch.cuda.max_memory_allocated`` per step in the main process.
   * ``--profile`` profiles one nanoseek step (``--profile-impls`` for others) with torch.profiler and prints
     the top aten ops and a per-module breakdown (forward and backward; backward ops are attributed to the
-    module whose forward op created their autograd node, through the autograd sequence number).
+    module whose forward op created their autograd node, through the autograd sequence number). With
+    ``--compile`` it times the step graph by graph instead: each compiled graph, its matrix products and
+    Inductor's own kernels (``profile_compiled_step``).
 
 Results are printed and appended, as a dated section, to benchmarks/results/train_step.md.
 
@@ -507,6 +509,86 @@ def _module_labels(model: torch.nn.Module) -> dict[torch.nn.Module, str]:
     return labels
 
 
+def profile_compiled_step(impl: Impl, ids: torch.Tensor) -> str:
+    """One step of a torch.compile'd implementation, timed graph by graph: torch.profiler's module hooks would
+    recompile the graphs, and under the profiler the products inside ``_grouped_mm`` looked ~5x slower than
+    they run. Each call of a compiled graph and each of its extern kernels (mm, bmm, _grouped_mm, ...) is timed
+    by wrapping them; what a graph spends outside its extern kernels is Inductor's own (fused) kernels."""
+    from torch._inductor.output_code import CompiledFxGraph
+    from torch._inductor.select_algorithm import extern_kernels
+
+    phase = ["forward"]
+    order: dict[int, str] = {}  # id(graph) -> "forward 3", ... in order of first call
+    graphs: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])  # name -> [calls, seconds]
+    extern: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0, 0.0])  # (graph, kernel) -> [calls, s]
+    current = [None]
+    originals = {n: getattr(extern_kernels, n) for n in ("mm", "bmm", "addmm", "baddbmm", "_grouped_mm")
+                 if hasattr(extern_kernels, n)}
+
+    def timed_kernel(name, fn):
+        def run(*a, **kw):
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            extern[(current[0], name)][0] += 1
+            extern[(current[0], name)][1] += time.perf_counter() - t
+            return out
+        return run
+
+    graph_call = CompiledFxGraph.__call__
+
+    def timed_graph(self, inputs):
+        if id(self) not in order:
+            order[id(self)] = f"{phase[0]} {sum(v.startswith(phase[0]) for v in order.values()) + 1}"
+        name = order[id(self)]
+        outer, current[0] = current[0], name
+        t = time.perf_counter()
+        try:
+            return graph_call(self, inputs)
+        finally:
+            graphs[name][0] += 1
+            graphs[name][1] += time.perf_counter() - t
+            current[0] = outer
+
+    impl.step(ids, timed=False)  # compiled already by the warmup; once more to settle
+    for n, fn in originals.items():
+        setattr(extern_kernels, n, timed_kernel(n, fn))
+    CompiledFxGraph.__call__ = timed_graph
+    try:
+        t0 = time.perf_counter()
+        with autocast_ctx(impl.args, impl.device, impl.name):
+            loss = impl.compiled(ids)
+        t1 = time.perf_counter()
+        phase[0] = "backward"
+        loss.backward()
+        t2 = time.perf_counter()
+        phase[0] = "optimizer"
+        if impl.masters is not None:
+            impl.masters.step(impl.opt)
+        else:
+            impl.opt.step()
+        impl.opt.zero_grad(set_to_none=True)
+        if impl.masters is not None:
+            impl.masters.zero_grad()
+        t3 = time.perf_counter()
+    finally:
+        for n, fn in originals.items():
+            setattr(extern_kernels, n, fn)
+        CompiledFxGraph.__call__ = graph_call
+    in_graphs = sum(v[1] for v in graphs.values())
+    in_extern = sum(v[1] for v in extern.values())
+    lines = [f"compiled step of {impl.name}: {t3 - t0:.3f} s (forward + loss {t1 - t0:.3f}, backward {t2 - t1:.3f}, "
+             f"optimizer {t3 - t2:.3f}); in compiled graphs {in_graphs:.3f} s, of which extern kernels (matrix "
+             f"products) {in_extern:.3f} s and Inductor's kernels {in_graphs - in_extern:.3f} s; outside the graphs "
+             f"{t3 - t0 - in_graphs:.3f} s",
+             "", f"  {'graph':14s} {'calls':>5s} {'total ms':>9s} {'extern ms':>10s} {'inductor ms':>12s}  extern kernels"]
+    for name, (calls, sec) in sorted(graphs.items(), key=lambda kv: -kv[1][1]):
+        kernels = {k: v for (g, k), v in extern.items() if g == name}
+        ext = sum(v[1] for v in kernels.values())
+        detail = ", ".join(f"{k} {v[0]} x {1e3 * v[1] / v[0]:.2f} ms" for k, v in sorted(kernels.items()))
+        lines.append(f"  {name:14s} {calls:5d} {1e3 * sec:9.1f} {1e3 * ext:10.1f} {1e3 * (sec - ext):12.1f}  {detail}")
+    return "\n".join(lines)
+
+
 def profile_step(impl: Impl, ids: torch.Tensor, rows: int) -> str:
     """Profile one step; return a text report: top ops and a per-module forward/backward breakdown."""
     from torch.autograd.profiler import record_function
@@ -830,7 +912,8 @@ def main(argv=None) -> None:
                 if not impl.losses:
                     impl.step(pbatch, timed=False)  # warm (allocates AdamW state)
                 quiet()
-                text = profile_step(impl, pbatch, args.profile_rows)
+                text = (profile_compiled_step(impl, pbatch) if impl.compiled is not None
+                        else profile_step(impl, pbatch, args.profile_rows))
                 print(text, flush=True)
                 profiles.append(text)
 
