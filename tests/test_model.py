@@ -509,6 +509,61 @@ def test_padded_expert_groups_give_the_unpadded_result(mode, monkeypatch):
         torch.testing.assert_close(g, g2, atol=1e-2 * g2.abs().max().item(), rtol=1e-2)
 
 
+def test_compiled_permutations_gather_in_backward(monkeypatch):
+    """Under torch.compile the rows go to and come back from the experts through autograd functions whose backward
+    gathers (moe._DispatchRows, moe._GatherRows). Against index_select (whose backward scatters), directly and in
+    the routed experts with padded groups: same outputs, same gradients (up to the order of bf16 sums)."""
+    torch.manual_seed(0)
+    T, K, G, D = 5, 2, 14, 3
+    rows_S = torch.randperm(G)[: T * K]  # distinct rows; the other 4 are padding
+    token_G = torch.zeros(G, dtype=torch.long).index_copy_(0, rows_S, torch.arange(T * K) // K)
+    x = torch.randn(T, D, requires_grad=True)
+    y = torch.randn(G, D, requires_grad=True)
+    g_G, g_S = torch.randn(G, D), torch.randn(T * K, D)
+    g_G[torch.isin(torch.arange(G), rows_S, invert=True)] = 0  # padding rows' outputs are never read
+    for fn, ref, inp, grad in ((lambda: moe_mod._DispatchRows.apply(x, token_G, rows_S, K),
+                                lambda: x.index_select(0, token_G), x, g_G),
+                               (lambda: moe_mod._GatherRows.apply(y, rows_S), lambda: y.index_select(0, rows_S), y, g_S)):
+        out = fn()
+        (got,) = torch.autograd.grad(out, inp, grad)
+        (want,) = torch.autograd.grad(ref(), inp, grad)
+        assert torch.equal(out, ref())
+        torch.testing.assert_close(got, want)
+
+    cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                       n_group=1, topk_group=1)
+    experts = RoutedExperts(cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    experts.to(torch.bfloat16)
+    x = torch.randn(70, 32, dtype=torch.bfloat16, requires_grad=True)  # 140 rows: padded groups
+    w, idx = torch.rand(70, 2), torch.stack([torch.randperm(4)[:2] for _ in range(70)])
+    calls = []
+    for name in ("_DispatchRows", "_GatherRows"):
+        real = getattr(moe_mod, name).apply
+        monkeypatch.setattr(getattr(moe_mod, name), "apply", lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+
+    def run(compiling: bool):
+        x.grad = None
+        experts.zero_grad()
+        real = torch.compiler.is_compiling
+        torch.compiler.is_compiling = lambda: compiling  # the model's paths for a traced forward, run eagerly
+        try:
+            out, _ = experts(x, w, idx)
+        finally:
+            torch.compiler.is_compiling = real
+        out.float().square().sum().backward()
+        return out, [t.grad.clone() for t in (x, experts.gate_up_proj, experts.down_proj)]
+
+    out, grads = run(False)
+    assert not calls
+    out2, grads2 = run(True)
+    assert calls == ["_DispatchRows", "_GatherRows"]
+    assert torch.equal(out, out2)
+    for g, g2 in zip(grads, grads2):
+        torch.testing.assert_close(g2, g, atol=1e-2 * g.abs().max().item(), rtol=1e-2)
+
+
 def test_fp32_and_decoding_rows_are_not_padded(monkeypatch):
     cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
                        n_group=1, topk_group=1)

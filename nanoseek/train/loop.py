@@ -365,10 +365,12 @@ class Trainer:
             return out, training_loss(out, labels, mtp_lambda=lam, balance_alpha=alpha)
 
         if cfg.compile:
-            # the loss in the same graph as the forward, where its log-softmax and NLL fuse: a bench-preset step
+            # the loss in the same graph as the forward, where it fuses with the head's output: a bench-preset step
             # (no MTP, bf16 weights + fp32 masters) took 0.875 s against 0.901 s with only the forward compiled
             # (medians of 10 alternating steps)
             forward_and_loss = torch.compile(forward_and_loss)
+            self.log("torch.compile: the first steps (and the first validation) compile the model, which takes tens "
+                     "of seconds; Inductor keeps the result on disk for later runs")
         alpha = cfg.effective_balance_alpha
         n_params = est["params"]
         self.log(f"model: preset {cfg.preset}, {n_params / 1e6:.2f} M parameters ({mc.num_hidden_layers} layers, "
