@@ -379,9 +379,10 @@ class Impl:
             self.masters.step(self.opt)  # AdamW on the masters, then the bf16 weights refreshed
         else:
             self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
         if self.masters is not None:
             self.masters.zero_grad()
+        else:
+            self.opt.zero_grad(set_to_none=True)
         sync(device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         others = max(0.0, cpu_busy_seconds() - b0 - cpu) / (wall * (os.cpu_count() or 1))
@@ -566,9 +567,10 @@ def profile_compiled_step(impl: Impl, ids: torch.Tensor) -> str:
             impl.masters.step(impl.opt)
         else:
             impl.opt.step()
-        impl.opt.zero_grad(set_to_none=True)
         if impl.masters is not None:
             impl.masters.zero_grad()
+        else:
+            impl.opt.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
     finally:
         for n, fn in originals.items():
@@ -625,8 +627,12 @@ def profile_step(impl: Impl, ids: torch.Tensor, rows: int) -> str:
                     loss = impl.loss(logits, ids)
             loss.backward()
             with record_function(tag + "optimizer"):
-                impl.opt.step()
-                impl.opt.zero_grad(set_to_none=True)
+                if impl.masters is not None:  # as Impl.step: the masters, then the bf16 weights refreshed
+                    impl.masters.step(impl.opt)
+                    impl.masters.zero_grad()
+                else:
+                    impl.opt.step()
+                    impl.opt.zero_grad(set_to_none=True)
             sync(device)
         wall = time.perf_counter() - t0
         others = max(0.0, cpu_busy_seconds() - b0 - (time.process_time() - c0)) / (wall * (os.cpu_count() or 1))

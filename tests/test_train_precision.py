@@ -68,7 +68,6 @@ def run_steps(fused: bool, micro_batches: int, clip: float = 0.05):
         (model(ids).float().logsumexp(-1).mean() / micro_batches).backward()
     norm = masters.clip_grad_norm(clip)
     masters.step(optimizer)
-    optimizer.zero_grad(set_to_none=True)
     masters.zero_grad()
     return model, masters, optimizer, norm
 

@@ -466,9 +466,10 @@ class Trainer:
                     bad_streak = 0
                 else:
                     bad_streak += 1
-                optimizer.zero_grad(set_to_none=True)
                 if masters:
-                    masters.zero_grad()
+                    masters.zero_grad()  # the pending bf16 gradients too
+                else:
+                    optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens += cfg.tokens_per_step
                 dt = time.perf_counter() - t0

@@ -104,22 +104,19 @@ class MasterWeights:
         pending = self._pending
 
         def hook(p: torch.Tensor) -> None:
-            if master.grad is None and id(master) not in pending:
-                pending[id(master)] = p.grad  # first micro-batch: kept as it is
-                if not self.fused:  # the eager step needs fp32 gradients
-                    self._to_fp32_grad(master)
-            else:
-                if master.grad is None:  # a second micro-batch (fused step): from now on the sum is held in fp32
-                    self._to_fp32_grad(master)
+            if master.grad is not None:
                 master.grad.add_(p.grad)  # fp32 += bf16, in fp32
+            elif self.fused and id(master) not in pending:
+                pending[id(master)] = p.grad  # first micro-batch of a fused step: kept as the backward made it
+            else:  # the eager step's fp32 gradient, or a second micro-batch of a fused step: held in fp32 from now on
+                first = pending.pop(id(master), None)
+                if id(master) not in self._buffers:
+                    self._buffers[id(master)] = torch.empty_like(master)
+                master.grad = self._buffers[id(master)].copy_(p.grad if first is None else first)
+                if first is not None:
+                    master.grad.add_(p.grad)
             p.grad = None
         return hook
-
-    def _to_fp32_grad(self, master: nn.Parameter) -> None:
-        """The pending bf16 gradient becomes the master's fp32 gradient."""
-        if id(master) not in self._buffers:
-            self._buffers[id(master)] = torch.empty_like(master)
-        master.grad = self._buffers[id(master)].copy_(self._pending.pop(id(master)))
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) pairs for the optimizer: the fp32 masters and the parameters kept in fp32."""
@@ -174,10 +171,9 @@ class MasterWeights:
                 if all(t is None or t.is_contiguous() for t in tensors):
                     tensors = [t if t is None else t.view(-1) for t in tensors]  # one compiled graph for all shapes
                 update(*tensors, hyper)
-        self._pending.clear()
 
     def zero_grad(self) -> None:
-        """Drop the gradients (the optimizer's zero_grad drops the fp32 ones; this also the pending bf16 ones)."""
+        """Drop the gradients, the pending bf16 ones included (in place of the optimizer's zero_grad)."""
         self._pending.clear()
         for _, p in self._named:
             p.grad = None
