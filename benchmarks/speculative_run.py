@@ -133,10 +133,12 @@ def main(argv=None) -> int:
     load_before = loadavg()
     rows = []
     with torch.inference_mode():
-        if args.compile:  # compile every step shape first (not timed)
+        if args.compile:  # compile every step first (not timed): plain and speculative, greedy and sampled
             start = time.perf_counter()
             for spec in (False, True):
-                generate(model, [ps[0]], args.new_tokens, speculative=spec, compile=True)
+                for temperature in (0.0, 0.7):
+                    generate(model, [ps[0]], args.new_tokens, temperature=temperature, seed=0, speculative=spec,
+                             compile=True)
             print(f"compiled the decoding steps in {time.perf_counter() - start:.1f} s", file=sys.stderr)
         for temperature in (0.0, 0.7):
             totals = {False: [0, 0.0], True: [0, 0.0]}

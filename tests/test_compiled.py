@@ -4,13 +4,19 @@ and speculative. (Training under torch.compile: tests/test_train_loop.py.)"""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nanoseek import generate
 from nanoseek.inference.cache import LatentCache
-from nanoseek.inference.compiled import FEW_ROWS, few_row_linear, main_step, mtp_step, rewrite_few_row_linears
+from nanoseek.inference.compiled import FEW_ROWS, few_row_linear, fused_step, main_step, rewrite_few_row_linears
+from nanoseek.inference.draft_head import DraftHead
+from nanoseek.inference.generate import plain_step
+from nanoseek.inference.sampling import logits_to_probs
+from nanoseek.inference.speculative import draw_uniforms, speculative_step
 
 from test_inference import _random_seqs, one_thread, tiny_model  # noqa: F401  (one_thread: autouse fixture)
 
@@ -69,13 +75,58 @@ def test_compiled_steps_equal_the_eager_steps(model):
             torch.testing.assert_close(hidden, want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(logits, model.lm_head(want), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(compiled_cache.layers[0].kv, eager_cache.layers[0].kv, rtol=1e-5, atol=1e-5)
-    cache, ids, h = _filled_cache(model, seqs, 20)
-    window = torch.tensor([[18, 19], [19, 20]])  # (2, W)
-    at = torch.tensor([[1], [0]])
-    got = mtp_step(model, 1, h[:, 18:20], ids.gather(1, window + 1), window, cache, outputs_at=at)
-    cache, ids, h = _filled_cache(model, seqs, 20)
-    want = model.mtp_forward_cached(1, h[:, 18:20], ids.gather(1, window + 1), window, cache, outputs_at=at)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@torch.inference_mode()
+def test_fused_steps_equal_the_eager_steps(model, temperature):
+    """The whole decoding steps compiled into one graph each (plain: forward, token choice, bookkeeping;
+    speculative: verification, acceptance, MTP drafting) against the same functions run eagerly, from the same
+    state with the same uniform draws: same tokens, slots and acceptance, and caches, drafts, draft
+    distributions and hidden states within 1e-5, for 3 steps of 2 sequences at different slots."""
+    to_probs = None if temperature == 0 else partial(logits_to_probs, temperature=temperature)
+    seqs = _random_seqs([30, 30], seed=1)
+    head = DraftHead(model.lm_head.weight)
+    states = []
+    for _ in range(2):  # eager, compiled: identical starting states
+        cache, ids, h = _filled_cache(model, seqs, 20)
+        tokens = torch.cat((ids, torch.zeros(2, 10, dtype=torch.long)), dim=1)  # (2, 40): slots of the cache
+        n = torch.tensor([20, 18])
+        states.append(dict(cache=cache, tokens=tokens, n=n, drafts=tokens.gather(1, n[:, None] + 1),  # d_1 at n + 1
+                           draft_probs=None if to_probs is None else torch.softmax(torch.randn(
+                               2, 1, model.config.vocab_size, generator=torch.Generator().manual_seed(0)), -1),
+                           h_tail=h[:, 18:20].clone()))
+    active = torch.tensor([True, True])
+    for step in range(3):
+        g = torch.Generator().manual_seed(step)
+        uniforms = draw_uniforms(g, 2, 1, "cpu") if to_probs is not None else []
+        outs = []
+        for state, fn in zip(states, (speculative_step, fused_step(speculative_step))):
+            out = fn(model, head, state["tokens"], state["cache"], state["n"], active, state["drafts"],
+                     state["draft_probs"], state["h_tail"], to_probs, uniforms)
+            new_tokens, n_accepted, state["n"], state["drafts"], state["draft_probs"], state["h_tail"] = out
+            outs.append(out)
+        (want, got) = outs
+        for a, b in zip(want[:4], got[:4]):
+            assert torch.equal(a, b)
+        for a, b in zip(want[4:], got[4:]):
+            if a is not None:
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        assert torch.equal(states[0]["tokens"], states[1]["tokens"])
+        for layer_a, layer_b in zip(states[0]["cache"].layers + states[0]["cache"].mtp_layers,
+                                    states[1]["cache"].layers + states[1]["cache"].mtp_layers):
+            torch.testing.assert_close(layer_b.kv, layer_a.kv, rtol=1e-5, atol=1e-5)
+    # the plain step: one token per sequence
+    n = torch.tensor([30, 27])
+    for step in range(3):
+        uniforms = [] if to_probs is None else [torch.rand(2, 1, dtype=torch.float64)]
+        new_a, n_a = plain_step(model, states[0]["tokens"], states[0]["cache"], n, active, to_probs, uniforms)
+        new_b, n_b = fused_step(plain_step)(model, states[1]["tokens"], states[1]["cache"], n, active, to_probs,
+                                            uniforms)
+        assert torch.equal(new_a, new_b) and torch.equal(n_a, n_b) and n_a.tolist() == (n + 1).tolist()
+        assert torch.equal(states[0]["tokens"], states[1]["tokens"])
+        n = n_a
+    torch.testing.assert_close(states[1]["cache"].layers[0].kv, states[0]["cache"].layers[0].kv, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("speculative", [False, True])
@@ -90,3 +141,21 @@ def test_compiled_generation_equals_eager(model, speculative):
         assert got.stats.compiled and not want.stats.compiled
         assert 0 < got.stats.first_step_s < got.stats.decode_s and got.stats.decode_tokens_per_s > 0
 
+
+
+@torch.inference_mode()
+def test_compiled_steps_are_reused_across_requests(model):
+    """Sampled requests with the same parameters reuse the compiled steps: the second request length makes the
+    cache length dynamic (one more graph per step), after that nothing compiles again (the sampling function
+    is one object per set of parameters, see sampling_distribution)."""
+    from torch._dynamo.utils import counters
+
+    def graphs(length, seed):
+        for speculative in (False, True):
+            generate(model, _random_seqs([length], seed=seed), 6, temperature=0.9, top_k=20, seed=seed,
+                     speculative=speculative, compile=True)
+        return counters["stats"]["unique_graphs"]
+
+    graphs(7, 0)
+    after_two = graphs(9, 1)
+    assert graphs(11, 2) == after_two and graphs(6, 3) == after_two

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import generate
-from nanoseek.inference import MTPSpeculator, speculative_accept
+from nanoseek.inference import speculative_accept
 from nanoseek.inference.cache import LatentCache
 from nanoseek.inference.draft_head import DraftHead, quantize_rows
 from nanoseek.inference.speculative import greedy_accept, verification_logits
@@ -140,14 +140,14 @@ def test_drafts_are_the_mtp_modules_predictions(monkeypatch):
     of the final sequence (its inputs h^0_{n-1} and t_n are all accepted); depth 2 too when d_1 was accepted."""
     model = tiny_model(seed=4, num_nextn_predict_layers=2)
     records = []
-    original = MTPSpeculator._draft
+    original = speculative_module.draft
 
-    def recording(self, h, positions, last, absorb):
-        drafts, probs = original(self, h, positions, last, absorb)
-        records.append((positions[self.rows, last] + 1, drafts, probs))
+    def recording(model, head, tokens, cache, h, positions, last, *args, **kwargs):
+        drafts, probs = original(model, head, tokens, cache, h, positions, last, *args, **kwargs)
+        records.append((positions[torch.arange(len(last)), last] + 1, drafts, probs))
         return drafts, probs
 
-    monkeypatch.setattr(MTPSpeculator, "_draft", recording)
+    monkeypatch.setattr(speculative_module, "draft", recording)
     # the draft's own int8 head is tested in test_draft_head_*; here the draft uses the model's exact head
     monkeypatch.setattr(speculative_module, "DraftHead", lambda weight: lambda h: F.linear(h, weight).float())
     prompts = _random_seqs([2, 7], seed=12)

@@ -11,13 +11,12 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
 
 import torch
 
 from .cache import LatentCache
-from .compiled import main_step
-from .sampling import check_sampling, logits_to_probs, sample
+from .compiled import fused_step
+from .sampling import check_sampling, sample, sampling_distribution
 from .speculative import MTPSpeculator, chunks
 
 
@@ -88,6 +87,21 @@ class _Output:
         return sum(map(len, kept))
 
 
+def plain_step(model: torch.nn.Module, tokens: torch.Tensor, cache: LatentCache, n: torch.Tensor, active: torch.Tensor,
+               to_probs: Callable | None, uniforms: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One plain decoding step as a function of tensors (with ``compile``, one graph): the main model on each
+    sequence's newest token t_n at slot n (B,), the next token from its logits (argmax, or sampled with the
+    (B, 1) draw ``uniforms[0]``), written to ``tokens`` at n + 1 for the sequences still ``active`` (B,).
+    Returns the new tokens (B,) and the new n (B,)."""
+    rows = torch.arange(n.shape[0], device=n.device)
+    hidden = model.forward_cached(tokens[rows, n][:, None], n[:, None], cache)  # (B, 1, d)
+    logits = model.lm_head(hidden[:, 0])  # (B, V)
+    new = logits.argmax(dim=-1) if to_probs is None else sample(to_probs(logits), u=uniforms[0])
+    n = n + active.long()
+    tokens[rows, n] = torch.where(active, new, tokens[rows, n])
+    return new, n
+
+
 def _check_request(model: torch.nn.Module, prompts, max_new_tokens, stop_tokens, seed) -> None:
     cfg = model.config
     if not isinstance(prompts, (list, tuple)) or not prompts:
@@ -145,8 +159,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     device = model.embed_tokens.weight.device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     # greedy picks the argmax directly: the same token as sampling its one-hot distribution, without forming it
-    to_probs = None if temperature == 0 else partial(logits_to_probs, temperature=temperature, top_k=top_k,
-                                                     top_p=top_p)
+    to_probs = None if temperature == 0 else sampling_distribution(temperature, top_k, top_p)
 
     def pick(logits: torch.Tensor) -> torch.Tensor:  # (B, V) -> (B,)
         return logits.argmax(dim=-1) if to_probs is None else sample(to_probs(logits), generator)
@@ -187,6 +200,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     stats.prefill_s = time.perf_counter() - start
 
     # decode: one token per step, or the accepted drafts + one per step
+    step = fused_step(plain_step) if compile else plain_step
     start = time.perf_counter()
     while not all(out.done):
         running = [not d for d in out.done]
@@ -202,13 +216,11 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
             for k in range(depth):
                 stats.accepted_per_depth[k] += sum(a > k for a in accepted)
         else:
-            if compile:
-                new = pick(main_step(model, tokens[rows, n][:, None], n[:, None], cache)[1][:, 0])[:, None]  # (B, 1)
-            else:
-                hidden = model.forward_cached(tokens[rows, n][:, None], n[:, None], cache)  # (B, 1, d)
-                new = pick(model.lm_head(hidden[:, 0]))[:, None]  # (B, 1)
-            n = n + active.long()
-            tokens[rows, n] = torch.where(active, new[:, 0], tokens[rows, n])
+            # the sampling draw (B, 1), as sample() would draw it: an input of the compiled step
+            uniforms = [] if to_probs is None else [torch.rand((B, 1), generator=generator, dtype=torch.float64,
+                                                               device=device)]
+            new, n = step(model, tokens, cache, n, active, to_probs, uniforms)
+            new = new[:, None]  # (B, 1)
             counts = [1] * B
         stats.decode_steps += 1
         stats.new_tokens += out.emit([row[:c] for row, c in zip(new.tolist(), counts)])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -43,17 +45,27 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int |
     return probs
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+@functools.cache
+def sampling_distribution(temperature: float, top_k: int | None = None, top_p: float | None = None) -> Callable:
+    """``logits_to_probs`` with these parameters, as one function object per distinct set of parameters: a
+    compiled decoding step takes it as an argument and guards on its identity, so a new object for every request
+    would compile the step anew each time."""
+    return functools.partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of probs (..., V) -> (...,), by inverting the cumulative distribution.
 
     One uniform number per row: the token is the first i with F(i) > u * F(V-1), F the running sum in fp64, so
     a token of probability 0 (a flat step of F) is never drawn and a one-hot row (greedy) gives its token.
     ``torch.multinomial`` draws V exponentials per row instead: for V = 8192 that alone took as long as
-    the output head of the demo model on this machine.
+    the output head of the demo model on this machine. ``u`` (N, 1) fp64, N = rows: the uniform numbers, if
+    drawn already (a compiled step takes them as inputs); else drawn from ``generator``.
     """
     flat = probs.reshape(-1, probs.shape[-1])  # (N, V)
     cdf = flat.double().cumsum(dim=-1)  # (N, V) F(i)
-    u = torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float64, device=flat.device)  # (N, 1)
+    if u is None:
+        u = torch.rand(flat.shape[0], 1, generator=generator, dtype=torch.float64, device=flat.device)  # (N, 1)
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (N, 1)
     last = (cdf < cdf[:, -1:]).sum(dim=-1, keepdim=True)  # the last token of nonzero probability (N, 1)
     token = torch.minimum(token, last)  # u * F(V-1) rounded up to F(V-1) itself would land past it
