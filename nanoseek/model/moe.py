@@ -125,51 +125,6 @@ def swiglu(x: torch.Tensor, gate_up_FD: torch.Tensor, down_DF: torch.Tensor) -> 
     return F.linear(F.silu(gate) * up, down_DF)  # (N, D)
 
 
-@torch.library.custom_op("nanoseek::grouped_weight_grad", mutates_args=())
-def grouped_weight_grad(dy_SN: torch.Tensor, x_SK: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """The weight gradient of a grouped linear layer: dy_e^T x_e (E, N, K) for each group e of rows
-    offsets[e-1]:offsets[e] of dy_SN (S, N) and x_SK (S, K), one matrix product per group.
-
-    torch._grouped_mm computes the same as a product grouped along its contracted dimension; on the CPU that
-    ran at about half the speed of this loop (the bench preset's 64 groups of 192 rows, 512 x 512: 24-27 ms
-    against 11-14 ms in bf16, 50-58 ms against 30-31 ms in fp32)."""
-    out_ENK = dy_SN.new_empty(offsets.shape[0], dy_SN.shape[1], x_SK.shape[1])
-    start = 0
-    for e, end in enumerate(offsets.tolist()):
-        torch.mm(dy_SN[start:end].t(), x_SK[start:end], out=out_ENK[e])  # an empty group gives zeros
-        start = end
-    return out_ENK
-
-
-@grouped_weight_grad.register_fake
-def _(dy_SN: torch.Tensor, x_SK: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    return dy_SN.new_empty(offsets.shape[0], dy_SN.shape[1], x_SK.shape[1])
-
-
-class _GroupedLinear(torch.autograd.Function):
-    """y = x_e W_e^T for the rows of each group e (torch._grouped_mm), W_ENK (E, N, K) as stored; its backward
-    takes the input gradient from torch._grouped_mm and the weight gradient from grouped_weight_grad."""
-
-    @staticmethod
-    def forward(ctx, x_SK: torch.Tensor, w_ENK: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x_SK, w_ENK, offsets)
-        return torch._grouped_mm(x_SK, w_ENK.transpose(-2, -1), offs=offsets)  # (S, N)
-
-    @staticmethod
-    def backward(ctx, dy_SN: torch.Tensor):
-        x_SK, w_ENK, offsets = ctx.saved_tensors
-        grad_x = torch._grouped_mm(dy_SN, w_ENK, offs=offsets) if ctx.needs_input_grad[0] else None  # (S, K)
-        grad_w = grouped_weight_grad(dy_SN, x_SK, offsets) if ctx.needs_input_grad[1] else None  # (E, N, K)
-        return grad_x, grad_w, None
-
-
-def grouped_linear(x_SK: torch.Tensor, w_ENK: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """x_e W_e^T for each group of rows (S, N): torch._grouped_mm, with the faster weight gradient on the CPU."""
-    if x_SK.device.type == "cpu" and torch.is_grad_enabled() and (x_SK.requires_grad or w_ENK.requires_grad):
-        return _GroupedLinear.apply(x_SK, w_ENK, offsets)
-    return torch._grouped_mm(x_SK, w_ENK.transpose(-2, -1), offs=offsets)
-
-
 def expert_ffn(x_SD: torch.Tensor, counts_E: torch.Tensor, gate_up_EFD: torch.Tensor,
                down_EDF: torch.Tensor) -> torch.Tensor:
     """SwiGLU of each expert on its rows: x_SD holds the rows sorted by expert, ``counts_E[e]`` of them for
@@ -182,9 +137,9 @@ def expert_ffn(x_SD: torch.Tensor, counts_E: torch.Tensor, gate_up_EFD: torch.Te
     # used experts is faster below about E / 8 rows (measured on CPU from 16 to 256 experts, fp32 and bf16)
     if 8 * x_SD.shape[0] >= gate_up.shape[0] and _grouped_mm_ok(x_SD, gate_up, down):
         offsets = counts_E.cumsum(0).to(torch.int32)
-        h_SF2 = grouped_linear(x_SD, gate_up, offsets)  # (S, 2F)
+        h_SF2 = torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=offsets)  # (S, 2F)
         gate, up = h_SF2.chunk(2, dim=-1)
-        return grouped_linear(F.silu(gate) * up, down, offsets)  # (S, D)
+        return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)  # (S, D)
     chunks = []  # fallback: one matmul per expert that received rows
     for e, x_e in enumerate(x_SD.split(counts_E.tolist())):
         if x_e.shape[0]:
