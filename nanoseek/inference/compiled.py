@@ -26,9 +26,11 @@ In fp32 a compiled step gives the eager step's logits within ~1e-6 (greedy outpu
 test). In bf16 the two round differently: the demo model's logits were off fp32 by 0.0058 on average compiled
 against 0.0085 eager, and bf16 logits often tie, so greedy outputs can part at such a tie.
 
-Compilation takes seconds per step shape (the first step for each batch size and number of tokens per step;
-the cache length is a dynamic size after the second request), so it pays off for long generations; the eager
-path stays the default.
+Compilation takes seconds per step: the first step for each batch size, mode (plain or speculative) and set of
+sampling parameters (greedy, or temperature / top-k / top-p, which are constants of the graph); the cache length
+is a dynamic size after the second request. So it pays off for long generations and for repeated requests with
+the same settings (torch.compile keeps at most 8 variants of a step, then runs new ones eagerly); the eager path
+stays the default.
 """
 
 from __future__ import annotations
