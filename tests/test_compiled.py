@@ -146,8 +146,8 @@ def test_compiled_generation_equals_eager(model, speculative):
 @torch.inference_mode()
 def test_compiled_steps_are_reused_across_requests(model):
     """Sampled requests with the same parameters reuse the compiled steps: the second request length makes the
-    cache length dynamic (one more graph per step), after that nothing compiles again (the sampling function
-    is one object per set of parameters, see sampling_distribution)."""
+    cache length dynamic (one more graph per step), after that nothing compiles again (a new request's sampling
+    function is a new object with the same parameters)."""
     from torch._dynamo.utils import counters
 
     def graphs(length, seed):

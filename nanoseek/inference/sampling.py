@@ -45,11 +45,10 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int |
     return probs
 
 
-@functools.cache
 def sampling_distribution(temperature: float, top_k: int | None = None, top_p: float | None = None) -> Callable:
-    """``logits_to_probs`` with these parameters, as one function object per distinct set of parameters: a
-    compiled decoding step takes it as an argument and guards on its identity, so a new object for every request
-    would compile the step anew each time."""
+    """``logits_to_probs`` with these parameters bound: the function a decoding step turns logits into its
+    sampling distribution with. The compiled steps take it as an argument; torch.compile guards on the bound
+    values, so later requests with the same parameters reuse the compiled steps (tests/test_compiled.py)."""
     return functools.partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
