@@ -200,7 +200,7 @@ class MTPSpeculator:
         """``to_probs`` turns logits into the sampling distribution; None is greedy (argmax, no distribution).
         ``compiled``: run each step (verification, acceptance, drafting) as one compiled graph (:mod:`.compiled`)."""
         self.model, self.cache, self.tokens = model, cache, tokens  # tokens: (B, slots) accepted + drafted ids
-        self.to_probs, self.generator, self.compiled = to_probs, generator, compiled
+        self.to_probs, self.generator = to_probs, generator
         self.depth = len(model.mtp)  # D
         self.window = 2 * self.depth  # W
         self.draft_head = DraftHead(model.lm_head.weight)  # int8 where supported: the draft only
