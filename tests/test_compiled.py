@@ -4,8 +4,6 @@ and speculative. (Training under torch.compile: tests/test_train_loop.py.)"""
 
 from __future__ import annotations
 
-from functools import partial
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,10 +13,15 @@ from nanoseek.inference.cache import LatentCache
 from nanoseek.inference.compiled import FEW_ROWS, few_row_linear, fused_step, main_step, rewrite_few_row_linears
 from nanoseek.inference.draft_head import DraftHead
 from nanoseek.inference.generate import plain_step
-from nanoseek.inference.sampling import logits_to_probs
+from nanoseek.inference.sampling import sampling_distribution
 from nanoseek.inference.speculative import draw_uniforms, speculative_step
 
 from test_inference import _random_seqs, one_thread, tiny_model  # noqa: F401  (one_thread: autouse fixture)
+
+# Every compiled decoding test runs batches of 2 and samples with these parameters, so that the tests share
+# their compiled steps (the step functions are compiled once per process and the request length is dynamic):
+# compiling is most of these tests' time, tens of seconds per graph on a 2-core CPU.
+TEMPERATURE, TOP_K = 0.8, 20
 
 
 @pytest.fixture(scope="module")
@@ -61,30 +64,29 @@ def _filled_cache(model, seqs, prefix):
 
 @torch.inference_mode()
 def test_compiled_steps_equal_the_eager_steps(model):
-    """Main step (1 and 2 tokens per sequence, at different slots per sequence) and MTP step (a 2-position
-    window, output at one position) against forward_cached / mtp_forward_cached; fp32 within 1e-5."""
+    """Main step (benchmarks/decode.py's compiled path: 1 token per sequence, at different slots per sequence)
+    against forward_cached; fp32 within 1e-5. (Two tokens per sequence: the fused speculative step below.)"""
     seqs = _random_seqs([30, 30], seed=1)
-    for T in (1, 2):
-        eager_cache, ids, _ = _filled_cache(model, seqs, 20)
-        compiled_cache, _, _ = _filled_cache(model, seqs, 20)
-        for step in range(3):
-            pos = torch.tensor([[20 + step * T + t for t in range(T)], [22 + step * T + t for t in range(T)]])  # (2, T)
-            step_ids = ids.gather(1, pos)
-            hidden, logits = main_step(model, step_ids, pos, compiled_cache)
-            want = model.forward_cached(step_ids, pos, eager_cache)
-            torch.testing.assert_close(hidden, want, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(logits, model.lm_head(want), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(compiled_cache.layers[0].kv, eager_cache.layers[0].kv, rtol=1e-5, atol=1e-5)
+    eager_cache, ids, _ = _filled_cache(model, seqs, 20)
+    compiled_cache, _, _ = _filled_cache(model, seqs, 20)
+    for step in range(3):
+        pos = torch.tensor([[20 + step], [22 + step]])  # (2, 1)
+        step_ids = ids.gather(1, pos)
+        hidden, logits = main_step(model, step_ids, pos, compiled_cache)
+        want = model.forward_cached(step_ids, pos, eager_cache)
+        torch.testing.assert_close(hidden, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits, model.lm_head(want), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled_cache.layers[0].kv, eager_cache.layers[0].kv, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("temperature", [0.0, TEMPERATURE])
 @torch.inference_mode()
 def test_fused_steps_equal_the_eager_steps(model, temperature):
     """The whole decoding steps compiled into one graph each (plain: forward, token choice, bookkeeping;
     speculative: verification, acceptance, MTP drafting) against the same functions run eagerly, from the same
     state with the same uniform draws: same tokens, slots and acceptance, and caches, drafts, draft
     distributions and hidden states within 1e-5, for 3 steps of 2 sequences at different slots."""
-    to_probs = None if temperature == 0 else partial(logits_to_probs, temperature=temperature)
+    to_probs = None if temperature == 0 else sampling_distribution(temperature, TOP_K)  # as generate() makes it
     seqs = _random_seqs([30, 30], seed=1)
     head = DraftHead(model.lm_head.weight)
     states = []
@@ -133,9 +135,10 @@ def test_fused_steps_equal_the_eager_steps(model, temperature):
 def test_compiled_generation_equals_eager(model, speculative):
     """Greedy: the same tokens; sampled with a seed: the same tokens too (the steps' logits agree to ~1e-6)."""
     prompts = _random_seqs([9, 5], seed=2)
-    for temperature in (0.0, 0.8):
-        want = generate(model, prompts, 12, temperature=temperature, seed=5, speculative=speculative)
-        got = generate(model, prompts, 12, temperature=temperature, seed=5, speculative=speculative, compile=True)
+    for temperature, top_k in ((0.0, None), (TEMPERATURE, TOP_K)):
+        want = generate(model, prompts, 12, temperature=temperature, top_k=top_k, seed=5, speculative=speculative)
+        got = generate(model, prompts, 12, temperature=temperature, top_k=top_k, seed=5, speculative=speculative,
+                       compile=True)
         assert got.tokens == want.tokens
         assert got.stats.accepted == want.stats.accepted
         assert got.stats.compiled and not want.stats.compiled
@@ -145,17 +148,16 @@ def test_compiled_generation_equals_eager(model, speculative):
 
 @torch.inference_mode()
 def test_compiled_steps_are_reused_across_requests(model):
-    """Sampled requests with the same parameters reuse the compiled steps: the second request length makes the
-    cache length dynamic (one more graph per step), after that nothing compiles again (a new request's sampling
-    function is a new object with the same parameters)."""
+    """Sampled requests with the same parameters reuse the compiled steps, whatever their length: the request
+    length is a dynamic size from the first call, so after the first request nothing compiles again (a new
+    request's sampling function is a new object with the same parameters)."""
     from torch._dynamo.utils import counters
 
     def graphs(length, seed):
         for speculative in (False, True):
-            generate(model, _random_seqs([length], seed=seed), 6, temperature=0.9, top_k=20, seed=seed,
-                     speculative=speculative, compile=True)
+            generate(model, _random_seqs([length, length - 2], seed=seed), 6, temperature=TEMPERATURE, top_k=TOP_K,
+                     seed=seed, speculative=speculative, compile=True)
         return counters["stats"]["unique_graphs"]
 
-    graphs(7, 0)
-    after_two = graphs(9, 1)
-    assert graphs(11, 2) == after_two and graphs(6, 3) == after_two
+    after_one = graphs(7, 0)
+    assert graphs(9, 1) == after_one and graphs(11, 2) == after_one and graphs(6, 3) == after_one

@@ -27,19 +27,22 @@ test). In bf16 the two round differently: the demo model's logits were off fp32 
 against 0.0085 eager, and bf16 logits often tie, so greedy outputs can part at such a tie.
 
 Compilation takes seconds per step: the first step for each batch size, mode (plain or speculative) and set of
-sampling parameters (greedy, or temperature / top-k / top-p, which are constants of the graph); the cache length
-is a dynamic size after the second request. So it pays off for long generations and for repeated requests with
-the same settings (torch.compile keeps at most 8 variants of a step, then runs new ones eagerly); the eager path
-stays the default.
+sampling parameters (greedy, or temperature / top-k / top-p, which are constants of the graph); the request
+length is a dynamic size from the first call (see ``fused_step``). So it pays off for long generations and for
+repeated requests with the same settings (torch.compile keeps at most 8 variants of a step, then runs new ones
+eagerly); the eager path stays the default.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .cache import LatentCache
 
 FEW_ROWS = 4  # linear layers over at most this many rows become fused reductions (see the module docstring)
 
@@ -113,16 +116,27 @@ def main_step(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor
 
 
 def fused_step(step: Callable) -> Callable:
-    """``step`` (a whole decoding step: forward, token choice, bookkeeping) compiled into one graph, called with
-    the tensors it is given marked static in their first dimension (the batch): the step's few-row linears need
-    a static batch, and no input is a slice (a slice's strides would be guarded on), so none is copied. The
-    cache and token buffers keep their length dynamic (see ``_step_inputs``)."""
+    """``step`` (a whole decoding step: forward, token choice, bookkeeping) compiled into one graph.
+
+    Sizes: the batch (dim 0 of every tensor argument and cache buffer) is static, since the step's few-row linears
+    need it; the request length (dim 1 of the ``tokens`` buffer and of the cache buffers) is dynamic from the
+    first call, so a request of another length runs the same graph. Left to torch.compile's automatic dynamic
+    shapes, the first request compiled a graph for its own length and the second compiled the step again (tens of
+    seconds each on a 2-core CPU). The step's other inputs are whole tensors (no slices, whose strides would
+    be guarded on), so none is copied."""
     compiled = _compiled(step)
+    tokens_at = list(inspect.signature(step).parameters).index("tokens")
 
     def call(*args):
-        for t in args:
+        for i, t in enumerate(args):
             if isinstance(t, torch.Tensor):
                 torch._dynamo.mark_static(t, 0)
+                if i == tokens_at:
+                    torch._dynamo.maybe_mark_dynamic(t, 1)  # (B, slots)
+            elif isinstance(t, LatentCache):
+                for layer in t.layers + t.mtp_layers:
+                    torch._dynamo.mark_static(layer.kv, 0)
+                    torch._dynamo.maybe_mark_dynamic(layer.kv, 1)  # (B, slots, d_c + d_R)
             elif isinstance(t, (list, tuple)):
                 for u in t:
                     if isinstance(u, torch.Tensor):
