@@ -122,7 +122,9 @@ def fused_step(step: Callable) -> Callable:
     need it; the request length (dim 1 of the ``tokens`` buffer and of the cache buffers) is dynamic from the
     first call, so a request of another length runs the same graph. Left to torch.compile's automatic dynamic
     shapes, the first request compiled a graph for its own length and the second compiled the step again (tens of
-    seconds each on a 2-core CPU). The step's other inputs are whole tensors (no slices, whose strides would
+    seconds each on a 2-core CPU). The generic graph may cost a little per step: in alternating runs of the demo
+    model, plain steps ran 3-6% slower than length-specialized ones, within the machine's noise (results in
+    benchmarks/results/speculative.md). The step's other inputs are whole tensors (no slices, whose strides would
     be guarded on), so none is copied."""
     compiled = _compiled(step)
     tokens_at = list(inspect.signature(step).parameters).index("tokens")
