@@ -86,12 +86,20 @@ def _step_inputs(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     """The step's inputs (a few ids and hidden states) as copies with standard strides, their sizes (batch,
     tokens per step) marked static. A slice's strides depend on the request and would be guarded on; a second
     size would make the graph generic in it and lose the few-row linears. The cache length, the one size that
-    changes with every request, is left to torch.compile's automatic dynamic shapes."""
+    changes with every request, is dynamic (``_mark_cache``)."""
     fresh = [t.clone(memory_format=torch.contiguous_format) if t is not None else None for t in tensors]
     for t in fresh:
         for dim in range(t.dim() if t is not None else 0):
             torch._dynamo.mark_static(t, dim)
     return fresh
+
+
+def _mark_cache(cache: LatentCache) -> None:
+    """The cache buffers (B, slots, d_c + d_R): the batch static, the request length dynamic from the first call
+    (see ``fused_step``)."""
+    for layer in cache.layers + cache.mtp_layers:
+        torch._dynamo.mark_static(layer.kv, 0)
+        torch._dynamo.maybe_mark_dynamic(layer.kv, 1)
 
 
 def _main_step(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor,
@@ -112,6 +120,7 @@ def main_step(model: torch.nn.Module, ids: torch.Tensor, positions: torch.Tensor
     """Compiled main step: tokens (B, T) at cache slots ``positions`` (B, T) -> final normed hidden state
     (B, T, d) and main-head logits (B, T, V), as ``model.forward_cached`` and ``model.lm_head``."""
     ids, positions = _step_inputs(ids, positions)
+    _mark_cache(cache)
     return _compiled(_main_step)(model, ids, positions, cache)
 
 
@@ -136,9 +145,7 @@ def fused_step(step: Callable) -> Callable:
                 if i == tokens_at:
                     torch._dynamo.maybe_mark_dynamic(t, 1)  # (B, slots)
             elif isinstance(t, LatentCache):
-                for layer in t.layers + t.mtp_layers:
-                    torch._dynamo.mark_static(layer.kv, 0)
-                    torch._dynamo.maybe_mark_dynamic(layer.kv, 1)  # (B, slots, d_c + d_R)
+                _mark_cache(t)
             elif isinstance(t, (list, tuple)):
                 for u in t:
                     if isinstance(u, torch.Tensor):
