@@ -114,6 +114,17 @@ def step_bytes(model, tok: Tokenizer, tokens: int = 512) -> dict[str, float]:
             "speculative MB": spec * size / 1e6, "speculative / plain": spec / plain}
 
 
+def command_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The options of this run that differ from their defaults (--passes always), as they would be typed, so
+    that the recorded command reproduces the run (--out and --no-write left out)."""
+    out = ""
+    for name in ("prompts", "prompt_tokens", "new_tokens", "threads", "passes"):
+        value = getattr(args, name)
+        if name == "passes" or value != parser.get_default(name):
+            out += f" --{name.replace('_', '-')} {value}"
+    return out + (" --compile" if args.compile else "")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
@@ -172,8 +183,7 @@ def main(argv=None) -> int:
     weights = step_bytes(model, tok)
     cfg = model.config
     lines = [f"\n## {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC - trained run `{args.run_dir}`", "",
-             f"Command: `python benchmarks/speculative_run.py {args.run_dir} --passes {args.passes}"
-             f"{' --compile' if args.compile else ''}`", "",
+             f"Command: `python benchmarks/speculative_run.py {args.run_dir}{command_options(p, args)}`", "",
              f"- Machine: {machine_info(args, torch.device('cpu'))}; {args.threads} thread(s); load average before {load_before}, after "
              f"{loadavg()}",
              f"- Model: d={cfg.hidden_size}, {cfg.num_hidden_layers} layers, vocabulary {cfg.vocab_size}, "
