@@ -118,11 +118,12 @@ def command_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     """The options of this run that differ from their defaults (--passes always), as they would be typed, so
     that the recorded command reproduces the run (--out and --no-write left out)."""
     out = ""
-    for name in ("prompts", "prompt_tokens", "new_tokens", "threads", "passes"):
-        value = getattr(args, name)
-        if name == "passes" or value != parser.get_default(name):
-            out += f" --{name.replace('_', '-')} {value}"
-    return out + (" --compile" if args.compile else "")
+    for name, value in vars(args).items():  # in the parser's order
+        if name in ("run_dir", "out", "no_write") or (name != "passes" and value == parser.get_default(name)):
+            continue
+        flag = f" --{name.replace('_', '-')}"
+        out += flag if value is True else f"{flag} {value}"
+    return out
 
 
 def main(argv=None) -> int:
