@@ -509,6 +509,34 @@ def test_padded_expert_groups_give_the_unpadded_result(mode, monkeypatch):
         torch.testing.assert_close(g, g2, atol=1e-2 * g2.abs().max().item(), rtol=1e-2)
 
 
+@pytest.mark.parametrize("T, path", [(2, "gathered"), (3, "every_expert"), (128, "every_expert"), (129, "sorted")])
+def test_compiled_decoding_experts_have_static_shapes(T, path, monkeypatch):
+    """The paths a compiled step without gradients takes (moe.RoutedExperts.forward), run eagerly: T x K <= E slots
+    gathered by index; more slots than experts, every expert on every token while T x E <= STATIC_EXPERT_ROWS; past
+    that, the sorted path. Each gives the naive loop's result."""
+    cfg = small_config(hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, num_experts_per_tok=3)
+    torch.manual_seed(2)
+    experts = RoutedExperts(cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x, w = torch.randn(T, 16), torch.rand(T, 3)
+    idx = torch.stack([torch.randperm(8)[:3] for _ in range(T)])
+    expected = {"gathered": (True, True), "every_expert": (False, True), "sorted": (False, False)}[path]
+    assert (T * 3 <= 8, T * 8 <= moe_mod.STATIC_EXPERT_ROWS) == expected
+    calls = []
+    for name in ("gathered_swiglu", "every_expert_swiglu", "expert_ffn"):
+        real = getattr(moe_mod, name)
+        monkeypatch.setattr(moe_mod, name, lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # the traced paths, run eagerly
+    with torch.no_grad():
+        out, counts = experts(x, w, idx)
+    assert calls == [{"gathered": "gathered_swiglu", "every_expert": "every_expert_swiglu",
+                      "sorted": "expert_ffn"}[path]]
+    expected = naive_experts(x, w, idx, experts.gate_up_proj, experts.down_proj)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert counts.tolist() == torch.bincount(idx.flatten(), minlength=8).tolist()
+
+
 def test_compiled_permutations_gather_in_backward(monkeypatch):
     """Under torch.compile the rows go to and come back from the experts through autograd functions whose backward
     gathers (moe._DispatchRows, moe._GatherRows). Against index_select (whose backward scatters), directly and in

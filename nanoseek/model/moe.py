@@ -164,6 +164,18 @@ def gathered_swiglu(x_TD: torch.Tensor, idx_TK: torch.Tensor, gate_up_EFD: torch
     return y_SD.view(T, K, -1)  # (T, K, D)
 
 
+def every_expert_swiglu(x_TD: torch.Tensor, idx_TK: torch.Tensor, gate_up_EFD: torch.Tensor,
+                        down_EDF: torch.Tensor) -> torch.Tensor:
+    """FFN_e(x_t) for every expert e and token t, then each token's K routed ones: (T, K, D). Static shapes
+    whatever the routing; it reads each expert's weights once and computes E / K times the routed work, so it
+    suits a compiled decoding step of a few tokens that route to more slots (T x K) than there are experts."""
+    E, F2, D = gate_up_EFD.shape
+    h_TEF2 = F.linear(x_TD, gate_up_EFD.reshape(E * F2, D)).view(-1, E, F2)  # (T, E, 2F)
+    gate, up = h_TEF2.chunk(2, dim=-1)  # (T, E, F) each
+    y_ETD = torch.bmm((F.silu(gate) * up).transpose(0, 1), down_EDF.transpose(1, 2))  # (E, T, D)
+    return y_ETD.transpose(0, 1).gather(1, idx_TK[..., None].expand(-1, -1, D))  # (T, K, D)
+
+
 # bf16 / fp16 matrix products on the CPU go through oneDNN, which compiles a kernel for each new shape and caches
 # it. An expert's row count changes from step to step, so a training step met new shapes in nearly every
 # per-expert product and compiled them anew: the routed experts of the bench preset (64 experts, 12,288 rows)
@@ -246,6 +258,11 @@ class _GatherRows(torch.autograd.Function):
 # demo model, 1 made plain decoding 1.06x faster than the sorted grouped path; 2 left speculative decoding's
 # 2-token verification as fast as before (1.01x), so the sorted path keeps it.
 FEW_TOKENS = 1
+# A compiled step without gradients (decoding) whose T x K slots outnumber the experts computes every expert for
+# every token while T x E stays within this many rows (see RoutedExperts.forward): the demo model (16 experts)
+# up to 64 tokens, the bench preset (64) up to 16, DeepSeek-V3 (256, top-8) never, since its gathered path
+# covers up to 32 tokens.
+STATIC_EXPERT_ROWS = 1024
 
 
 class RoutedExperts(nn.Module):
@@ -267,6 +284,12 @@ class RoutedExperts(nn.Module):
             # a compiled decoding step (nanoseek.inference.compiled): no data-dependent shapes, so each
             # (token, expert) slot multiplies by its expert's weights gathered by index
             y_TKD = gathered_swiglu(x_TD, idx_TK, self.gate_up_proj, self.down_proj)
+        elif torch.compiler.is_compiling() and not torch.is_grad_enabled() and T * self.n_experts <= STATIC_EXPERT_ROWS:
+            # a compiled decoding step of a larger batch: still static shapes, now with every expert computed once
+            # per token. The sorted path below splits a step into several graphs at its data-dependent sizes,
+            # which compile again as the sizes change (plain decoding of 5 prompts on the demo model: 3-11
+            # tokens/s after the first step, against 1,195-1,208 here)
+            y_TKD = every_expert_swiglu(x_TD, idx_TK, self.gate_up_proj, self.down_proj)
         elif T <= FEW_TOKENS and x_TD.device.type == "cpu":
             # decoding at batch 1: each token's K experts in turn, on their weights as stored (under autocast
             # F.linear casts just the expert it uses), with no sort and no empty groups; CPU only, since reading
