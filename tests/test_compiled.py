@@ -21,7 +21,7 @@ from test_inference import _random_seqs, one_thread, tiny_model  # noqa: F401  (
 # Every compiled decoding test runs batches of 2 and samples with these parameters, so that the tests share
 # their compiled steps (the step functions are compiled once per process and the request length is dynamic):
 # compiling is most of these tests' time, tens of seconds per graph on a 2-core CPU.
-TEMPERATURE, TOP_K = 0.8, 20
+TEMPERATURE, TOP_K, TOP_P = 0.8, 20, 0.9
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_fused_steps_equal_the_eager_steps(model, temperature):
     speculative: verification, acceptance, MTP drafting) against the same functions run eagerly, from the same
     state with the same uniform draws: same tokens, slots and acceptance, and caches, drafts, draft
     distributions and hidden states within 1e-5, for 3 steps of 2 sequences at different slots."""
-    to_probs = None if temperature == 0 else sampling_distribution(temperature, TOP_K)  # as generate() makes it
+    to_probs = None if temperature == 0 else sampling_distribution(temperature, TOP_K, TOP_P)  # as generate() does
     seqs = _random_seqs([30, 30], seed=1)
     head = DraftHead(model.lm_head.weight)
     states = []
@@ -135,10 +135,11 @@ def test_fused_steps_equal_the_eager_steps(model, temperature):
 def test_compiled_generation_equals_eager(model, speculative):
     """Greedy: the same tokens; sampled with a seed: the same tokens too (the steps' logits agree to ~1e-6)."""
     prompts = _random_seqs([9, 5], seed=2)
-    for temperature, top_k in ((0.0, None), (TEMPERATURE, TOP_K)):
-        want = generate(model, prompts, 12, temperature=temperature, top_k=top_k, seed=5, speculative=speculative)
-        got = generate(model, prompts, 12, temperature=temperature, top_k=top_k, seed=5, speculative=speculative,
-                       compile=True)
+    for temperature, top_k, top_p in ((0.0, None, None), (TEMPERATURE, TOP_K, TOP_P)):
+        want = generate(model, prompts, 12, temperature=temperature, top_k=top_k, top_p=top_p, seed=5,
+                        speculative=speculative)
+        got = generate(model, prompts, 12, temperature=temperature, top_k=top_k, top_p=top_p, seed=5,
+                       speculative=speculative, compile=True)
         assert got.tokens == want.tokens
         assert got.stats.accepted == want.stats.accepted
         assert got.stats.compiled and not want.stats.compiled
@@ -156,7 +157,7 @@ def test_compiled_steps_are_reused_across_requests(model):
     def graphs(length, seed):
         for speculative in (False, True):
             generate(model, _random_seqs([length, length - 2], seed=seed), 6, temperature=TEMPERATURE, top_k=TOP_K,
-                     seed=seed, speculative=speculative, compile=True)
+                     top_p=TOP_P, seed=seed, speculative=speculative, compile=True)
         return counters["stats"]["unique_graphs"]
 
     after_one = graphs(7, 0)
@@ -178,3 +179,16 @@ def test_larger_batches_compile_one_graph(model):
     got = generate(model, prompts, 10, compile=True)
     assert counters["stats"]["unique_graphs"] - before == 1
     assert got.tokens == want.tokens
+
+
+def test_compiled_nucleus_takes_each_branch():
+    """Compiled, top-p's choice between the most likely tokens and a full sort is a torch.cond inside the graph:
+    peaked, middling and flat distributions each give the eager nucleus."""
+    from nanoseek.inference.compiled import decoding_backend
+    from nanoseek.inference.sampling import nucleus
+
+    compiled = torch.compile(lambda p: nucleus(p, 0.9), backend=decoding_backend, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for scale in (12.0, 3.0, 0.5):  # nucleus of at most 64, 65-512, more than 512 tokens
+        probs = (torch.randn(2, 2048, generator=g) * scale).softmax(-1)
+        torch.testing.assert_close(compiled(probs), nucleus(probs, 0.9), atol=0, rtol=0)

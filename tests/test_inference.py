@@ -7,6 +7,7 @@ import torch
 
 from nanoseek import DeepSeekV3, ModelConfig, generate
 from nanoseek.inference import LatentCache, logits_to_probs
+from nanoseek.inference import sampling
 from nanoseek.inference.sampling import check_sampling, sample
 
 VOCAB = 64
@@ -151,6 +152,30 @@ def test_logits_to_probs_greedy_top_k_top_p_by_hand():
     hot = logits_to_probs(logits, 0.5)  # p^2, renormalized
     torch.testing.assert_close(hot, torch.tensor([[0.01, 0.25, 0.0225, 0.0625]]) / 0.345)
     assert logits_to_probs(logits.bfloat16(), 1.0).dtype == torch.float32
+
+
+def _nucleus_by_sorting(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The nucleus by its definition: sort everything, keep tokens until the mass ahead reaches top_p."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs.masked_fill(before >= top_p, 0.0))
+
+
+@pytest.mark.parametrize("scale, levels", [(12.0, 1), (3.0, 2), (0.5, 3)])
+def test_nucleus_from_the_most_likely_tokens_is_the_whole_sorts(scale, levels, monkeypatch):
+    """top-p looks among the 64, then the 512 most likely tokens, and sorts all 2048 only if neither holds
+    the nucleus: peaked, middling and flat distributions take 1, 2 and 3 of those steps, and each gives the
+    nucleus of the full sort (which tokens, and their probabilities)."""
+    g = torch.Generator().manual_seed(int(scale * 10))
+    probs = (torch.randn(3, 2048, generator=g) * scale).softmax(-1)
+    sizes = (_nucleus_by_sorting(probs, 0.9) > 0).sum(-1)
+    assert {1: sizes.max() <= 64, 2: 64 < sizes.max() <= 512, 3: sizes.max() > 512}[levels]
+    calls = []
+    real_topk = torch.Tensor.topk
+    monkeypatch.setattr(torch.Tensor, "topk", lambda self, k, **kw: calls.append(k) or real_topk(self, k, **kw))
+    got = sampling.nucleus(probs, 0.9)
+    assert calls == [64, 512][:levels]
+    assert torch.equal(got, _nucleus_by_sorting(probs, 0.9))
 
 
 def test_sample_draws_from_the_distribution_and_never_a_zero_probability_token(monkeypatch):

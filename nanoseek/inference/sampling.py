@@ -37,12 +37,51 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int |
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = logits.softmax(dim=-1)
     if top_p is not None and top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # probability mass strictly ahead of each token
-        sorted_probs = sorted_probs.masked_fill(before >= top_p, 0.0)  # drop tokens once top_p is reached
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+        probs = nucleus(probs, top_p)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
+
+
+# top-p looks for its nucleus among this many most likely tokens first, then among the next number of them, and
+# sorts the whole vocabulary only when those do not hold it (see ``nucleus``)
+TOP_P_CANDIDATES = (64, 512)
+
+
+def _keep_prefix(sorted_probs: torch.Tensor, order: torch.Tensor, probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """probs (..., V) with only the most likely tokens kept, from some of them sorted in descending order
+    (``sorted_probs`` and their ids ``order``, (..., n)): a token is dropped once the mass strictly ahead of it
+    reaches top_p."""
+    before = sorted_probs.cumsum(-1) - sorted_probs  # probability mass strictly ahead of each token
+    kept = sorted_probs.masked_fill(before >= top_p, 0.0)
+    return torch.zeros_like(probs).scatter_(-1, order, kept)
+
+
+def nucleus(probs: torch.Tensor, top_p: float, candidates: tuple[int, ...] = TOP_P_CANDIDATES) -> torch.Tensor:
+    """The top-p nucleus of probs (..., V), not renormalized: the smallest set of most likely tokens whose mass
+    reaches top_p, the rest set to 0.
+
+    Sorting the whole vocabulary is slow on the CPU: 0.7-0.9 ms per row for 8192 tokens here, more than the rest
+    of the demo model's decoding step when compiled. So the nucleus is taken from the k most likely tokens
+    (``topk``: ~50 us for k = 64, ~160 us for 512) when they hold top_p of the mass, which gives the same set,
+    for each k of ``candidates`` in turn. Only if none does is everything sorted. On the demo model at
+    temperature 0.6, top-p 0.95, the nucleus held at most 64 tokens in 73% of the steps and at most 1024 in all.
+    Compiled, each choice is a ``torch.cond``, so the step stays one graph.
+    """
+    k = candidates[0] if candidates else probs.shape[-1]
+    if k >= probs.shape[-1]:
+        return _keep_prefix(*probs.sort(dim=-1, descending=True), probs, top_p)
+    head, head_ids = probs.topk(k, dim=-1)  # (..., k), descending
+    enough = (head.sum(-1) >= top_p).all()  # every row's nucleus lies among its k most likely tokens
+
+    def from_head(p: torch.Tensor, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return _keep_prefix(h, ids, p, top_p)
+
+    def from_more(p: torch.Tensor, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return nucleus(p, top_p, candidates[1:])
+
+    if torch.compiler.is_compiling():
+        return torch.cond(enough, from_head, from_more, (probs, head, head_ids))
+    return (from_head if enough else from_more)(probs, head, head_ids)
 
 
 def sampling_distribution(temperature: float, top_k: int | None = None, top_p: float | None = None) -> Callable:
