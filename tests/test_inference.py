@@ -162,7 +162,7 @@ def _nucleus_by_sorting(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("scale, levels", [(12.0, 1), (3.0, 2), (0.5, 3)])
-def test_nucleus_from_the_most_likely_tokens_is_the_whole_sorts(scale, levels, monkeypatch):
+def test_nucleus_from_the_most_likely_tokens_equals_a_full_sort(scale, levels, monkeypatch):
     """top-p looks among the 64, then the 512 most likely tokens, and sorts all 2048 only if neither holds
     the nucleus: peaked, middling and flat distributions take 1, 2 and 3 of those steps, and each gives the
     nucleus of the full sort (which tokens, and their probabilities)."""

@@ -521,8 +521,8 @@ def test_compiled_decoding_experts_have_static_shapes(T, path, monkeypatch):
         torch.nn.init.normal_(p, std=0.3)
     x, w = torch.randn(T, 16), torch.rand(T, 3)
     idx = torch.stack([torch.randperm(8)[:3] for _ in range(T)])
-    expected = {"gathered": (True, True), "every_expert": (False, True), "sorted": (False, False)}[path]
-    assert (T * 3 <= 8, T * 8 <= moe_mod.STATIC_EXPERT_ROWS) == expected
+    regime = {"gathered": (True, True), "every_expert": (False, True), "sorted": (False, False)}[path]
+    assert (T * 3 <= 8, T * 8 <= moe_mod.STATIC_EXPERT_ROWS) == regime
     calls = []
     for name in ("gathered_swiglu", "every_expert_swiglu", "expert_ffn"):
         real = getattr(moe_mod, name)
