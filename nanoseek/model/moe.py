@@ -280,11 +280,12 @@ class RoutedExperts(nn.Module):
         T, K = idx_TK.shape
         flat_idx = idx_TK.flatten()  # (T*K,) slot t*K + k: token t's k-th expert
         counts_E = expert_counts(flat_idx, self.n_experts)
-        if torch.compiler.is_compiling() and T * K <= self.n_experts:
+        compiling = torch.compiler.is_compiling()
+        if compiling and T * K <= self.n_experts:
             # a compiled decoding step (nanoseek.inference.compiled): no data-dependent shapes, so each
             # (token, expert) slot multiplies by its expert's weights gathered by index
             y_TKD = gathered_swiglu(x_TD, idx_TK, self.gate_up_proj, self.down_proj)
-        elif torch.compiler.is_compiling() and not torch.is_grad_enabled() and T * self.n_experts <= STATIC_EXPERT_ROWS:
+        elif compiling and not torch.is_grad_enabled() and T * self.n_experts <= STATIC_EXPERT_ROWS:
             # a compiled decoding step of a larger batch: still static shapes, now with every expert computed once
             # per token. The sorted path below splits a step into several graphs at its data-dependent sizes,
             # which compile again as the sizes change (plain decoding of 5 prompts on the demo model: 3-11
@@ -303,7 +304,6 @@ class RoutedExperts(nn.Module):
             slot_pos = torch.empty_like(order).scatter_(0, order, pos_S)  # row of x_GD / y_GD for each slot t*K + k
             # under torch.compile the two permutations get backward passes that gather rather than scatter into
             # zeros: the routed experts' forward + backward of a bench step took ~17 ms less (eager: ~1 ms more)
-            compiling = torch.compiler.is_compiling()
             # (G, D) token rows sorted by expert (G = T*K, plus padding)
             x_GD = _DispatchRows.apply(x_TD, token_G, slot_pos, K) if compiling else x_TD.index_select(0, token_G)
             y_GD = expert_ffn(x_GD, counts_G, self.gate_up_proj, self.down_proj)  # (G, D)
