@@ -26,6 +26,7 @@ Usage (from the repository root, with the venv active)::
 
     python benchmarks/decode.py                                   # 1K, 4K, 16K; bench preset; fp32
     python benchmarks/decode.py --contexts 1024,4096 --steps 8 --rounds 2
+    python benchmarks/decode.py --preset deepseek-v2-lite --layers 3 --dtype bf16 --contexts 1024,4096 --threads 2
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="bench")
+    p.add_argument("--layers", type=int, default=None,
+                   help="num_hidden_layers instead of the preset's (e.g. the first 3 layers of deepseek-v2-lite)")
     p.add_argument("--contexts", default="1024,4096,16384", help="comma list of context lengths (tokens)")
     p.add_argument("--steps", type=int, default=16, help="decode tokens per round")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per implementation and context")
@@ -164,7 +167,7 @@ def load_sides(cfg: ModelConfig, args, directory: Path) -> list[Side]:
     with torch.no_grad():  # own memory, not a view of the safetensors mmap
         for p in hf.parameters():
             p.data = p.data.clone()
-    info = f"attn={hf.config._attn_implementation}, experts={hf.config._experts_implementation}"
+    info = f"{type(hf).__name__}, attn={hf.config._attn_implementation}, experts={hf.config._experts_implementation}"
     sides = [Side("nanoseek", ns), Side("transformers", hf)]
     sides[0].compiled = args.compile
     sides[1].info = info
@@ -178,6 +181,8 @@ def run(args) -> dict:
 
         keep_freed_memory("cpu")
     base = ModelConfig.preset(args.preset)
+    if args.layers is not None:
+        base = base.replace(num_hidden_layers=args.layers)
     cfg = base.replace(num_nextn_predict_layers=0,
                        max_position_embeddings=max(base.max_position_embeddings, max(args.contexts) + args.steps))
     elsize = 2 if args.dtype == "bf16" else 4
@@ -236,7 +241,8 @@ def run(args) -> dict:
 def report(args, res: dict) -> str:
     cfg = res["cfg"]
     info = machine_info(args, torch.device("cpu"))
-    lines = [f"## {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} - decode, {args.preset} preset, {args.dtype}", ""]
+    lines = [f"## {dt.datetime.now().strftime('%Y-%m-%d %H:%M')} - decode, {args.preset} preset, {args.dtype}", "",
+             f"Command: `python benchmarks/decode.py {' '.join(sys.argv[1:])}`", ""]
     lines.append(f"- Machine: {info['cpu']}, {info['cores']} cores, {info.get('ram_gib', '?')} GiB RAM, "
                  f"torch {info['torch']} ({args.threads} threads), transformers {info['transformers']}, "
                  f"git {info['git']}; load average after the run {loadavg()}")
@@ -245,11 +251,13 @@ def report(args, res: dict) -> str:
                  f"d={cfg.hidden_size}, {cfg.num_attention_heads} heads, d_c={cfg.kv_lora_rank}, "
                  f"d_R={cfg.qk_rope_head_dim}, {cfg.n_routed_experts} routed experts top-{cfg.num_experts_per_tok} "
                  f"+ {cfg.n_shared_experts} shared, vocab {cfg.vocab_size}; random weights, batch 1")
-    lines.append(f"- transformers: DeepseekV3ForCausalLM, default DynamicCache ({res['hf_info']}). It caches the "
-                 "compressed latent too (its attention updates the cache with kv_nope / k_rot before `expand_kv`), "
-                 "so both caches hold (d_c + d_R) per token per layer; but every decode step it re-expands the whole "
-                 "cached latent through kv_b_proj to per-head K and V (S x d_c x H x (d_h + d_v) multiply-adds per "
-                 "layer), which the absorbed path never does: that is the growing gap with context.")
+    lines.append(f"- transformers: default DynamicCache ({res['hf_info']})."
+                 + (" DeepseekV3ForCausalLM caches the compressed latent too (its attention updates the cache with "
+                    "kv_nope / k_rot before `expand_kv`), so both caches hold (d_c + d_R) per token per layer; but "
+                    "every decode step it re-expands the whole cached latent through kv_b_proj to per-head K and V "
+                    "(S x d_c x H x (d_h + d_v) multiply-adds per layer), which the absorbed path never does: that "
+                    "is the growing gap with context." if res["hf_info"].startswith("DeepseekV3") else
+                    " What it caches per token is in the table."))
     lines.append(f"- Decode: {args.steps} greedy tokens per round, {args.rounds} timed rounds (+{args.warmup} "
                  f"warmup) per side, alternating; median round. Prefill in {args.chunk}-token chunks. Allocator: "
                  f"{'freed memory kept for reuse (--malloc keep), for both' if args.malloc == 'keep' else 'glibc defaults'}. "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -112,6 +114,29 @@ def test_absorbed_decoding_matches_full_forward_token_by_token(yarn):
         expected = torch.stack([full[b][p] for b, p in enumerate(pos.tolist())])
         torch.testing.assert_close(logits[:, 0], expected, atol=1e-5, rtol=1e-5)
         pos = pos + 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("T", [1, 2])
+@torch.no_grad()
+def test_absorbed_attention_in_low_precision_equals_the_fp32_math(dtype, T):
+    """In bf16 / fp16 on the CPU, W_UV is applied through each head's whole [W_UK; W_UV] block, keeping its W_UV
+    rows (see _attend_absorbed): the result equals the fp32 math on the same rounded weights and inputs within
+    the low precision's rounding, for 1 and 2 query tokens, with a slot masked out."""
+    attn = tiny_model(seed=4).layers[1].self_attn
+    attn_lp = copy.deepcopy(attn).to(dtype)
+    attn.load_state_dict({k: v.float() for k, v in attn_lp.state_dict().items()})  # the same rounded weights
+    g = torch.Generator().manual_seed(5)
+    B, S, H = 2, 12, attn.n_heads
+    q_nope = torch.randn(B, T, H, attn.qk_nope_head_dim, generator=g).to(dtype)
+    q_rope = torch.randn(B, T, H, attn.qk_rope_head_dim, generator=g).to(dtype)
+    kv = torch.randn(B, S, attn.kv_lora_rank + attn.qk_rope_head_dim, generator=g).to(dtype)
+    mask = torch.ones(B, 1, T, S, dtype=torch.bool)
+    mask[0, 0, -1, 3] = False
+    expected = attn._attend_absorbed(q_nope.float(), q_rope.float(), kv.float(), mask)
+    got = attn_lp._attend_absorbed(q_nope, q_rope, kv, mask)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("absorb", [True, False])

@@ -13,7 +13,7 @@ import nanoseek.model.moe as moe_mod
 from nanoseek.config import ModelConfig
 from nanoseek.model import DeepSeekV3, count_parameters, kv_cache_elements_per_token
 from nanoseek.model.attention import MultiHeadLatentAttention, causal_attention_lowp
-from nanoseek.model.layers import RMSNorm
+from nanoseek.model.layers import Linear, RMSNorm, linear
 from nanoseek.model.moe import MoE, RoutedExperts, Router
 from nanoseek.model.rope import (
     RotaryEmbedding,
@@ -79,6 +79,32 @@ def test_rmsnorm_bf16_computes_in_fp32():
 
 
 # ------------------------------------------------------------------------------------------ RoPE
+def test_a_single_bf16_row_on_the_cpu_is_a_matrix_vector_product(monkeypatch):
+    """layers.linear: one bf16 row (decoding at batch 1) runs torch.mv, equal to the exact product of the bf16
+    inputs up to the output's rounding; several rows, fp32, fp16 and autocast keep F.linear. The Linear layer
+    has nn.Linear's parameters (weight only) and uses it."""
+    calls = []
+    real_mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda *args: calls.append(args[0].shape) or real_mv(*args))
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(48, 32, generator=g).bfloat16(), torch.randn(1, 1, 32, generator=g).bfloat16()
+    out = linear(x, w)
+    assert calls == [(48, 32)] and out.shape == (1, 1, 48) and out.dtype == torch.bfloat16
+    exact = F.linear(x.double(), w.double())
+    torch.testing.assert_close(out.double(), exact, atol=1e-2, rtol=8e-3)  # bf16 keeps 8 bits of mantissa
+    calls.clear()
+    torch.testing.assert_close(linear(x.expand(1, 3, 32), w), F.linear(x.expand(1, 3, 32), w), atol=0, rtol=0)
+    torch.testing.assert_close(linear(x.float(), w.float()), F.linear(x.float(), w.float()), atol=0, rtol=0)
+    linear(x.half(), w.half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear(x.float(), w.float())
+    assert calls == []
+    layer = Linear(32, 48).bfloat16()
+    assert list(layer.state_dict()) == ["weight"]
+    layer(x)
+    assert calls == [(48, 32)]
+
+
 def test_rope_interleaved_pairs_by_hand():
     cfg = small_config(qk_rope_head_dim=4, rope_theta=100.0, rope_scaling_type=None, rope_factor=1.0)
     # theta_i = base^(-2i/d_R): theta_0 = 1, theta_1 = 100^(-1/2) = 0.1

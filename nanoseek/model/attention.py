@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm, compute_dtype, low_precision_cpu
+from .layers import Linear, RMSNorm, compute_dtype, low_precision_cpu
 from .rope import apply_rope
 
 if TYPE_CHECKING:
@@ -80,15 +80,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.softmax_scale = config.softmax_scale
         d, h = config.hidden_size, config.num_attention_heads
         if self.q_lora_rank is None:
-            self.q_proj = nn.Linear(d, h * self.qk_head_dim, bias=False)
+            self.q_proj = Linear(d, h * self.qk_head_dim)
         else:
-            self.q_a_proj = nn.Linear(d, self.q_lora_rank, bias=False)  # W_DQ
+            self.q_a_proj = Linear(d, self.q_lora_rank)  # W_DQ
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, h * self.qk_head_dim, bias=False)  # [W_UQ; W_QR]
-        self.kv_a_proj_with_mqa = nn.Linear(d, self.kv_lora_rank + self.qk_rope_head_dim, bias=False)  # [W_DKV; W_KR]
+            self.q_b_proj = Linear(self.q_lora_rank, h * self.qk_head_dim)  # [W_UQ; W_QR]
+        self.kv_a_proj_with_mqa = Linear(d, self.kv_lora_rank + self.qk_rope_head_dim)  # [W_DKV; W_KR]
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * self.v_head_dim, d, bias=False)  # W_O
+        self.kv_b_proj = Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim))
+        self.o_proj = Linear(h * self.v_head_dim, d)  # W_O
 
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q^C (B, T, H, d_h) and RoPE'd q^R (B, T, H, d_h^R)  (V2 eqs. 37-39)."""
@@ -172,10 +172,22 @@ class MultiHeadLatentAttention(nn.Module):
         q^R . k^R_j is added as is (RoPE sits between the matrices, so it cannot be absorbed). The values are
         never formed: o = W_UV (sum_j p_j c_KV_j), i.e. W_UV is applied after attention over the latent.
         """
-        B, T = q_nope.shape[:2]
-        w = self.kv_b_proj.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        B, T, H = q_nope.shape[:3]
+        w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_h, d_c), (H, d_v, d_c)
-        q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)  # W_UK^T q^C: (B, T, H, d_c)
+        # The per-head products are bmm over views of kv_b_proj's weight. BLAS reads the fp32 views in place, but
+        # oneDNN (bf16 / fp16 on the CPU) copies them on every call: 2.4 ms per layer of DeepSeek-V2-Lite in bf16,
+        # more than the rest of its attention. Each head's whole [W_UK; W_UV] block (d_h + d_v rows) is
+        # contiguous, so there the products run over whole blocks: the query padded with zeros for the W_UV
+        # rows, and the output of the W_UV rows kept (twice the multiply-adds, no copy; not when compiling,
+        # where Inductor turns these few-row products into fused reductions over the views).
+        whole_blocks = low_precision_cpu(q_nope) and not torch.compiler.is_compiling()
+        q_HMd = q_nope.reshape(B * T, H, -1).transpose(0, 1)  # (H, B*T, d_h)
+        if whole_blocks:
+            q_latent = torch.bmm(F.pad(q_HMd, (0, self.v_head_dim)), w)  # W_UK^T q^C: (H, B*T, d_c)
+        else:
+            q_latent = torch.bmm(q_HMd, w_uk)  # W_UK^T q^C: (H, B*T, d_c)
+        q_latent = q_latent.transpose(0, 1).reshape(B, T, H, -1)  # (B, T, H, d_c)
         q = torch.cat((q_latent, q_rope), dim=-1)  # (B, T, H, d_c + d_R), matches the cached [c_KV ; k^R]
         S = kv.shape[1]
         if B * self.n_heads * T * S > SCORES_BUDGET:  # a long prefill chunk: never form the (B, H, T, S) scores
@@ -185,10 +197,20 @@ class MultiHeadLatentAttention(nn.Module):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k, k, attn_mask=attn_mask, enable_gqa=True,
                                                scale=self.softmax_scale)  # (B, H, T, d_c + d_R)
             o_latent = o[..., : self.kv_lora_rank].transpose(1, 2)  # (B, T, H, d_c)
-            o = torch.einsum("bthc,hvc->bthv", o_latent, w_uv)  # W_UV after attention: (B, T, H, d_v)
-            return self.o_proj(o.reshape(B, T, self.n_heads * self.v_head_dim))  # eq. 47
-        scores = torch.einsum("bthc,bsc->bhts", q, kv).float() * self.softmax_scale  # q^C.k^C + q^R.k^R (eq. 46)
-        probs = scores.masked_fill(~attn_mask, float("-inf")).softmax(dim=-1).to(kv.dtype)  # (B, H, T, S)
-        o_latent = torch.einsum("bhts,bsc->bthc", probs, kv[..., : self.kv_lora_rank])  # sum_j p_j c_KV_j
-        o = torch.einsum("bthc,hvc->bthv", o_latent, w_uv)  # W_UV after attention: (B, T, H, d_v)
-        return self.o_proj(o.reshape(B, T, self.n_heads * self.v_head_dim))  # eq. 47
+        else:
+            # rows (t, h) of one (T*H, S) product per sequence: the scores come out with S contiguous for the mask
+            # and the softmax (an einsum over (b, h, t, s) left them strided). With these products this attention
+            # ran faster than with einsums in 35 of 36 cases measured (demo, bench and V2-Lite shapes, 1 and 2
+            # tokens, contexts 64-4096): up to 1.6x in fp32, 1.1-2.1x in bf16 (benchmarks/results/decode.md)
+            scores = torch.bmm(q.view(B, T * H, -1), kv.transpose(1, 2)).float()  # q^C.k^C + q^R.k^R: (B, T*H, S)
+            scores = scores.view(B, T, H, S) * self.softmax_scale  # (eq. 46)
+            keep = attn_mask.transpose(1, 2)  # (B, T, 1, S)
+            probs = scores.masked_fill(~keep, float("-inf")).softmax(dim=-1).to(kv.dtype)  # (B, T, H, S)
+            o_latent = torch.bmm(probs.view(B, T * H, S), kv[..., : self.kv_lora_rank])  # sum_j p_j c_KV_j
+            o_latent = o_latent.view(B, T, H, -1)  # (B, T, H, d_c)
+        o_HMc = o_latent.reshape(B * T, H, -1).transpose(0, 1)  # (H, B*T, d_c)
+        if whole_blocks:
+            o = torch.bmm(w, o_HMc.transpose(1, 2))[:, self.qk_nope_head_dim:].transpose(1, 2)  # (H, B*T, d_v)
+        else:
+            o = torch.bmm(o_HMc, w_uv.transpose(1, 2))  # W_UV after attention: (H, B*T, d_v)
+        return self.o_proj(o.transpose(0, 1).reshape(B, T, H * self.v_head_dim))  # eq. 47

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import MLP, low_precision_cpu
+from .layers import MLP, linear, low_precision_cpu
 
 
 class Routing(NamedTuple):
@@ -121,8 +121,8 @@ def expert_counts(flat_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
 
 def swiglu(x: torch.Tensor, gate_up_FD: torch.Tensor, down_DF: torch.Tensor) -> torch.Tensor:
     """One expert's FFN on its rows x (N, D): down(silu(gate x) * up x), gate_up_FD = [gate; up] (2F, D)."""
-    gate, up = F.linear(x, gate_up_FD).chunk(2, dim=-1)  # (N, F) each
-    return F.linear(F.silu(gate) * up, down_DF)  # (N, D)
+    gate, up = linear(x, gate_up_FD).chunk(2, dim=-1)  # (N, F) each
+    return linear(F.silu(gate) * up, down_DF)  # (N, D)
 
 
 def expert_ffn(x_SD: torch.Tensor, counts_E: torch.Tensor, gate_up_EFD: torch.Tensor,

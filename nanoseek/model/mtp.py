@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .layers import RMSNorm
+from .layers import Linear, RMSNorm
 from .moe import Routing
 
 
@@ -25,7 +25,7 @@ class MTPModule(nn.Module):
         d = config.hidden_size
         self.enorm = RMSNorm(d, config.rms_norm_eps)
         self.hnorm = RMSNorm(d, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * d, d, bias=False)  # M_k: d x 2d
+        self.eh_proj = Linear(2 * d, d)  # M_k: d x 2d
         self.block = Block(config, layer_idx)
         self.norm = RMSNorm(d, config.rms_norm_eps)  # checkpoint: shared_head.norm
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MultiHeadLatentAttention, select_positions
-from .layers import MLP, RMSNorm
+from .layers import MLP, Linear, RMSNorm
 from .moe import MoE, Routing, RoutedExperts, Router
 from .mtp import MTPModule
 from .rope import RotaryEmbedding
@@ -85,7 +85,7 @@ class DeepSeekV3(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp = nn.ModuleList(
