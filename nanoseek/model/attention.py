@@ -190,7 +190,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_latent = q_latent.transpose(0, 1).reshape(B, T, H, -1)  # (B, T, H, d_c)
         q = torch.cat((q_latent, q_rope), dim=-1)  # (B, T, H, d_c + d_R), matches the cached [c_KV ; k^R]
         S = kv.shape[1]
-        if B * self.n_heads * T * S > SCORES_BUDGET:  # a long prefill chunk: never form the (B, H, T, S) scores
+        if B * H * T * S > SCORES_BUDGET:  # a long prefill chunk: never form the (B, H, T, S) scores
             # flash attention in MQA form: one latent "head" [c_KV ; k^R] is the key of every query head and
             # also its value, whose k^R columns are dropped after: sum_j p_j [c_KV_j ; k^R_j] -> sum_j p_j c_KV_j
             k = kv.unsqueeze(1)  # (B, 1, S, d_c + d_R)
