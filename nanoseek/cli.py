@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
+    except KeyboardInterrupt:  # Ctrl-C before a command handles it itself (while importing or loading)
+        print(f"\nnanoseek {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, OSError) as e:  # bad input: one line, no stack trace
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -339,6 +339,12 @@ def _listing(label: str, items: list[str], limit: int = 40) -> str:
     return f"{len(items)} {label}: {shown}{more}"
 
 
+def _layer_index(key: str) -> int:
+    """L of a ``model.layers.L.*`` key, -1 for any other key."""
+    match = re.match(r"model\.layers\.(\d+)\.", key)
+    return int(match.group(1)) if match else -1
+
+
 def _natural(key: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", key)]
 
@@ -362,6 +368,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point
                                   and dtype.itemsize >= 2):
         raise ValueError(f"dtype must be a floating dtype of 16 bits or more, got {dtype!r}")
+    if torch.device(device).type == "meta":
+        raise ValueError("device 'meta' holds no data: load onto cpu, cuda, ...")
     raw = _read_config_json(path)
     try:
         config = ModelConfig.from_hf(raw)
@@ -383,6 +391,9 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
 
     unexpected: list[str] = []
     mis_shaped: list[str] = []
+    mistyped: list[str] = []
+    beyond = config.num_hidden_layers + config.num_nextn_predict_layers  # the first layer index the model lacks
+    skipped_layers: set[int] = set()
     missing_scales: list[str] = []
     seen: set[str] = set()
     loaded: dict[str, torch.Tensor] = {}
@@ -404,11 +415,17 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                         mis_shaped.append(f"{key} {entry.shape} != {copies[key]}")
                     continue
                 if key not in expected:
-                    unexpected.append(key)
+                    if _layer_index(key) >= beyond:  # MTP layers the config turns off (as transformers skips them)
+                        skipped_layers.add(_layer_index(key))
+                    else:
+                        unexpected.append(key)
                     continue
                 seen.add(key)
                 if entry.shape != expected[key]:
                     mis_shaped.append(f"{key} {entry.shape} != {expected[key]}")
+                    continue
+                if not entry.is_float:  # every weight and buffer of the model is floating point
+                    mistyped.append(f"{key} {entry.dtype}")
                     continue
                 out_dtype = torch.float32 if _keeps_fp32(key) else target
                 try:
@@ -437,6 +454,10 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                     loaded[nanoseek_name(config, key)] = tensor
                 del tensor
 
+    if skipped_layers:
+        warnings.warn(f"{path}: config.json has num_nextn_predict_layers={config.num_nextn_predict_layers}, so the "
+                      f"weights of layer(s) {', '.join(map(str, sorted(skipped_layers)))} (MTP) are not loaded",
+                      stacklevel=2)
     missing = sorted([k for k in expected if k not in seen] + missing_scales, key=_natural)
     problems = []
     if missing:
@@ -445,6 +466,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         problems.append(_listing("unexpected", sorted(unexpected, key=_natural)))
     if mis_shaped:
         problems.append(_listing("mis-shaped", sorted(mis_shaped, key=_natural)))
+    if mistyped:
+        problems.append(_listing("not floating point", sorted(mistyped, key=_natural)))
     if duplicated:
         problems.append(_listing("stored twice", duplicated))
     if problems:

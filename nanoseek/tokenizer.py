@@ -41,6 +41,18 @@ class TokenizerError(ValueError):
     """Missing or malformed tokenizer files, or a chat template that cannot be rendered."""
 
 
+def _check_text(text: str) -> str:
+    """``text`` if it is a str of valid Unicode. Bytes that are not UTF-8 reach Python's command line and stdin
+    as lone surrogates (U+DC80-U+DCFF), which no tokenizer can encode."""
+    if not isinstance(text, str):
+        raise TypeError(f"encode takes a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"the text is not valid UTF-8: {text[e.start:e.end]!a} at character {e.start}") from None
+    return text
+
+
 def _token_content(value: Any) -> str | None:
     """A special token as tokenizer_config.json writes it: a string or an AddedToken dict."""
     if value is None:
@@ -212,9 +224,7 @@ class Tokenizer:
         """Token ids of ``text``: exactly ``tokenizers.Tokenizer.encode(text, add_special_tokens=...).ids`` on the
         same tokenizer.json. Special tokens written in the text (``<｜User｜>``) become their ids.
         ``add_bos`` prepends the bos id unless the ids already start with it."""
-        if not isinstance(text, str):
-            raise TypeError(f"encode takes a str, got {type(text).__name__}")
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._tok.encode(_check_text(text), add_special_tokens=add_special_tokens).ids
         if add_bos:
             bos = self.bos_token_id
             if bos is None:
@@ -224,7 +234,8 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+        texts = [_check_text(t) for t in texts]
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (``tokenizers`` decode). A multi-byte character cut off at either end comes out as

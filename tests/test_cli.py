@@ -69,3 +69,17 @@ def test_console_entry_point_runs_as_module():
     bad = subprocess.run([sys.executable, "-m", "nanoseek", "info", "--preset", "nope"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_train_switches_can_be_turned_off_for_a_resumed_run():
+    """A run keeps the switches it started with (--compile, --no-report, a time budget) unless the resume names
+    them: each has a --no- form, and --time-budget 0 removes the budget."""
+    from nanoseek.cli import build_parser
+    from nanoseek.train.cli import given_settings
+
+    args = build_parser().parse_args(["train", "--resume", "runs/x", "--no-compile", "--report", "--progress",
+                                      "--no-activation-checkpointing", "--time-budget", "0"])
+    assert given_settings(args) == {"compile": False, "report": True, "progress": True,
+                                    "activation_checkpointing": False, "time_budget": None}
+    assert given_settings(build_parser().parse_args(["train", "--compile", "--no-report"])) == {
+        "compile": True, "report": False}

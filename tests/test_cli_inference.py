@@ -248,6 +248,8 @@ def test_generate_system_prompt_and_context_clamp(ckpt, tok, capsys, monkeypatch
     (["--prompt", "hello " * 600], "leaves no room in the model's context of 512 tokens"),
     (["--prompt", "hi", "--device", "nonsense"], "invalid --device"),
     (["--prompt", "hi", "--threads", "0"], "--threads must be a positive integer"),
+    (["--prompt", "abc\udcff"], "the text is not valid UTF-8: '\\udcff' at character 3"),  # byte 0xff in argv
+    (["--prompt", "hi", "--device", "meta"], "device 'meta' holds no data"),
 ])
 def test_generate_bad_input_is_one_line(ckpt, capsys, extra, message):
     assert main(["generate", "--checkpoint", ckpt, *extra]) == 2
@@ -314,14 +316,15 @@ def test_chat_on_a_terminal_dims_the_reasoning(ckpt, tok, capsys, monkeypatch):
 
 
 def test_chat_with_the_real_core_and_a_too_long_turn(ckpt, tok, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n" + "hello " * 600 + "\nshort\n"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n" + "hello " * 600 + "\nbad \udcff byte\nshort\n"))
     assert main(["chat", "--checkpoint", ckpt, "--max-new-tokens", "6"]) == 0
     out, err = capsys.readouterr()
+    assert "nanoseek chat: error: the text is not valid UTF-8" in err  # said, and the chat went on
     first = _reference(ckpt, tok, tok.apply_chat_template([{"role": "user", "content": "Hello there"}],
                                                           add_generation_prompt=True), 6)
     assert out.startswith("[think]" + first.replace("<think>", "[think]").replace("</think>", "[/think]"))
     assert "leaves no room in the model's context" in err and "/reset" in err
-    assert err.count("[nanoseek]") == 2  # the long turn was skipped, the chat went on
+    assert err.count("[nanoseek]") == 2  # the long turn and the undecodable one were skipped, the chat went on
 
 
 def test_think_display_handles_tags_split_across_chunks():
@@ -347,6 +350,11 @@ def test_format_summary_without_speculation():
     line = format_summary({"prefill_tokens_per_s": 12.34, "decode_tokens_per_s": 5.0, "cache_bytes": 3 * 2**20,
                            "compiled": True, "first_step_s": 4.25}, 7, 3, speculative=False)
     assert "| decode 5.0 tok/s | first step 4.2 s (compiled, not in the decode rate) | MTP" in line
+    # one new token (the context was nearly full): no decoding step, nothing drafted
+    line = format_summary({"prefill_tokens_per_s": 12.34, "decode_tokens_per_s": 0.0, "acceptance_rate": 0.0,
+                           "drafted": 0, "accepted": 0}, 7, 1, speculative=True)
+    assert line == ("[nanoseek] 7 prompt + 1 new tokens | prefill 12.3 tok/s | decode n/a (no token after the first) "
+                    "| MTP acceptance n/a (nothing drafted)")
 
 
 # ------------------------------------------------------------------------------------------- process

@@ -386,6 +386,32 @@ def test_unexpected_only_is_tolerated_when_not_strict(saved, tmp_path):
     load_pretrained(path, strict=False)
 
 
+def test_a_tensor_of_integers_is_named(saved, tmp_path):
+    path = copy_checkpoint(saved["single"], tmp_path / "ints")
+    ckpt = load_file(path / "model.safetensors")
+    ckpt["model.norm.weight"] = torch.ones(64, dtype=torch.int32)
+    save_file(ckpt, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"1 not floating point: model\.norm\.weight I32$") as e:
+        load_pretrained(path)
+    assert_clean(e.value)
+
+
+def test_mtp_weights_a_config_turns_off_are_skipped(saved, tiny, tmp_path):
+    """A config.json with num_nextn_predict_layers = 0 over a checkpoint that holds the MTP layer (to load the main
+    model alone): the MTP weights are skipped with a warning, as transformers ignores them, not rejected."""
+    path = copy_checkpoint(saved["single"], tmp_path / "no-mtp")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    with pytest.warns(UserWarning, match=rf"weights of layer\(s\) {TINY.num_hidden_layers} \(MTP\) are not loaded"):
+        loaded = load_pretrained(path)
+    assert len(loaded.mtp) == 0
+    ids = torch.randint(0, TINY.vocab_size, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), tiny(ids))
+    with pytest.raises(ValueError, match="device 'meta' holds no data"):
+        load_pretrained(path, device="meta")
+
+
 def test_bad_paths(tmp_path, saved):
     with pytest.raises(CheckpointError, match="does not exist") as e:
         load_pretrained(tmp_path / "nowhere")

@@ -245,6 +245,46 @@ def test_invalid_requests(model, prompts, max_new, message):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("prompts, kwargs, message", [
+    ([1, 2, 3], {}, r"prompt 0 is a single id \(1\), not a list"),
+    ([[1, 2], "ab"], {}, "prompt 1 must be a list of token ids, got str"),
+    ([[1, 2.0]], {}, "prompt 0 holds something other than integer token ids"),
+    ([[1, 2]], dict(stop_tokens=5), "stop_tokens must be a collection of token ids"),
+    ([[1, 2]], dict(seed=2**64), r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
+])
+def test_requests_of_the_wrong_kind_are_named(model, prompts, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, prompts, 3, **kwargs)
+
+
+def test_tensor_and_numpy_arguments_are_taken_as_numbers(model):
+    np = pytest.importorskip("numpy")
+    prompts = _random_seqs([5, 3], seed=9)
+    expected = generate(model, prompts, 6, temperature=0.7, top_k=20, top_p=0.9, seed=3).tokens
+    got = generate(model, [torch.tensor(prompts[0]), np.array(prompts[1])], np.int64(6), temperature=np.float32(0.7),
+                   top_k=np.int64(20), top_p=np.float64(0.9), seed=np.int64(3), stop_tokens=None).tokens
+    assert got == expected
+    assert generate(model, torch.tensor([prompts[0]]), 4).tokens == generate(model, prompts[:1], 4).tokens  # (B, T)
+
+
+def test_extreme_sampling_parameters_give_the_most_likely_token():
+    """A temperature so small that logits / T overflows fp32, and a top_p that rounds to 0 in fp32: both leave
+    only the most likely token, where they used to give NaN probabilities and so always token 0."""
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9], [4.0, -2.0, 0.0, 1.0]])
+    one_hot = torch.tensor([[0.0, 1.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    assert torch.equal(logits_to_probs(logits, temperature=1e-45), one_hot)
+    assert torch.equal(logits_to_probs(logits, temperature=1.0, top_p=1e-300), one_hot)
+    assert torch.equal(sampling.nucleus(logits.softmax(-1), 1e-300, candidates=(2,)), logits.softmax(-1) * one_hot)
+
+
+def test_a_model_with_nan_weights_is_an_error_not_token_zero():
+    model = tiny_model()
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    with pytest.raises(ValueError, match="logits after the prompt are not finite"):
+        generate(model, [[1, 2, 3]], 4)
+
+
 # ------------------------------------------------------------------------------------------ generate
 def test_greedy_generate_matches_naive_loop_batched(model):
     prompts = _random_seqs([5, 1, 12], seed=5)

@@ -323,6 +323,26 @@ def test_init_from_copies_the_weights_and_checks_the_architecture(extended):
         initialize_from(other, root / "base")
 
 
+def test_init_from_trains_with_the_sources_tokenizer(extended):
+    """A run started from another's weights tokenizes with that run's tokenizer unless told otherwise, even on
+    another corpus; a different tokenizer of the same size is refused (its ids would mean other tokens)."""
+    from nanoseek.train import tokenizer_train as tt
+    from nanoseek.train.loop import initialize_from
+
+    root, _ = extended
+    base = root / "base"
+    cfg = TrainConfig.load(base / "train_config.json").replace(
+        init_from=str(base), data=[str(Path(sysconfig.get_paths()["stdlib"]) / "email")], steps=1, eval_every=1,
+        max_corpus_mb=0.05)
+    train(cfg, root / "continued", log=lambda s: None)
+    assert (root / "continued" / "tokenizer.json").read_text() == (base / "tokenizer.json").read_text()
+    other = tt.train_bpe([(Path(sysconfig.get_paths()["stdlib"]) / "email" / "message.py").read_text()] * 3, 300)
+    model = DeepSeekV3(ModelConfig.from_hf(base))
+    initialize_from(model, base, tt.load_tokenizer(base))
+    with pytest.raises(ValueError, match=r"its tokenizer differs from this run's \(\d+ of 300 tokens"):
+        initialize_from(model, base, other)
+
+
 def test_eval_long_end_to_end(extended, capsys):
     root, _ = extended
     out = root / "eval"

@@ -340,6 +340,19 @@ def test_save_of_an_in_memory_tokenizer(tmp_path, reference_tokenizers):
     assert again.encode(ENCODE_TEXTS[5]) == reference_tokenizers.encode(ENCODE_TEXTS[5], add_special_tokens=False).ids
 
 
+def test_text_that_is_not_utf8_is_a_tokenizer_error(ds_tok):
+    """Bytes that are not UTF-8 reach Python (argv, stdin) as lone surrogates, which `tokenizers` rejects with a
+    bare TypeError: encode names the character instead (a TokenizerError is a ValueError, one line in the CLI)."""
+    for call in (lambda t: ds_tok.encode(t), lambda t: ds_tok.encode_batch(["fine", t]),
+                 lambda t: ds_tok.apply_chat_template([{"role": "user", "content": t}])):
+        with pytest.raises(TokenizerError, match=r"not valid UTF-8: '\\udcff' at character \d+$") as e:
+            call("ab\udcffc")
+    assert str(e.value).endswith(" 31")  # a position in the rendered prompt
+    with pytest.raises(TokenizerError, match=r" at character 2$"):
+        ds_tok.encode("ab\udcffc")
+    assert ds_tok.encode("ab\u00ffc") == ds_tok.encode(b"ab\xc3\xbfc".decode())  # real non-ASCII text is fine
+
+
 def test_missing_or_broken_tokenizer_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Tokenizer.from_pretrained(tmp_path / "nowhere")

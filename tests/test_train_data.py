@@ -92,6 +92,31 @@ def test_jsonl_glob_and_errors(tmp_path):
         D.load_corpus([str(tmp_path / "e")])
 
 
+def test_files_of_the_same_name_are_all_read_and_one_file_named_twice_once(tmp_path):
+    for side in ("a", "b"):
+        (tmp_path / side / "src").mkdir(parents=True)
+        (tmp_path / side / "src" / "notes.txt").write_text(f"notes of {side}\n")
+        (tmp_path / side / "data.jsonl").write_text(json.dumps({"text": f"line of {side}"}) + "\n")
+    a, b = tmp_path / "a", tmp_path / "b"
+    specs = [a / "src" / "notes.txt", b / "src" / "notes.txt", a / "src", b / "src", a / "data.jsonl",
+             b / "data.jsonl", a / "src" / "notes.txt"]  # the notes twice each, once more at the end
+    c = D.load_corpus([str(p) for p in specs], val_fraction=0.0)
+    assert [(d.id, d.text) for d in c.train] == [
+        ("notes.txt", "notes of a\n"), ("notes.txt#2", "notes of b\n"),
+        ("data.jsonl:1", "line of a"), ("data.jsonl:1#2", "line of b")]
+
+
+def test_a_run_directory_inside_the_corpus_is_left_out(tmp_path):
+    root = make_corpus(tmp_path / "c", n=2)
+    run = root / "runs" / "mine"
+    run.mkdir(parents=True)
+    (run / "train_config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text(json.dumps({"text": "not a document"}) + "\n")
+    c = D.load_corpus([str(root)], val_fraction=0.0)
+    assert sorted(d.id for d in c.train) == ["c/mod0.py", "c/mod1.py", "c/sub/deep.py"]
+    assert c.skipped["run directory"] == 1
+
+
 def test_hf_dataset_without_the_package_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
     with pytest.raises(ValueError, match="pip install datasets"):

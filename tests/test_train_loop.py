@@ -48,6 +48,8 @@ def test_run_directory_metrics_and_report(tmp_path, cache):
     model = load_pretrained(run)
     assert model.config.vocab_size == 300 and len(model.mtp) == 1
     assert (run / "tokenizer.json").is_file() and (run / "tokenizer_config.json").is_file()
+    # the tokenizer's length limit is the model's context, not the training sequence length (32)
+    assert json.loads((run / "tokenizer_config.json").read_text())["model_max_length"] == 512
     assert ckpt_io.current_checkpoint(run).name == "step-00000006"
     assert [d.name for d in (run / "checkpoints").iterdir()] == ["step-00000006"]
     state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
@@ -247,6 +249,12 @@ def test_bad_input_is_a_one_line_error(tmp_path, cache, capsys):
         (["--data", STDLIB_JSON, "--seq-len", "4"], "--seq-len must be an integer in"),
         (["--data", STDLIB_JSON, "--batch-size", "100000", "--seq-len", "512"], "GiB available"),
         (["--data", STDLIB_JSON, "--seq-len", "100000"], "fewer than one sequence"),
+        (["--data", STDLIB_JSON, "--model", "vocab_size=abc"], "--model vocab_size must be an integer, got 'abc'"),
+        (["--data", STDLIB_JSON, "--max-corpus-mb", "inf"], "--max-corpus-mb must be a finite number, got inf"),
+        (["--data", STDLIB_JSON, "--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["--data", STDLIB_JSON, "--device", "foo"], "invalid --device 'foo'"),
+        (["--data", STDLIB_JSON, "--device", "meta"], "--device meta holds no data"),
+        (["--data", STDLIB_JSON, "--pp", "0"], "--pp must be a positive integer, got 0"),
     ]
     for i, (args, message) in enumerate(cases):
         code = main(["train", "--preset", "tiny", "--vocab-size", "300", "--cache-dir", cache, "--out",
@@ -256,6 +264,56 @@ def test_bad_input_is_a_one_line_error(tmp_path, cache, capsys):
         assert err[-1].startswith("nanoseek train: error:") and message in err[-1], (args, err[-1])
 
 
+def test_a_start_that_stopped_before_its_first_checkpoint_starts_again(tmp_path, cache, capsys):
+    """A start that failed after its data step (here --seq-len above the model's context) leaves its
+    train_config.json and tokenizer: the directory cannot be resumed (one line saying why), and the next start
+    there begins again without --overwrite."""
+    run = tmp_path / "run"
+    args = ["train", "--preset", "tiny", "--vocab-size", "300", "--cache-dir", cache, "--out", str(run),
+            "--no-progress", "--no-report", "--threads", "1", "--data", STDLIB_JSON, "--batch-size", "2"]
+    assert main([*args, "--seq-len", "1024", "--steps", "1"]) == 2
+    assert {p.name for p in run.iterdir()} >= {"train_config.json", "tokenizer.json"}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "stopped before the first save; start it again" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run / "tokenizer.json")]) == 2
+    assert "is a file, not a run directory" in capsys.readouterr().err
+    assert main([*args, "--seq-len", "32", "--steps", "1"]) == 0
+    assert ckpt_io.current_checkpoint(run).name == "step-00000001"
+    assert main([*args, "--seq-len", "32", "--steps", "1"]) == 2  # now a run with a checkpoint: kept
+    assert "already holds a training run (step 1)" in capsys.readouterr().err
+
+
+def test_a_run_copied_with_its_links_followed_resumes(tmp_path, cache):
+    """`cp -rL` / `scp -r` turn the `checkpoint` link into a directory: resuming such a copy saves its next
+    checkpoint (moving that directory aside first) and logs the losses of the uninterrupted run."""
+    whole = tmp_path / "whole"
+    train(tiny(cache, steps=4, save_every=2, eval_every=4), whole, log=quiet)
+    first = tmp_path / "first"
+    train(tiny(cache, steps=2, save_every=2, eval_every=4), first, log=quiet)
+    copy = tmp_path / "copy"
+    shutil.copytree(first, copy, symlinks=False)
+    assert (copy / "checkpoint").is_dir() and not (copy / "checkpoint").is_symlink()
+    train(resume_config(copy, {"steps": 4}), copy, resume=True, log=quiet)
+    assert (copy / "checkpoint").is_symlink() and ckpt_io.current_checkpoint(copy).name == "step-00000004"
+    assert not (copy / ckpt_io.COPIED_POINTER).exists()
+    assert losses(copy) == losses(whole)
+
+
+def test_a_run_started_with_a_relative_data_path_resumes_from_elsewhere(tmp_path, cache, monkeypatch, capsys):
+    run = tmp_path / "run"
+    monkeypatch.chdir(Path(STDLIB_JSON).parent)
+    args = ["--preset", "tiny", "--vocab-size", "300", "--cache-dir", cache, "--no-progress", "--no-report",
+            "--threads", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "1"]
+    assert main(["train", *args, "--out", str(run), "--data", "json", "--steps", "1"]) == 0
+    assert TrainConfig.load(run / "train_config.json").data == [STDLIB_JSON]
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", str(run), "--steps", "2"]) == 0
+    assert [s for s, _ in losses(run)] == [1, 2]
+    assert main(["train", "--resume", str(run), "--steps", "1"]) == 2  # fewer steps than done
+    assert "--steps 1 is below the step of" in capsys.readouterr().err
+
+
 def test_report_command(tmp_path, cache, capsys):
     run = tmp_path / "run"
     train(tiny(cache, steps=2, save_every=2, eval_every=2), run, log=quiet)
@@ -263,6 +321,15 @@ def test_report_command(tmp_path, cache, capsys):
     assert "## Sample" not in (run / "report.md").read_text()
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    shutil.copy(run / "metrics.jsonl", foreign / "metrics.jsonl")
+    assert main(["report", str(foreign)]) == 2
+    assert "has no train_config.json: not a nanoseek training run" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text('{"type": "train", "step": 1}\n')  # hand-edited: fields missing
+    assert main(["report", str(run), "--no-sample"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has a record without a field the report reads" in err
 
 
 def test_steps_fitted_to_the_time_budget(tmp_path, cache):

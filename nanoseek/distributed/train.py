@@ -37,7 +37,7 @@ from ..train import checkpoint as ckpt_io
 from ..train.config import TrainConfig
 from ..train.data import BatchStream, prepare_data, validation_batches
 from ..train.loop import (TrainingError, TrainResult, Trainer, _resume_mismatches, autocast_context,
-                          build_model, model_config, pick_device)
+                          build_model, init_from_tokenizer, model_config, pick_device)
 from ..train.metrics import MetricsLog
 from ..train.optim import bias_gamma, learning_rate, mtp_lambda
 from .expert_parallel import apply_expert_parallel, moe_modules, node_limit_note, use_microbatch_groups
@@ -135,8 +135,8 @@ class DistributedTrainer:
             single = Trainer(self.cfg, self.run_dir, self.resume, self.overwrite)
             self._on_main(single._prepare_run_dir)
             with lock(self.run_dir):
-                if self.overwrite and not self.resume:
-                    self._on_main(single._clear_for_overwrite)
+                if not self.resume:
+                    self._on_main(single._start_files)
                 result = self._run(device)
             ok = True
             return result if self.ctx.is_main else None
@@ -177,7 +177,8 @@ class DistributedTrainer:
         quiet = (lambda s: None)
         if ctx.is_main:
             data = self._on_main(lambda: prepare_data(
-                cfg, **({"tokenizer_path": self._resumed_tokenizer(ckpt_dir)} if self.resume else {"run_dir": run}),
+                cfg, **({"tokenizer_path": self._resumed_tokenizer(ckpt_dir)} if self.resume
+                        else {"run_dir": run, "tokenizer_path": init_from_tokenizer(cfg)}),
                 log=self.log))
         else:
             self._on_main(lambda: None)
@@ -193,7 +194,7 @@ class DistributedTrainer:
         # ---- model: every rank builds (or loads) the full model identically, then keeps its part
         mc = model_config(cfg, data.vocab_size, data.bos_id, data.eos_id)
         layout.validate(dist.get_world_size(), mc)
-        model = build_model(cfg, mc, device, ckpt_dir if self.resume else None, self.log)
+        model = build_model(cfg, mc, device, ckpt_dir if self.resume else None, self.log, data.tokenizer)
         n_params = sum(p.numel() for p in model.parameters())
         stats = apply_expert_parallel(model, ctx.ep_group) if layout.ep > 1 else None
         collector = _CountCollector(model)

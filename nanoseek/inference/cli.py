@@ -222,12 +222,16 @@ def format_summary(stats: Any, n_prompt: int, n_new: int, speculative: bool) -> 
     parts = [f"{n_prompt} prompt + {n_new} new tokens"]
     for label, name in (("prefill", "prefill_tokens_per_s"), ("decode", "decode_tokens_per_s")):
         value = _stat(stats, name)
-        if value is not None:
+        if name == "decode_tokens_per_s" and n_new <= 1:
+            parts.append(f"{label} n/a (no token after the first)")
+        elif value is not None:
             parts.append(f"{label} {value:.1f} tok/s")
     if _stat(stats, "compiled"):
         parts.append(f"first step {_stat(stats, 'first_step_s'):.1f} s (compiled, not in the decode rate)")
     rate = _stat(stats, "acceptance_rate")
-    if speculative and rate is not None:
+    if speculative and _stat(stats, "drafted") == 0:
+        parts.append("MTP acceptance n/a (nothing drafted)")
+    elif speculative and rate is not None:
         drafted, accepted = _stat(stats, "drafted"), _stat(stats, "accepted")
         detail = f" ({accepted}/{drafted} drafts)" if drafted is not None and accepted is not None else ""
         parts.append(f"MTP acceptance {100 * rate:.1f}%{detail}")
@@ -433,8 +437,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"nanoseek chat: unknown command {command} (commands: /reset, /exit)", file=sys.stderr)
             continue
         messages = [*history, {"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             _check_vocab(ids, model)
             max_new = check_prompt_length(len(ids), args.max_new_tokens, context)
         except ValueError as e:

@@ -7,6 +7,7 @@ uses the up-projected attention over the cached latent; every later step uses th
 
 from __future__ import annotations
 
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -102,25 +103,49 @@ def plain_step(model: torch.nn.Module, tokens: torch.Tensor, cache: LatentCache,
     return new, n
 
 
-def _check_request(model: torch.nn.Module, prompts, max_new_tokens, stop_tokens, seed) -> None:
+def _check_request(model: torch.nn.Module, prompts, max_new_tokens, stop_tokens, seed):
+    """Raise ValueError (one line) for a request generate cannot run; else return (prompts as lists of ints,
+    max_new_tokens, stop tokens as a tuple, seed), with numpy / torch integers and 1-D tensors accepted."""
     cfg = model.config
+    if getattr(prompts, "ndim", None) == 2 and hasattr(prompts, "tolist"):  # a tensor or numpy array
+        prompts = prompts.tolist()  # (B, T): B prompts of T tokens
     if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise ValueError("prompts must be a non-empty list of token-id lists")
+        raise ValueError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__}")
+    checked = []
     for i, p in enumerate(prompts):
-        if not isinstance(p, (list, tuple)) or not p:
+        if getattr(p, "ndim", None) == 1 and hasattr(p, "tolist"):  # a tensor or numpy array of ids
+            p = p.tolist()
+        if isinstance(p, numbers.Integral):
+            raise ValueError(f"prompt {i} is a single id ({p!r}), not a list: prompts is a list of prompts, "
+                             f"e.g. [[1, 2, 3]]")
+        if not isinstance(p, (list, tuple)):
+            raise ValueError(f"prompt {i} must be a list of token ids, got {type(p).__name__}")
+        if not p:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < cfg.vocab_size for t in p):
+        if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in p):
+            raise ValueError(f"prompt {i} holds something other than integer token ids")
+        p = [int(t) for t in p]
+        if not all(0 <= t < cfg.vocab_size for t in p):
             raise ValueError(f"prompt {i} has token ids outside [0, vocab_size={cfg.vocab_size})")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        checked.append(p)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    longest = max(map(len, prompts))
+    max_new_tokens = int(max_new_tokens)
+    longest = max(map(len, checked))
     if longest + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt length {longest} + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"max_position_embeddings ({cfg.max_position_embeddings})")
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_tokens):
+    if stop_tokens is None:
+        stop_tokens = ()
+    if isinstance(stop_tokens, (str, bytes, numbers.Number)) or not isinstance(stop_tokens, Iterable):
+        raise ValueError(f"stop_tokens must be a collection of token ids, e.g. [eos_id], got {stop_tokens!r}")
+    stop_tokens = tuple(stop_tokens)
+    if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in stop_tokens):
         raise ValueError(f"stop_tokens must be token ids (ints), got {list(stop_tokens)!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be an integer or None, got {seed!r}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not -2**63 <= seed < 2**64):
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64) or None, got {seed!r}")
+    return checked, max_new_tokens, tuple(int(t) for t in stop_tokens), None if seed is None else int(seed)
 
 
 @torch.inference_mode()
@@ -148,9 +173,8 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
         ValueError: empty prompts, ids outside the vocabulary, invalid sampling parameters, or a prompt +
             max_new_tokens longer than ``config.max_position_embeddings``.
     """
-    check_sampling(temperature, top_k, top_p)
-    stop_tokens = tuple(stop_tokens)
-    _check_request(model, prompts, max_new_tokens, stop_tokens, seed)
+    temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+    prompts, max_new_tokens, stop_tokens, seed = _check_request(model, prompts, max_new_tokens, stop_tokens, seed)
     if speculative and len(model.mtp) == 0:
         warnings.warn("speculative=True but the model has no MTP module (num_nextn_predict_layers=0): "
                       "decoding without speculation", stacklevel=2)
@@ -190,7 +214,11 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
         last[ends_here] = h[rows[ends_here], (lengths - 1 - s)[ends_here]].to(last.dtype)
         if speculative:
             kept.append(h)
-    first = pick(model.lm_head(last))  # (B,)
+    logits = model.lm_head(last)  # (B, V)
+    if not torch.isfinite(logits).all():  # NaN would silently sample token 0 at every step
+        raise ValueError(f"the model's logits after the prompt are not finite (NaN or inf): its weights hold NaN or "
+                         f"inf, or the computation overflows in {logits.dtype}")
+    first = pick(logits)  # (B,)
     n = lengths.clone()  # slot of the newest accepted token t_n, not yet seen by the main model
     tokens[rows, n] = first
     if speculative:

@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable
 
 import torch
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    """Raise ValueError (one line) for sampling parameters that define no distribution."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature) \
-            or temperature < 0:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> tuple[float, int | None,
+                                                                                   float | None]:
+    """Raise ValueError (one line) for sampling parameters that define no distribution; else return them as
+    Python numbers (numpy's are accepted)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
+            or not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
                               or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
+    return float(temperature), None if top_k is None else int(top_k), None if top_p is None else float(top_p)
 
 
 def logits_to_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
@@ -31,7 +35,8 @@ def logits_to_probs(logits: torch.Tensor, temperature: float = 0.0, top_k: int |
     logits = logits.float()
     if temperature == 0:
         return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-    logits = logits / temperature
+    # (l - max l) / T: the largest is 0, so a tiny temperature cannot overflow to inf (softmax would give NaN)
+    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]  # (..., 1) the k-th largest logit
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -52,7 +57,9 @@ def _keep_prefix(sorted_probs: torch.Tensor, order: torch.Tensor, probs: torch.T
     (``sorted_probs`` and their ids ``order``, (..., n)): a token is dropped once the mass strictly ahead of it
     reaches top_p."""
     before = sorted_probs.cumsum(-1) - sorted_probs  # probability mass strictly ahead of each token
-    kept = sorted_probs.masked_fill(before >= top_p, 0.0)
+    dropped = before >= top_p  # (..., n)
+    dropped[..., 0] = False  # the most likely token, also when top_p rounds to 0 in fp32 (below ~1e-45)
+    kept = sorted_probs.masked_fill(dropped, 0.0)
     return torch.zeros_like(probs).scatter_(-1, order, kept)
 
 

@@ -41,6 +41,9 @@ from safetensors.torch import load_file, save_file
 from ..hf import CheckpointError, load_pretrained, save_pretrained
 
 POINTER = "checkpoint"
+# A copy that followed the symlinks (cp -rL, scp -r) has a real directory as ``checkpoint``: the next save moves
+# it here, then links ``checkpoint`` anew; in between, this is the current checkpoint.
+COPIED_POINTER = ".checkpoint.copied"
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 TENSORS_FILE = "training_state.safetensors"
@@ -205,7 +208,8 @@ def current_checkpoint(run_dir: Path) -> Path | None:
     """The directory the run's ``checkpoint`` pointer names, or None when the run has none yet."""
     pointer = Path(run_dir) / POINTER
     if not pointer.is_symlink() and not pointer.is_dir():
-        return None
+        aside = Path(run_dir) / COPIED_POINTER
+        return aside.resolve() if aside.is_dir() else None
     target = pointer.resolve()
     if not target.is_dir():
         raise CheckpointError(f"{pointer} points at {target}, which does not exist")
@@ -254,8 +258,14 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict[str, Any], trai
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _stage("renamed")
-    _replace_symlink(run_dir / POINTER, f"{CHECKPOINTS}/{name}")
+    pointer, aside = run_dir / POINTER, run_dir / COPIED_POINTER
+    if pointer.is_dir() and not pointer.is_symlink():  # a copied run: its checkpoint is a directory, not a link
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(pointer, aside)
+        _fsync_dir(run_dir)
+    _replace_symlink(pointer, f"{CHECKPOINTS}/{name}")
     _stage("switched")
+    shutil.rmtree(aside, ignore_errors=True)
     for fname in HF_LINKS:
         link = run_dir / fname
         if not link.is_symlink() or os.readlink(link) != f"{POINTER}/{fname}":
@@ -319,10 +329,15 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
 def read_checkpoint_config(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """(checkpoint dir, its trainer state, its train config dict) of a run directory, validated."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"{run_dir} is a file, not a run directory")
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     ckpt = current_checkpoint(run_dir)
     if ckpt is None:
+        if (run_dir / CONFIG_FILE).is_file():
+            raise CheckpointError(f"{run_dir} holds no checkpoint to resume: its training stopped before the first "
+                                  "save; start it again (the same command without --resume)")
         raise CheckpointError(f"{run_dir} holds no checkpoint to resume (no {POINTER} link)")
     state = read_trainer_state(ckpt)
     try:

@@ -46,7 +46,8 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--save-every", "save_every", int, "checkpoint every N steps (default 60)"),
     ("--keep-checkpoints", "keep_checkpoints", int, "checkpoints kept (default 1)"),
     ("--log-every", "log_every", int, "metrics.jsonl record every N steps (default 1)"),
-    ("--time-budget", "time_budget", float, "minutes of training, then stop gracefully with a checkpoint"),
+    ("--time-budget", "time_budget", float,
+     "minutes of training, then stop gracefully with a checkpoint (0: none, to resume a budgeted run without one)"),
     ("--max-bad-steps", "max_bad_steps", int, "consecutive NaN/inf steps before stopping (default 3)"),
     ("--data", "data", str, "files, directories, globs, *.jsonl, hf:NAME[:CONFIG][:SPLIT] (default: the stdlib)"),
     ("--text-field", "text_field", str, "JSONL / dataset text field (default text)"),
@@ -88,21 +89,37 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
             kw.update(choices=DTYPES)
         names = [flag] + (["--aux-alpha"] if dest == "balance_alpha" else [])
         p.add_argument(*names, **kw)
+    # --X / --no-X: a resumed run keeps the setting it started with unless one of them is given
     for flag, dest, help_ in _FLAGS:
-        p.add_argument(flag, dest=dest, action="store_const", const=True, default=None, help=help_)
-    p.add_argument("--no-report", dest="report", action="store_const", const=False, default=None,
-                   help="do not write the report at the end")
-    p.add_argument("--no-progress", dest="progress", action="store_const", const=False, default=None,
-                   help="no progress bar")
+        p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    p.add_argument("--report", dest="report", action=argparse.BooleanOptionalAction, default=None,
+                   help="write the report at the end (default)")
+    p.add_argument("--progress", dest="progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar (default)")
 
 
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields set on the command line."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     out = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    if out.get("data"):  # files and directories by absolute path, so a run resumes from any directory
+        out["data"] = [_absolute_data_path(spec) for spec in out["data"]]
+    if out.get("time_budget") == 0:  # --time-budget 0: none (a resumed run then trains to its --steps)
+        out["time_budget"] = None
     if getattr(args, "model", None):
         out["model_overrides"] = dict(args.model)
     return out
+
+
+def _absolute_data_path(spec: str) -> str:
+    """A --data file or directory as an absolute path (its documents' ids, hence the split, depend only on its
+    name); globs and hf: datasets as given."""
+    import glob
+
+    path = os.path.expanduser(spec)
+    if spec.startswith("hf:") or glob.has_magic(spec) or not os.path.exists(path):
+        return spec
+    return os.path.abspath(path)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -156,15 +173,16 @@ def _parallel_settings(args: argparse.Namespace):
     if not hasattr(args, "dist_timeout"):  # nanoseek demo: one process
         return None
     ep, pp, dp = getattr(args, "ep", None), getattr(args, "pp", None), getattr(args, "dp", None)
+    for name, value in (("ep", ep), ("pp", pp), ("dp", dp), ("microbatches", args.microbatches)):
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    if args.dist_timeout <= 0:
+        raise ValueError(f"--dist-timeout must be positive (seconds), got {args.dist_timeout}")
     if not wants_distributed(ep, pp, dp):
         return None
     from ..distributed.mesh import Layout
     from ..distributed.train import ParallelSettings
 
-    if args.dist_timeout <= 0:
-        raise ValueError(f"--dist-timeout must be positive (seconds), got {args.dist_timeout}")
-    if args.microbatches is not None and args.microbatches < 1:
-        raise ValueError(f"--microbatches must be a positive integer, got {args.microbatches}")
     layout = Layout(ep=ep or 1, pp=pp or 1, dp=dp or 1)
     layout.validate(int(os.environ.get("WORLD_SIZE", "1")))
     return ParallelSettings(layout, args.pp_schedule, args.microbatches, args.dist_timeout)
@@ -185,7 +203,17 @@ def _train(args: argparse.Namespace, cmd: str, cfg: TrainConfig, out: Path, resu
         _err(cmd, str(e))
         return 1
     except KeyboardInterrupt:
-        print(f"\nnanoseek {cmd}: interrupted; continue with: nanoseek train --resume {out}", file=sys.stderr)
+        from .checkpoint import current_checkpoint
+
+        try:
+            saved = current_checkpoint(out) is not None
+        except ValueError:  # a dangling pointer: resuming will say what is wrong
+            saved = True
+        if not saved:
+            how = "it stopped before its first checkpoint; run the same command again to start over"
+        else:
+            how = "continue with: " + ("nanoseek demo" if cmd == "demo" else f"nanoseek train --resume {out}")
+        print(f"\nnanoseek {cmd}: interrupted; {how}", file=sys.stderr)
         return 130
     return None
 
@@ -220,6 +248,8 @@ def _report(out: Path, **kw) -> Path:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     path = _report(Path(args.run_dir), sample=not args.no_sample, prompt=args.prompt,
                    max_new_tokens=args.max_new_tokens)
     print(path)

@@ -29,6 +29,8 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..config import ModelConfig
+
 TOKEN_FORMAT = 1  # bump when the packing below changes: invalidates the token cache
 ENCODE_CHUNK = 512  # documents per encode_batch call
 
@@ -37,6 +39,7 @@ ENCODE_CHUNK = 512  # documents per encode_batch call
 class Document:
     id: str  # stable across machines: decides the split
     text: str
+    origin: str = ""  # where it was read (resolved path, line): the same file named twice is read once
 
 
 @dataclass
@@ -99,7 +102,7 @@ def _read_text(path: Path, doc_id: str, corpus: Corpus) -> Document | None:
     if not text.strip():
         corpus.skip("empty", str(path))
         return None
-    return Document(doc_id, text)
+    return Document(doc_id, text, str(path.resolve()))
 
 
 def _jsonl_documents(path: Path, doc_id: str, text_field: str, corpus: Corpus) -> Iterator[Document]:
@@ -123,7 +126,7 @@ def _jsonl_documents(path: Path, doc_id: str, text_field: str, corpus: Corpus) -
                 corpus.skip(f"JSONL line without a string {text_field!r}", where)
                 continue
             if text.strip():
-                yield Document(f"{doc_id}:{n}", text)
+                yield Document(f"{doc_id}:{n}", text, f"{path.resolve()}:{n}")
             else:
                 corpus.skip("empty", where)
 
@@ -137,8 +140,15 @@ def _file_documents(path: Path, doc_id: str, text_field: str, corpus: Corpus) ->
             yield doc
 
 
+RUN_MARKER = "train_config.json"  # what every nanoseek run directory holds (train.loop)
+
+
 def _dir_documents(root: Path, prefix: str, text_field: str, corpus: Corpus) -> Iterator[Document]:
     for dirpath, dirnames, filenames in os.walk(root):
+        if RUN_MARKER in filenames:  # a training run's own files (metrics, tokenizer, config) are not text to learn
+            corpus.skip("run directory", dirpath)
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "__pycache__")
         for name in sorted(filenames):
             if name.startswith("."):
@@ -169,13 +179,14 @@ def _hf_documents(spec: str, text_field: str, corpus: Corpus) -> Iterator[Docume
     for i, row in enumerate(ds):
         text = row.get(text_field)
         if isinstance(text, str) and text.strip():
-            yield Document(f"{spec}:{i}", text)
+            yield Document(f"{spec}:{i}", text, f"{spec}:{i}")
         else:
             corpus.skip("empty", f"{spec}:{i}")
 
 
 def iter_documents(specs: list[str], text_field: str, corpus: Corpus) -> Iterator[Document]:
-    """Every document of the corpus specs, in a deterministic order (see the module docstring)."""
+    """Every document of the corpus specs, in a deterministic order (see the module docstring). Directories
+    that hold a nanoseek run (its train_config.json) are left out, the run being trained included."""
     if not specs:
         yield from _stdlib_documents(corpus)
         return
@@ -210,12 +221,17 @@ def load_corpus(specs: list[str], text_field: str = "text", val_fraction: float 
     """Read and split a corpus. Raises ValueError when it holds no text."""
     corpus = Corpus(sources=list(specs) or [f"stdlib:{stdlib_root()}"])
     docs = list(iter_documents(specs, text_field, corpus))
-    seen: set[str] = set()
+    origins: set[str] = set()
+    ids: Counter = Counter()
     unique = []
-    for d in docs:  # the same file named twice (a dir and a glob) counts once
-        if d.id not in seen:
-            seen.add(d.id)
-            unique.append(d)
+    for d in docs:
+        if d.origin in origins:  # the same file named twice (a directory and a file in it) counts once
+            continue
+        origins.add(d.origin)
+        ids[d.id] += 1
+        if ids[d.id] > 1:  # another file of the same name (a/notes.txt and b/notes.txt): a distinct id
+            d = Document(f"{d.id}#{ids[d.id]}", d.text, d.origin)
+        unique.append(d)
     docs = unique
     if max_chars is not None:
         kept, total = set(), 0
@@ -462,7 +478,10 @@ def prepare_data(cfg, run_dir: Path | None = None, tokenizer_path: Path | None =
     tok_json = tokenizer.to_str()
     tok_hash = hashlib.sha256(tok_json.encode("utf-8")).hexdigest()
     if run_dir is not None:
-        tt.save_tokenizer(tokenizer, run_dir, info, model_max_length=cfg.seq_len)
+        # the model's context, as a checkpoint's tokenizer_config.json gives it (not the training --seq-len)
+        context = dict(cfg.model_overrides).get("max_position_embeddings") \
+            or ModelConfig.preset(cfg.preset).max_position_embeddings
+        tt.save_tokenizer(tokenizer, run_dir, info, model_max_length=int(context))
     train = tokenize_split(corpus.train, tokenizer, tok_hash, info.bos_id, info.eos_id, root)
     val = tokenize_split(corpus.val, tokenizer, tok_hash, info.bos_id, info.eos_id, root)
     unigram = unigram_cross_entropy(train.tokens(), val.tokens(), vocab)

@@ -66,6 +66,8 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int) ->
     if unknown:
         raise ValueError(f"unknown model settings: {', '.join(unknown)}")
     vocab = overrides.pop("vocab_size", vocab_size)
+    if isinstance(vocab, bool) or not isinstance(vocab, int):
+        raise ValueError(f"--model vocab_size must be an integer, got {vocab!r}")
     if vocab < vocab_size:
         raise ValueError(f"model vocab_size {vocab} is smaller than the tokenizer's {vocab_size} tokens")
     if cfg.mtp_depth is not None:
@@ -79,6 +81,22 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int) ->
     return mc
 
 
+# What a run directory holds before its first checkpoint (train_config.json first, see Trainer._start_files)
+START_FILES = {ckpt_io.CONFIG_FILE, *ckpt_io.TOKENIZER_FILES, "data.json", "metrics.jsonl", ".lock",
+               ckpt_io.CHECKPOINTS}
+
+
+def _interrupted_start(d: Path) -> bool:
+    """Whether directory d holds a run that stopped before its first checkpoint was complete, and nothing else."""
+    try:
+        if ckpt_io.current_checkpoint(d) is not None:
+            return False
+    except CheckpointError:
+        return False
+    names = {p.name for p in d.iterdir()}
+    return ckpt_io.CONFIG_FILE in names and all(n in START_FILES or n.endswith(".lnk") for n in names)
+
+
 # ---------------------------------------------------------------------------------------------- init_from
 # ModelConfig fields a run started from another model's weights may change: the RoPE scaling (a context
 # extension with YaRN, SPEC §2) and the maximum length. Every other field shapes the weights or their meaning.
@@ -86,11 +104,33 @@ INIT_FROM_MAY_CHANGE = ("rope_theta", "rope_scaling_type", "rope_factor", "origi
                         "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "max_position_embeddings")
 
 
-def initialize_from(model: DeepSeekV3, source: str | Path) -> None:
+def init_from_tokenizer(cfg: TrainConfig) -> Path | None:
+    """The tokenizer a new run started from ``cfg.init_from`` trains with when ``--tokenizer`` is not given: the
+    source's own (its weights mean its token ids), if it has one."""
+    if not cfg.init_from or cfg.tokenizer:
+        return None
+    path = Path(cfg.init_from) / "tokenizer.json"
+    return path if path.is_file() else None
+
+
+def initialize_from(model: DeepSeekV3, source: str | Path, tokenizer=None) -> None:
     """Copy every weight of the run directory or checkpoint ``source`` (routers' biases and MTP modules
-    included) into ``model``, whose configuration may differ from the source's only in INIT_FROM_MAY_CHANGE."""
+    included) into ``model``, whose configuration may differ from the source's only in INIT_FROM_MAY_CHANGE.
+    ``tokenizer`` (the run's ``tokenizers.Tokenizer``) must give every token the id the source's tokenizer.json
+    gives it."""
     if not Path(source).is_dir():
         raise FileNotFoundError(f"--init-from {source}: no such run directory or checkpoint")
+    theirs_file = Path(source) / "tokenizer.json"
+    if tokenizer is not None and theirs_file.is_file():
+        from .tokenizer_train import load_tokenizer
+
+        ours_vocab = tokenizer.get_vocab(with_added_tokens=True)
+        theirs_vocab = load_tokenizer(theirs_file).get_vocab(with_added_tokens=True)
+        moved = sum(theirs_vocab.get(t) != i for t, i in ours_vocab.items())
+        if moved or len(theirs_vocab) != len(ours_vocab):
+            raise ValueError(f"--init-from {source}: its tokenizer differs from this run's ({moved} of "
+                             f"{len(ours_vocab)} tokens have other ids or are not in it), so its weights would "
+                             f"read the wrong tokens; leave out --tokenizer to train with the source's")
     src = load_pretrained(source, dtype=torch.float32, device=model.embed_tokens.weight.device)
     ours, theirs = model.config.to_dict(), src.config.to_dict()
     diff = [f"{k} {ours[k]!r} (theirs {theirs.get(k)!r})" for k in ours
@@ -102,7 +142,7 @@ def initialize_from(model: DeepSeekV3, source: str | Path) -> None:
 
 
 def build_model(cfg: TrainConfig, mc: ModelConfig, device: torch.device, resume_from: Path | None,
-                log: Callable[[str], None]) -> DeepSeekV3:
+                log: Callable[[str], None], tokenizer=None) -> DeepSeekV3:
     """The run's model in training mode: the checkpoint's (``resume_from``, which must have the configured
     architecture), or a new one from the seed, started from ``cfg.init_from``'s weights when given."""
     if resume_from is not None:
@@ -115,7 +155,7 @@ def build_model(cfg: TrainConfig, mc: ModelConfig, device: torch.device, resume_
         torch.manual_seed(cfg.seed)
         model = DeepSeekV3(mc).to(device)
         if cfg.init_from:
-            initialize_from(model, cfg.init_from)
+            initialize_from(model, cfg.init_from, tokenizer)
             log(f"initialized from the weights of {cfg.init_from}")
     return model.train()
 
@@ -177,7 +217,12 @@ def check_memory(mc: ModelConfig, cfg: TrainConfig, device: torch.device) -> dic
 # ---------------------------------------------------------------------------------------------- runtime helpers
 def pick_device(name: str | None) -> torch.device:
     if name:
-        dev = torch.device(name)
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"invalid --device {name!r} (e.g. cpu, cuda, cuda:1)") from None
+        if dev.type == "meta":
+            raise ValueError("--device meta holds no data: train on cpu or cuda")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available")
         return dev
@@ -231,6 +276,10 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> Tra
     if bad:
         raise ValueError(f"cannot resume {run_dir} with a different configuration: {'; '.join(bad)} "
                          f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+    _, state, _ = ckpt_io.read_checkpoint_config(run_dir)
+    if cfg.steps < state["step"]:
+        raise ValueError(f"--steps {cfg.steps} is below the step of {run_dir}'s checkpoint ({state['step']}): "
+                         "a resumed run can only go on to more steps")
     return cfg
 
 
@@ -257,12 +306,19 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         d = self.run_dir
         if self.resume:
+            if d.exists() and not d.is_dir():
+                raise ValueError(f"--resume {d} is a file, not a run directory")
             if not d.is_dir():
                 raise FileNotFoundError(f"run directory {d} does not exist")
             return
         if d.exists() and not d.is_dir():
             raise ValueError(f"--out {d} exists and is not a directory")
         if d.is_dir() and any(p.name != ".lock" for p in d.iterdir()):
+            if _interrupted_start(d):  # stopped before its first checkpoint: start again in its place
+                self.log(f"{d} holds only the files of a start that stopped before its first checkpoint: "
+                         "starting again")
+                self.overwrite = True
+                return
             is_run = (d / ckpt_io.POINTER).is_symlink() or (d / ckpt_io.CONFIG_FILE).exists()
             if not is_run:
                 raise ValueError(f"--out {d} exists and is not empty (and is not a nanoseek run)")
@@ -275,6 +331,13 @@ class Trainer:
                 raise ValueError(f"{d} already holds a training run{where}: continue it with --resume {d}, "
                                  "or pass --overwrite to start again")
         d.mkdir(parents=True, exist_ok=True)
+
+    def _start_files(self) -> None:
+        """A new run's first file, under the lock: its train_config.json, which marks the directory as a run
+        (an old run's files deleted first with --overwrite)."""
+        if self.overwrite:
+            self._clear_for_overwrite()
+        self.cfg.save(self.run_dir / ckpt_io.CONFIG_FILE)
 
     def _clear_for_overwrite(self) -> None:
         """Delete an old run's files (under the lock, so never those of a run still training)."""
@@ -292,8 +355,8 @@ class Trainer:
         threads = torch.get_num_threads()
         try:
             with ckpt_io.run_lock(self.run_dir):
-                if self.overwrite and not self.resume:
-                    self._clear_for_overwrite()
+                if not self.resume:
+                    self._start_files()
                 if self.cfg.threads:
                     torch.set_num_threads(self.cfg.threads)
                 return self._run()
@@ -326,19 +389,23 @@ class Trainer:
                 raise ValueError(f"cannot resume {run}: the corpus changed since the checkpoint (its documents or "
                                  "tokenizer differ), so the data order would not continue")
         else:
-            data = prepare_data(cfg, run_dir=run, log=self.log)
+            data = prepare_data(cfg, run_dir=run, tokenizer_path=init_from_tokenizer(cfg), log=self.log)
         train_seqs = data.train_sequences(cfg.seq_len)
         if len(train_seqs) == 0:
             raise ValueError(f"the training split has {data.train.n_tokens} tokens, fewer than one sequence of "
                              f"--seq-len {cfg.seq_len} + 1: lower --seq-len or add text")
-        val_batches = validation_batches(data.val_sequences(cfg.seq_len), cfg.batch_size, cfg.eval_batches)
+        val_seqs = data.val_sequences(cfg.seq_len)
+        val_batches = validation_batches(val_seqs, cfg.batch_size, cfg.eval_batches)
         if not val_batches:
             self.log("validation: the validation split is too small; no validation loss will be reported")
+        elif val_seqs.seq_len < cfg.seq_len:
+            self.log(f"validation: the validation split has only {data.val.n_tokens} tokens, so its windows are "
+                     f"{val_seqs.seq_len} tokens, not --seq-len {cfg.seq_len}")
 
         # ---- model and optimizer
         mc = model_config(cfg, data.vocab_size, data.bos_id, data.eos_id)
         est = check_memory(mc, cfg, device)
-        model = build_model(cfg, mc, device, ckpt_dir if self.resume else None, self.log)
+        model = build_model(cfg, mc, device, ckpt_dir if self.resume else None, self.log, data.tokenizer)
         # bf16 weights, fp32 masters; with --compile they are stepped by one compiled pass per weight
         masters = MasterWeights(model, fused=cfg.compile) if cfg.dtype == "bf16-weights" else None
         optimizer = build_optimizer(masters.named_parameters() if masters else model, cfg)

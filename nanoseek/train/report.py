@@ -217,10 +217,16 @@ def write_report(run_dir: str | Path, sample: bool = True, prompt: str | None = 
     records = read_metrics(run_dir / "metrics.jsonl")
     if not records:
         raise ValueError(f"{run_dir} has no metrics.jsonl records: not a training run (or it has not logged yet)")
+    if not (run_dir / "train_config.json").is_file():
+        raise ValueError(f"{run_dir} has no train_config.json: not a nanoseek training run")
     data = _read_json(run_dir / "data.json")
     cfg = _read_json(run_dir / "train_config.json")
     start = next((r for r in of_type(records, "event") if r.get("event") == "start"), {})
-    s = summarize(records, data, cfg)
+    try:
+        s = summarize(records, data, cfg)
+    except (KeyError, TypeError, IndexError) as e:  # a hand-edited or foreign metrics file
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} has a record without a field the report reads "
+                         f"({type(e).__name__}: {e})") from None
     plots = make_plots(run_dir, records, s.get("unigram_val_loss"), start.get("model"))
 
     sample_info = None
