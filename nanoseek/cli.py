@@ -53,8 +53,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps({"model": name, **s, "config": config.to_dict()}, indent=2))
         return 0
     c = config
-    print(f"{name}: {c.num_hidden_layers} layers ({c.first_k_dense_replace} dense, "
-          f"{c.num_hidden_layers - c.first_k_dense_replace} MoE), d={c.hidden_size}, {c.num_attention_heads} heads, "
+    dense = min(c.first_k_dense_replace, c.num_hidden_layers)
+    print(f"{name}: {c.num_hidden_layers} layers ({dense} dense, "
+          f"{c.num_hidden_layers - dense} MoE), d={c.hidden_size}, {c.num_attention_heads} heads, "
           f"{c.n_shared_experts} shared + {c.n_routed_experts} routed experts, {c.num_experts_per_tok} active, "
           f"{c.num_nextn_predict_layers} MTP module(s)")
     rows = [

@@ -364,9 +364,11 @@ def _from_hf_dict(d: dict[str, Any]) -> ModelConfig:
     for key, value in d.items():
         if key in _KNOWN_HF_KEYS and key != "model_type":
             kwargs[key] = value
+    # an explicit null (V2-Lite writes n_group: null); an absent key keeps transformers' default (_HF_DEFAULTS, or
+    # the dataclass's, which are DeepseekV3Config's)
     for key, none_means in (("n_group", 1), ("topk_group", 1), ("n_shared_experts", 0), ("n_routed_experts", 0),
                             ("first_k_dense_replace", 0), ("num_nextn_predict_layers", 0)):
-        if kwargs.get(key) is None:
+        if key in kwargs and kwargs[key] is None:
             kwargs[key] = none_means
     if isinstance(kwargs.get("eos_token_id"), list):
         kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
@@ -402,8 +404,17 @@ def _rope_from_hf(d: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"rope_theta": float(theta) if theta is not None else 10000.0}
     if rope_type != "yarn":
         return {**out, "rope_scaling_type": None, "rope_factor": 1.0}
+    # YaRN options transformers honours that DeepSeek's recipe never sets: refuse rather than load other frequencies
+    if source.get("truncate", True) is not True:
+        raise ValueError(f"config.json yarn truncate={source['truncate']!r} is not supported (DeepSeek's YaRN "
+                         "truncates the correction range: true)")
+    if source.get("attention_factor") is not None:
+        raise ValueError(f"config.json yarn attention_factor={source['attention_factor']!r} is not supported (the "
+                         "attention scale comes from mscale and mscale_all_dim)")
     try:
-        orig = source.get("original_max_position_embeddings") or d.get("max_position_embeddings")
+        # as transformers: the yarn block's own value, else the top-level one (nanoseek's to_hf writes it there)
+        orig = (source.get("original_max_position_embeddings") or d.get("original_max_position_embeddings")
+                or d.get("max_position_embeddings"))
         factor = source.get("factor")
         if factor is None:
             factor = d["max_position_embeddings"] / orig

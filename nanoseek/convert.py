@@ -134,9 +134,12 @@ def convert_fp8_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
         raise CheckpointError(f"{src}: " + "; ".join(problems[:3]) + more)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:  # the staging directory's name would only confuse: name the destination
+        raise OSError(f"cannot write {dst}: {e.strerror}") from None
     tensors = dequantized = total = 0
     weight_map: dict[str, str] = {}
     try:

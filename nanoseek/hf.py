@@ -417,6 +417,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                 if key not in expected:
                     if _layer_index(key) >= beyond:  # MTP layers the config turns off (as transformers skips them)
                         skipped_layers.add(_layer_index(key))
+                    elif 0 in entry.shape:  # no data: transformers writes empty shared experts for n_shared_experts 0
+                        pass
                     else:
                         unexpected.append(key)
                     continue
@@ -514,17 +516,26 @@ def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, max_shard_bytes:
     Router weights and balancing biases stay fp32 whatever ``dtype`` says.
     """
     path = Path(path)
+    if path.is_symlink() and path.is_dir():  # save into the directory the link names; the link stays
+        path = path.resolve()
+    path = Path(os.path.abspath(path))  # "dir/..": a real name to write next to and rename
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"{path} exists and is not a directory")
+    if path.exists() and Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise CheckpointError(f"cannot save into {path}: the directory is replaced as a whole, and it holds the "
+                              "current working directory; save to another directory")
     if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise ValueError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point
                                   and dtype.itemsize >= 2):
         raise ValueError(f"save_pretrained writes unquantized weights: dtype must be a floating dtype of "
                          f"16 bits or more, got {dtype!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()  # unlike mkdtemp, respects the umask: the checkpoint gets ordinary permissions
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()  # unlike mkdtemp, respects the umask: the checkpoint gets ordinary permissions
+    except OSError as e:
+        raise CheckpointError(f"cannot write a checkpoint at {path}: {e.strerror}") from None
     try:
         written: list[tuple[Path, list[str]]] = []
         shard: dict[str, torch.Tensor] = {}

@@ -229,6 +229,48 @@ def test_rope_matches_transformers(case):
         assert ours.softmax_scale == pytest.approx(scale, rel=1e-12)
 
 
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v2"])
+def test_absent_keys_take_transformers_defaults(model_type):
+    """A config.json may omit keys: each gets the default of transformers' config class, as transformers loads
+    it (an explicit null is different: V2-Lite writes n_group: null, meaning no groups)."""
+    transformers = pytest.importorskip("transformers")
+    theirs = {"deepseek_v3": transformers.DeepseekV3Config, "deepseek_v2": transformers.DeepseekV2Config}[model_type]()
+    spec = ModelConfig.preset("tiny" if model_type == "deepseek_v3" else "deepseek-v2-lite")
+    d = spec.to_hf()
+    for key in ("n_group", "topk_group", "n_shared_experts", "first_k_dense_replace", "n_routed_experts"):
+        default = getattr(theirs, key)
+        if default is None:  # DeepseekV2Config leaves the groups unset: no groups
+            continue
+        partial = {k: v for k, v in d.items() if k != key}
+        if key in ("n_group", "topk_group"):
+            partial = {k: v for k, v in partial.items() if k not in ("n_group", "topk_group")}
+        if key == "n_routed_experts":
+            partial["n_group"], partial["topk_group"] = 1, 1
+        assert getattr(ModelConfig.from_hf(partial), key) == default, key
+    assert ModelConfig.from_hf({**d, "n_group": None, "topk_group": None}).n_group == 1
+
+
+def test_yarn_without_its_original_length_reads_the_top_level_one():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    d = ModelConfig.preset("deepseek-v3").to_hf()
+    rope = {k: v for k, v in d["rope_parameters"].items() if k != "original_max_position_embeddings"}
+    d = {**d, "rope_scaling": None, "rope_parameters": rope, "original_max_position_embeddings": 4096}
+    ours = ModelConfig.from_hf(d)
+    assert ours.original_max_position_embeddings == 4096
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["yarn"](transformers.DeepseekV3Config(**d))
+    torch.testing.assert_close(rope_frequencies(ours), inv_freq, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("option, message", [(dict(truncate=False), "truncate=False is not supported"),
+                                             (dict(attention_factor=1.5), "attention_factor=1.5 is not supported")])
+def test_yarn_options_deepseek_never_sets_are_refused(option, message):
+    d = ModelConfig.preset("deepseek-v3").to_hf()
+    with pytest.raises(ValueError, match=message):
+        ModelConfig.from_hf({**d, "rope_scaling": None, "rope_parameters": {**d["rope_parameters"], **option}})
+
+
 def test_to_hf_readable_by_transformers_v3():
     transformers = pytest.importorskip("transformers")
     cfg = ModelConfig.preset("deepseek-v3")

@@ -226,3 +226,7 @@ def test_existing_destination_and_interrupted_conversion(fp8_ckpt, tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing half-written left behind
     with pytest.raises(CheckpointError, match="exists"):
         convert_fp8_checkpoint(fp8_ckpt, fp8_ckpt, progress=False)
+    (tmp_path / "file").write_text("")  # a destination whose parent cannot hold a directory
+    with pytest.raises(OSError, match=r"^cannot write .*file/sub/out: ") as e:
+        convert_fp8_checkpoint(fp8_ckpt, tmp_path / "file" / "sub" / "out", progress=False)
+    assert ".tmp-" not in str(e.value)

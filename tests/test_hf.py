@@ -490,3 +490,40 @@ def test_transformers_loads_save_pretrained_output(saved):
     assert not info.get("mismatched_keys")
     mtp = f"model.layers.{TINY.num_hidden_layers}."
     assert all(k.startswith(mtp) for k in info["unexpected_keys"])  # only the MTP layer is ignored
+
+
+def test_transformers_checkpoint_without_shared_experts_loads(tmp_path):
+    """n_shared_experts = 0: transformers still writes the shared experts' tensors, with no elements; they hold
+    nothing to load, so they are not 'unexpected'."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = TINY.replace(n_shared_experts=0, num_nextn_predict_layers=0)
+    theirs = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg.to_hf())).eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_save_through_a_link_and_not_over_the_working_directory(tmp_path, monkeypatch):
+    model = make_model()
+    target = save_pretrained(model, tmp_path / "checkpoints" / "step-1")
+    link = tmp_path / "checkpoint"
+    link.symlink_to("checkpoints/step-1")
+    save_pretrained(model, link)  # writes into the directory the link names; the link stays a link
+    assert link.is_symlink() and (target / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint", "checkpoints"]  # nothing left beside it
+    monkeypatch.chdir(target)
+    with pytest.raises(CheckpointError, match="holds the current working directory"):
+        save_pretrained(model, ".")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(CheckpointError, match=r"cannot write a checkpoint at .*file/sub: "):
+        save_pretrained(model, tmp_path / "file" / "sub")
+
+
+@pytest.mark.parametrize("ids", [torch.zeros(0, 4, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long),
+                                 torch.zeros(4, dtype=torch.long), torch.zeros(1, 4)])
+def test_empty_or_malformed_input_ids_are_named(ids):
+    with pytest.raises(ValueError, match="input_ids must be integer token ids of shape"):
+        make_model()(ids)

@@ -122,6 +122,9 @@ class DeepSeekV3(nn.Module):
     def backbone(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                  attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Routing], tuple]:
         """Run the main layers; return the final normed hidden state (B, T, d), routing, and (cos, sin)."""
+        if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be integer token ids of shape (batch, length), both at least 1, got "
+                             f"{input_ids.dtype} of shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
         cos, sin = self._rope(T, input_ids.device, positions)
         x = self.embed_tokens(input_ids)

@@ -440,8 +440,10 @@ class Trainer:
                      "of seconds; Inductor keeps the result on disk for later runs")
         alpha = cfg.effective_balance_alpha
         n_params = est["params"]
+        experts = (f"{mc.n_routed_experts} routed experts top-{mc.num_experts_per_tok}" if mc.has_moe
+                   else "dense: no MoE layer")
         self.log(f"model: preset {cfg.preset}, {n_params / 1e6:.2f} M parameters ({mc.num_hidden_layers} layers, "
-                 f"d {mc.hidden_size}, {mc.n_routed_experts} routed experts top-{mc.num_experts_per_tok}, "
+                 f"d {mc.hidden_size}, {experts}, "
                  f"MTP depth {mc.num_nextn_predict_layers}, vocabulary {mc.vocab_size}); {device.type}, "
                  f"{DTYPE_NOTES[cfg.dtype]}, {torch.get_num_threads()} threads")
         self.log(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = "
