@@ -61,7 +61,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--out", default="benchmarks/results/expert_parallel_a2a.md")
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "expert_parallel_a2a.md"),
+                   help="markdown file the table replaces (default benchmarks/results/expert_parallel_a2a.md)")
+    p.add_argument("--no-write", action="store_true", help="print the table only")
     args = p.parse_args()
     rows = []
     for tg in (1, 2, 3, 4):
@@ -94,8 +96,9 @@ def main() -> None:
                      f"{mib:.1f} | {mib / base:.2f}x | {step_s * 1e3:.0f} |")
     lines += ["", "Step times on a 2-core machine running 4 processes are dominated by CPU sharing; the volumes "
               "are exact counts."]
-    Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if not args.no_write:
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ class PasskeyMaker:
 
         if count(0) > target:
             raise ValueError(f"a passkey example needs at least {count(0) + 2} tokens with this tokenizer, "
-                             f"got length {length}")
+                             f"got length {length} (leave passkeys out with `extend --passkey-fraction 0` or "
+                             f"`eval-long --passkey-samples 0`)")
         hi = 1
         while count(hi) <= target:  # the filler grows by at least one token per word
             hi *= 2
@@ -293,7 +294,7 @@ def validation_windows(run_dir: Path, length: int, n: int, log: Callable[[str], 
     seqs = PackedSequences(data.val.tokens(), length)
     if len(seqs) == 0:
         raise ValueError(f"{run_dir}: the validation split holds {data.val.n_tokens:,} tokens, fewer than one window "
-                         f"of {length} + 1: lower --max-length")
+                         f"of {length} + 1: lower --lengths")
     idx = np.unique(np.linspace(0, len(seqs) - 1, min(n, len(seqs))).round().astype(np.int64))
     return seqs.batch(idx), data
 
@@ -534,13 +535,21 @@ def cmd_eval_long(args) -> int:
         raise ValueError(f"--passkey-samples must be >= 0, got {args.passkey_samples}")
     if args.chunk is not None and args.chunk <= 0:
         raise ValueError(f"--chunk must be positive, got {args.chunk}")
+    if args.threads is not None and args.threads <= 0:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device:
+        from .train.loop import pick_device
+
+        pick_device(args.device)  # a one-line error for a device that does not exist here
+    out = Path(args.out or Path(args.directory) / "eval-long")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
     results = evaluate(args.directory, lengths=_int_list(args.lengths) if args.lengths else None,
                        passkey_lengths=_int_list(args.passkey_lengths) if args.passkey_lengths else None,
                        depths=depths, windows=args.windows, passkey_samples=args.passkey_samples, chunk=args.chunk,
                        batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
-    out = Path(args.out or Path(args.directory) / "eval-long")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     paths = plot(results, out)

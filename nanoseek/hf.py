@@ -370,6 +370,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         raise ValueError(f"dtype must be a floating dtype of 16 bits or more, got {dtype!r}")
     if torch.device(device).type == "meta":
         raise ValueError("device 'meta' holds no data: load onto cpu, cuda, ...")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
     raw = _read_config_json(path)
     try:
         config = ModelConfig.from_hf(raw)

@@ -173,6 +173,14 @@ def _dying_worker(rank: int, world: int, cfg_dict: dict, out: str, mode: str) ->
     _train_worker(rank, world, cfg_dict, out, (2, 1, 1), "dualpipev", False)
 
 
+def test_compile_under_parallelism_is_refused(reference):
+    """--compile is a single-process feature for now: under a layout it is an error, not silently eager."""
+    root, cache = reference
+    with pytest.raises(RuntimeError, match="--compile runs in one process only"):
+        run_spawned(_train_worker, 2, base_config(cache, compile=True).to_dict(), str(root / "compiled"), (1, 1, 2),
+                    "dualpipev", False, timeout_s=60)
+
+
 @pytest.mark.parametrize("mode", ["die", "hang"])
 def test_dead_or_hung_rank_fails_the_job(reference, mode):
     root, cache = reference

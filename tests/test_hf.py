@@ -410,6 +410,9 @@ def test_mtp_weights_a_config_turns_off_are_skipped(saved, tiny, tmp_path):
         assert torch.equal(loaded(ids), tiny(ids))
     with pytest.raises(ValueError, match="device 'meta' holds no data"):
         load_pretrained(path, device="meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            load_pretrained(path, device="cuda")
 
 
 def test_bad_paths(tmp_path, saved):

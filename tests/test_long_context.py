@@ -251,6 +251,7 @@ def test_recipe_reproduces_deepseek_v3_settings(tmp_path):
     ([1], None, "1 x 128 = 128 is not above 128"),
     ([], None, "at least one stage"),
     ([4, 16], 8.0, "--factor 8 is below 16"),
+    ([4, 16], float("inf"), "--factor must be a finite number, got inf"),
 ])
 def test_recipe_rejects_bad_stages(tmp_path, multiples, factor, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -266,6 +267,11 @@ def test_extend_bad_input_is_one_line(tmp_path, capsys):
     assert "not a nanoseek training run" in capsys.readouterr().err
     assert main(["eval-long", str(tmp_path / "nope")]) == 2
     assert "no such extension or run directory" in capsys.readouterr().err
+    for flags, message in ((["--threads", "-1"], "--threads must be positive"), (["--device", "bogus"],
+                                                                                  "invalid --device 'bogus'")):
+        assert main(["eval-long", str(tmp_path / "notarun"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -280,6 +286,9 @@ def extended(tmp_path_factory):
                       eval_every=2, eval_batches=1, save_every=4, dtype="fp32", threads=1,
                       cache_dir=str(root / "cache"), progress=False, report=False)
     train(cfg, root / "base", log=lambda s: None)
+    # a start with other settings that failed before its first stage's checkpoint: its plan gives way
+    (root / "ext").mkdir()
+    (root / "ext" / "extend.json").write_text(json.dumps({"passkey_fraction": 0.5}))
     logs: list[str] = []
     extend(root / "base", root / "ext", [4, 8], steps=2, passkey_fraction=0.2, threads=1, progress=False,
            log=logs.append)

@@ -11,6 +11,7 @@ One torch thread; about 2 minutes of one core.
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 import time
@@ -42,7 +43,9 @@ def needle_gain(model, maker: PasskeyMaker, length: int, n: int, rng: random.Ran
 
 def main() -> int:
     torch.set_num_threads(1)
-    run = sys.argv[1] if len(sys.argv) > 1 else "/tmp/nanoseek-exp/long-context/base"
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("run", nargs="?", default="/tmp/nanoseek-exp/long-context/base", help="the base run directory")
+    run = p.parse_args().run
     model = load_pretrained(run, dtype=torch.float32).eval()
     tok = load_tokenizer(f"{run}/tokenizer.json")
     maker = PasskeyMaker(tok)

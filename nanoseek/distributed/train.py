@@ -163,6 +163,9 @@ class DistributedTrainer:
         if cfg.dtype == "bf16-weights":
             raise ValueError("--dtype bf16-weights runs in one process only for now; use --dtype bf16 (autocast) "
                              "with --ep / --pp / --dp")
+        if cfg.compile:
+            raise ValueError("--compile runs in one process only for now (the expert-parallel all-to-all and the "
+                             "pipeline stages are not compiled); leave it out with --ep / --pp / --dp")
         if cfg.batch_size % ctx.data_size:
             raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {ctx.data_size} data-parallel "
                              f"ranks (--dp {layout.dp} x --ep {layout.ep})")

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..config import ModelConfig
+from . import checkpoint as ckpt_io
 from .config import TrainConfig
 
 V3_STEPS_PER_STAGE = 1000
@@ -102,6 +103,8 @@ def plan_stages(base: TrainConfig, base_model: ModelConfig, out: Path, base_dir:
     original = base_model.original_max_position_embeddings if base_model.yarn else L
     needed = max(lengths[-1] / original, base_model.rope_factor if base_model.yarn else 1.0)  # never shrink s
     s = float(factor) if factor is not None else needed
+    if not math.isfinite(s):
+        raise ValueError(f"--factor must be a finite number, got {s:g}")
     if not s >= needed:
         raise ValueError(f"--factor {s:g} is below {needed:g} (the final length {lengths[-1]} / the original "
                          f"length {original}, or the run's own YaRN factor)")
@@ -297,7 +300,8 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
                         "warmup_steps": st.config.warmup_steps, "mtp_lambda": st.config.mtp_lambda,
                         "bias_gamma": st.config.bias_gamma_later} for st in stages]}
     out.mkdir(parents=True, exist_ok=True)
-    if plan_file.is_file() and not overwrite:
+    started = any(ckpt_io.current_checkpoint(st.run_dir) is not None for st in stages if st.run_dir.is_dir())
+    if plan_file.is_file() and not overwrite and started:  # before any stage's checkpoint, a new plan replaces it
         old = json.loads(plan_file.read_text())
         if old != plan:
             changed = sorted(k for k in plan if old.get(k) != plan.get(k))
