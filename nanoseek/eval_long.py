@@ -540,7 +540,7 @@ def cmd_eval_long(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device:
-        from .train.loop import pick_device
+        from .devices import pick_device
 
         pick_device(args.device)  # a one-line error for a device that does not exist here
     out = Path(args.out or Path(args.directory) / "eval-long")

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import ModelConfig, read_config_json
+from .devices import pick_device
 from .model import DeepSeekV3
 
 FP8_BLOCK = 128
@@ -368,10 +369,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point
                                   and dtype.itemsize >= 2):
         raise ValueError(f"dtype must be a floating dtype of 16 bits or more, got {dtype!r}")
-    if torch.device(device).type == "meta":
-        raise ValueError("device 'meta' holds no data: load onto cpu, cuda, ...")
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: CUDA is not available on this machine")
+    device = pick_device(device, what="device")
     raw = _read_config_json(path)
     try:
         config = ModelConfig.from_hf(raw)

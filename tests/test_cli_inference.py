@@ -249,7 +249,7 @@ def test_generate_system_prompt_and_context_clamp(ckpt, tok, capsys, monkeypatch
     (["--prompt", "hi", "--device", "nonsense"], "invalid --device"),
     (["--prompt", "hi", "--threads", "0"], "--threads must be a positive integer"),
     (["--prompt", "abc\udcff"], "the text is not valid UTF-8: '\\udcff' at character 3"),  # byte 0xff in argv
-    (["--prompt", "hi", "--device", "meta"], "device 'meta' holds no data"),
+    (["--prompt", "hi", "--device", "meta"], "--device meta holds no data"),
 ])
 def test_generate_bad_input_is_one_line(ckpt, capsys, extra, message):
     assert main(["generate", "--checkpoint", ckpt, *extra]) == 2

@@ -138,25 +138,12 @@ def _warn(command: str, message: str) -> None:
     print(f"nanoseek {command}: warning: {message}", file=sys.stderr)
 
 
-def _device(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"invalid --device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    return device
-
-
 def load_for_inference(args: argparse.Namespace):
     """Validate the options, then load (tokenizer, model) from ``args.checkpoint``; warnings become one line."""
     import torch
 
     from ..allocator import keep_freed_memory
+    from ..devices import pick_device
     from ..hf import load_pretrained
     from ..tokenizer import Tokenizer
 
@@ -168,7 +155,7 @@ def load_for_inference(args: argparse.Namespace):
     if not path.is_dir():
         raise ValueError(f"checkpoint path {path} is not a directory")
     tokenizer = Tokenizer.from_pretrained(path)  # before the (large) model: fail fast without tokenizer files
-    device = _device(args.device)
+    device = pick_device(args.device)
     keep_freed_memory(device)  # prefill reuses its chunk buffers instead of faulting them in (1.35x here)
     if args.threads is not None:
         if args.threads < 1:

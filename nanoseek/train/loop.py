@@ -26,6 +26,7 @@ import torch
 
 from ..allocator import keep_freed_memory
 from ..config import ModelConfig
+from ..devices import pick_device
 from ..hf import CheckpointError, load_pretrained
 from ..model import DeepSeekV3
 from ..objectives import ExpertLoadTracker, max_violation, training_loss, update_balance_bias
@@ -215,20 +216,6 @@ def check_memory(mc: ModelConfig, cfg: TrainConfig, device: torch.device) -> dic
 
 
 # ---------------------------------------------------------------------------------------------- runtime helpers
-def pick_device(name: str | None) -> torch.device:
-    if name:
-        try:
-            dev = torch.device(name)
-        except RuntimeError:
-            raise ValueError(f"invalid --device {name!r} (e.g. cpu, cuda, cuda:1)") from None
-        if dev.type == "meta":
-            raise ValueError("--device meta holds no data: train on cpu or cuda")
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA is not available")
-        return dev
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def autocast_context(device: torch.device, dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
     if dtype != "bf16":
         return contextlib.nullcontext
@@ -265,7 +252,7 @@ def _resume_mismatches(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
 def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The run's own TrainConfig with ``overrides`` applied; a change that would not continue the same
     run (model, data, batch, optimizer, objectives) is a ValueError naming it."""
-    _, _, saved = ckpt_io.read_checkpoint_config(run_dir)
+    _, state, saved = ckpt_io.read_checkpoint_config(run_dir)
     try:
         cfg = TrainConfig.from_dict(saved)
     except (TypeError, ValueError) as e:
@@ -276,7 +263,6 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> Tra
     if bad:
         raise ValueError(f"cannot resume {run_dir} with a different configuration: {'; '.join(bad)} "
                          f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
-    _, state, _ = ckpt_io.read_checkpoint_config(run_dir)
     if cfg.steps < state["step"]:
         raise ValueError(f"--steps {cfg.steps} is below the step of {run_dir}'s checkpoint ({state['step']}): "
                          "a resumed run can only go on to more steps")
