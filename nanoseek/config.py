@@ -61,13 +61,15 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     initializer_range: float = 0.006
     bos_token_id: int | None = 0
-    eos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 1  # a config.json list (several stop ids) is kept as a tuple
     model_type: str = "deepseek_v3"
     extra: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.q_lora_rank == 0:
             self.q_lora_rank = None
+        if isinstance(self.eos_token_id, list):  # as JSON gives it back
+            self.eos_token_id = tuple(self.eos_token_id) or None
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -97,6 +99,13 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
                 raise ValueError(f"ModelConfig.{name} must be a finite number, got {value!r}")
+        for name, several in (("bos_token_id", False), ("eos_token_id", True)):
+            value = getattr(self, name)
+            ids = value if several and isinstance(value, tuple) else (value,) if value is not None else ()
+            if not all(_is_int(i) and i >= 0 for i in ids):
+                kinds = "a token id (a non-negative integer), a list of them or None" if several else \
+                    "a token id (a non-negative integer) or None"
+                raise ValueError(f"ModelConfig.{name} must be {kinds}, got {value!r}")
         for name in ("norm_topk_prob", "tie_word_embeddings"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ModelConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -244,7 +253,7 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_word_embeddings,
             "initializer_range": self.initializer_range,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
+            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
             "attention_bias": False,
             "attention_dropout": 0.0,
             "use_cache": True,
@@ -317,7 +326,7 @@ _IGNORED_HF_KEYS = {
     "architectures", "num_key_value_heads", "moe_layer_freq", "hidden_act", "rope_scaling", "rope_parameters",
     "attention_bias", "attention_dropout", "use_cache", "torch_dtype", "dtype", "rope_interleave", "mlp_bias",
     "transformers_version", "head_dim", "qk_head_dim", "pretraining_tp", "aux_loss_alpha", "seq_aux",
-    "ep_size", "auto_map", "pad_token_id", "quantization_config", "output_router_logits", "router_aux_loss_coef",
+    "ep_size", "auto_map", "quantization_config", "output_router_logits", "router_aux_loss_coef",
     "router_jitter_noise", "mlp_layer_types", "_name_or_path", "num_mtp_layers", "num_local_experts",
 }
 # Never carried over from ``extra`` into a written config.json (a dequantized save is not quantized).
@@ -370,8 +379,6 @@ def _from_hf_dict(d: dict[str, Any]) -> ModelConfig:
                             ("first_k_dense_replace", 0), ("num_nextn_predict_layers", 0)):
         if key in kwargs and kwargs[key] is None:
             kwargs[key] = none_means
-    if isinstance(kwargs.get("eos_token_id"), list):
-        kwargs["eos_token_id"] = kwargs["eos_token_id"][0] if kwargs["eos_token_id"] else None
     kwargs.update(_rope_from_hf(d))
     extra = {k: v for k, v in d.items() if k not in _KNOWN_HF_KEYS and k not in _IGNORED_HF_KEYS}
     kwargs["extra"] = extra

@@ -4,7 +4,8 @@
 
 DIR is the output of ``nanoseek extend`` (then every model of the extension is evaluated: (a) the base run
 as trained, (b) the base weights with the final stage's YaRN configuration and no training, (c) each stage)
-or any training run directory (that model alone).
+or any training run directory (that model alone). L is the base run's training length: a run's own, or for
+a stage of an extension evaluated alone, its extension's (so that the buckets and lengths match).
 
 1. Loss by position. N validation windows of the longest length (16L by default) from the base run's own
    validation split. A causal model's loss at position p depends only on tokens <= p, so one forward per
@@ -36,7 +37,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .allocator import keep_freed_memory
-from .config import ModelConfig
+from .config import ModelConfig, read_json_object
 
 # ---------------------------------------------------------------------------------------------- the passkey task
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
@@ -256,8 +257,6 @@ def subjects_of(directory: Path) -> tuple[list[Subject], Path, int]:
         raise FileNotFoundError(f"{directory}: no such extension or run directory")
     plan_file = directory / "extend.json"
     if plan_file.is_file():
-        from .config import read_json_object
-
         plan = read_json_object(plan_file)
         base = Path(plan["base"])
         L = int(plan["base_length"])
@@ -277,9 +276,20 @@ def subjects_of(directory: Path) -> tuple[list[Subject], Path, int]:
         raise FileNotFoundError(f"{directory} is neither a `nanoseek extend` output (extend.json) nor a training run "
                                 "(train_config.json)")
     cfg = TrainConfig.load(cfg_file)
-    mc = ModelConfig.from_hf(directory)
-    L = mc.original_max_position_embeddings if mc.yarn else cfg.seq_len
+    L = _extension_base_length(directory) or cfg.seq_len  # a stage alone: its extension's L, as evaluated together
     return [Subject(f"{directory.name}, trained at {cfg.seq_len}", directory, trained_length=cfg.seq_len)], directory, L
+
+
+def _extension_base_length(run_dir: Path) -> int | None:
+    """The base length L of the `nanoseek extend` output that ``run_dir`` is a stage of, or None."""
+    plan_file = run_dir.parent / "extend.json"
+    if not plan_file.is_file():
+        return None
+    plan = read_json_object(plan_file)
+    stages = plan.get("stages") if isinstance(plan.get("stages"), list) else []
+    if any(isinstance(st, dict) and st.get("dir") == run_dir.name for st in stages) and "base_length" in plan:
+        return int(plan["base_length"])
+    return None
 
 
 def validation_windows(run_dir: Path, length: int, n: int, log: Callable[[str], None]) -> tuple[torch.Tensor, Any]:

@@ -217,6 +217,12 @@ def test_generate_streams_each_step_and_never_splits_a_character(ckpt, tok, caps
     assert tok.decode(call.prompts[0]).endswith("<｜Assistant｜><think>\n")
 
 
+def test_every_eos_id_of_the_config_stops_generation():
+    tokenizer = SimpleNamespace(eos_token_id=1)
+    model = SimpleNamespace(config=ModelConfig.preset("tiny").replace(eos_token_id=(7, 1, 9)))
+    assert icli._stop_tokens(tokenizer, model) == (1, 7, 9)
+
+
 def test_generate_system_prompt_and_context_clamp(ckpt, tok, capsys, monkeypatch):
     fake = Scripted([tok.encode("ok")])
     _use(monkeypatch, fake)

@@ -353,9 +353,21 @@ def test_hf_aliases_and_nulls():
     assert ModelConfig.from_hf({**d, "num_mtp_layers": 2}).num_nextn_predict_layers == 2
     assert ModelConfig.from_hf(d).num_nextn_predict_layers == 0  # absent: no MTP
     lite = ModelConfig.preset("deepseek-v2-lite").to_hf()
-    parsed = ModelConfig.from_hf({**lite, "n_group": None, "topk_group": None, "q_lora_rank": None,
-                                  "eos_token_id": [100001, 100002]})
+    parsed = ModelConfig.from_hf({**lite, "n_group": None, "topk_group": None, "q_lora_rank": None})
     assert parsed == ModelConfig.preset("deepseek-v2-lite")
+
+
+def test_several_eos_ids_and_pad_id_survive_a_round_trip():
+    lite = ModelConfig.preset("deepseek-v2-lite").to_hf()
+    parsed = ModelConfig.from_hf({**lite, "eos_token_id": [100001, 100002], "pad_token_id": 100001})
+    assert parsed.eos_token_id == (100001, 100002)
+    again = ModelConfig.from_hf(json.loads(json.dumps(parsed.to_hf())))
+    assert again.to_hf()["eos_token_id"] == [100001, 100002] and again.to_hf()["pad_token_id"] == 100001
+    assert again == parsed
+    assert ModelConfig.from_hf({**lite, "eos_token_id": []}).eos_token_id is None
+    for key, bad in (("eos_token_id", "x"), ("eos_token_id", [1, -2]), ("bos_token_id", [1]), ("bos_token_id", 1.5)):
+        with pytest.raises(ValueError, match=key):
+            ModelConfig.from_hf({**lite, key: bad})
 
 
 # ---------------------------------------------------------------------------- files

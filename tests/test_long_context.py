@@ -9,6 +9,7 @@ clamped ramp, the position-interpolation property) and the recipe is checked to 
 
 import json
 import math
+import shutil
 import sysconfig
 from pathlib import Path
 
@@ -252,6 +253,7 @@ def test_recipe_reproduces_deepseek_v3_settings(tmp_path):
     ([], None, "at least one stage"),
     ([4, 16], 8.0, "--factor 8 is below 16"),
     ([4, 16], float("inf"), "--factor must be a finite number, got inf"),
+    ([4, 100000], None, "--stages: 100000 x 128 = 12800000 tokens is longer than the 1048576"),
 ])
 def test_recipe_rejects_bad_stages(tmp_path, multiples, factor, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -350,6 +352,20 @@ def test_init_from_trains_with_the_sources_tokenizer(extended):
     initialize_from(model, base, tt.load_tokenizer(base))
     with pytest.raises(ValueError, match=r"its tokenizer differs from this run's \(\d+ of 300 tokens"):
         initialize_from(model, base, other)
+
+
+def test_eval_long_base_length_is_the_same_for_a_run_its_extension_and_a_stage(extended):
+    from nanoseek.eval_long import subjects_of
+
+    root, _ = extended
+    stage = json.loads((root / "ext" / "extend.json").read_text())["stages"][0]["dir"]
+    assert [subjects_of(d)[2] for d in (root / "base", root / "ext", root / "ext" / stage)] == [32, 32, 32]
+    # a base run whose own config has YaRN (original length 128) but trained at 32: extend's L is 32, so here too
+    run = root / "yarn-run"
+    run.mkdir(exist_ok=True)
+    shutil.copy(root / "base" / "train_config.json", run)
+    (run / "config.json").write_text(json.dumps(ModelConfig.preset("tiny").to_hf()))
+    assert ModelConfig.from_hf(run).original_max_position_embeddings == 128 and subjects_of(run)[2] == 32
 
 
 def test_eval_long_end_to_end(extended, capsys):

@@ -359,14 +359,15 @@ def test_router_without_group_limit_and_without_norm():
 U8 = [6.0, 1.0, 5.0, 0.5, 4.5, 4.4, 0.2, 0.1]
 
 
-@pytest.mark.parametrize("method, norm, expected", [
-    ("greedy", False, {0, 2, 4}),               # the global top-3
-    ("group_limited_greedy", False, {0, 2, 1}),  # groups by max: g0 (6), g1 (5)
-    ("group_limited_greedy", True, {0, 2, 1}),
+@pytest.mark.parametrize("method, norm, model_type, expected", [
+    ("greedy", False, "deepseek_v2", {0, 2, 4}),               # the global top-3
+    ("group_limited_greedy", False, "deepseek_v2", {0, 2, 1}),  # groups by max: g0 (6), g1 (5)
+    ("group_limited_greedy", True, "deepseek_v2", {0, 2, 1}),   # normalized, then not scaled (DeepSeek-V2's code)
+    ("group_limited_greedy", True, "deepseek_v3", {0, 2, 1}),   # normalized, then scaled (DeepSeek-V3's code)
 ])
-def test_router_softmax_by_hand(method, norm, expected):
+def test_router_softmax_by_hand(method, norm, model_type, expected):
     router = _router(8, scoring_func="softmax", topk_method=method, n_group=4, topk_group=2, num_experts_per_tok=3,
-                     routed_scaling_factor=16.0, norm_topk_prob=norm)
+                     routed_scaling_factor=16.0, norm_topk_prob=norm, model_type=model_type)
     assert router.e_score_correction_bias is None
     x = torch.log(torch.tensor(U8))[None]
     w, idx, scores = router(x)
@@ -375,8 +376,9 @@ def test_router_softmax_by_hand(method, norm, expected):
     assert _sets(idx) == [expected]
     chosen = sum(U8[e] for e in expected)
     for e in expected:
-        g = U8[e] / chosen if norm else U8[e] / total
-        assert _gate_of(w, idx, e) == pytest.approx(16.0 * g, rel=1e-5)
+        g = U8[e] / chosen if norm else 16.0 * U8[e] / total
+        scale = 16.0 if norm and model_type == "deepseek_v3" else 1.0
+        assert _gate_of(w, idx, e) == pytest.approx(scale * g, rel=1e-5)
 
 
 def test_router_top1_normalized_gate_is_the_scale():

@@ -49,3 +49,11 @@ def test_lambda_and_gamma_switch_to_their_later_values():
     assert cfg.replace(balance="aux").effective_balance_alpha == 0.01
     assert cfg.replace(balance="none").effective_balance_alpha == 0.0
     assert cfg.replace(balance="aux", balance_alpha=0.05).effective_balance_alpha == 0.05
+
+
+def test_switch_and_decay_steps_ignore_float_noise():
+    # 0.68 x 10000 = 6800.000000000001 and 0.29 x 100 = 28.999999999999996 in binary floating point
+    cfg = TrainConfig(steps=10000, mtp_lambda=0.3, mtp_lambda_later=0.1, mtp_lambda_switch=0.68)
+    assert optim.mtp_lambda(6799, cfg) == 0.3 and optim.mtp_lambda(6800, cfg) == 0.1
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=0, decay_start=0.29, min_lr_ratio=0.1)
+    assert optim.learning_rate(29, cfg) == 1e-3 and optim.learning_rate(30, cfg) < 1e-3

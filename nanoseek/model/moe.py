@@ -39,6 +39,8 @@ class Router(nn.Module):
         self.topk_method = config.topk_method
         self.norm_topk_prob = config.norm_topk_prob
         self.routed_scaling_factor = config.routed_scaling_factor
+        # DeepSeek-V2's code scales the gates only when it does not normalize them; V3's scales them always
+        self.scale_normalized = config.model_type == "deepseek_v3"
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size))  # centroids e_i
         if self.topk_method == "noaux_tc":
             # b_i: used for selection only, updated outside backprop (SPEC §4)
@@ -87,8 +89,10 @@ class Router(nn.Module):
         topk_idx_TK = choice_TE.topk(self.top_k, dim=-1, sorted=False).indices
         weights_TK = scores_TE.gather(1, topk_idx_TK)  # gate values use the unbiased s_i
         if self.norm_topk_prob:  # g = s / sum over the selected k (for k = 1 that is 1, as in transformers)
-            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
-        return weights_TK * self.routed_scaling_factor, topk_idx_TK, scores_TE
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)  # SPEC §4
+            if not self.scale_normalized:
+                return weights_TK, topk_idx_TK, scores_TE
+        return weights_TK * self.routed_scaling_factor, topk_idx_TK, scores_TE  # routed_scaling_factor (SPEC §4)
 
 
 def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:

@@ -21,6 +21,7 @@ DTYPES = ("bf16", "bf16-weights", "fp32")
 MIN_VOCAB = 258  # 256 byte tokens + bos + eos
 MAX_VOCAB = 1 << 20
 MIN_SEQ_LEN = 8
+MAX_SEQ_LEN = 1 << 20
 
 # Fields that may differ when a run is resumed (they change neither the model, the data stream nor the
 # optimization up to the checkpoint). Everything else must match the checkpoint's train_config.json.
@@ -121,8 +122,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every",
                      "keep_checkpoints", "log_every", "max_bad_steps"):
             positive_int(name)
-        if not isinstance(self.seq_len, int) or not MIN_SEQ_LEN <= self.seq_len <= 1 << 20:
-            raise ValueError(f"--seq-len must be an integer in [{MIN_SEQ_LEN}, {1 << 20}], got {self.seq_len!r}")
+        if not isinstance(self.seq_len, int) or not MIN_SEQ_LEN <= self.seq_len <= MAX_SEQ_LEN:
+            raise ValueError(f"--seq-len must be an integer in [{MIN_SEQ_LEN}, {MAX_SEQ_LEN}], got {self.seq_len!r}")
         if self.tokenizer is None and (not isinstance(self.vocab_size, int)
                                        or not MIN_VOCAB <= self.vocab_size <= MAX_VOCAB):
             raise ValueError(f"--vocab-size must be an integer in [{MIN_VOCAB}, {MAX_VOCAB}] (256 bytes + bos + eos "

@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable
 
 from ..config import ModelConfig
 from . import checkpoint as ckpt_io
-from .config import TrainConfig
+from .config import MAX_SEQ_LEN, TrainConfig
 
 V3_STEPS_PER_STAGE = 1000
 CORPUS_MULTIPLE = 4  # a stage's corpus holds about this many times the tokens it trains on
@@ -98,6 +98,9 @@ def plan_stages(base: TrainConfig, base_model: ModelConfig, out: Path, base_dir:
         if isinstance(m, bool) or not isinstance(m, int) or m * L <= previous:
             raise ValueError(f"--stages: each stage must be longer than the one before: {m} x {L} = "
                              f"{m * L if isinstance(m, int) else m} is not above {previous}")
+        if m * L > MAX_SEQ_LEN:
+            raise ValueError(f"--stages: {m} x {L} = {m * L} tokens is longer than the {MAX_SEQ_LEN} a training "
+                             "window may hold")
         lengths.append(m * L)
         previous = m * L
     original = base_model.original_max_position_embeddings if base_model.yarn else L

@@ -54,7 +54,7 @@ def learning_rate(step: int, cfg) -> float:
     total, warmup = cfg.steps, cfg.warmup_steps
     if warmup and step < warmup:
         return cfg.lr * (step + 1) / warmup
-    decay_from = max(warmup, int(cfg.decay_start * total))
+    decay_from = max(warmup, math.floor(_steps(cfg.decay_start, total)))
     if step < decay_from:
         return cfg.lr
     span = max(1, total - 1 - decay_from)
@@ -63,9 +63,14 @@ def learning_rate(step: int, cfg) -> float:
     return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _steps(fraction: float, total: int) -> float:
+    """fraction x total steps, without float noise: 0.68 x 10000 is 6800.000000000001 in binary floating point."""
+    return round(fraction * total, 9)
+
+
 def switched(step: int, total: int, first: float, later: float, switch: float) -> float:
     """``first`` before step switch * total, ``later`` from there on."""
-    return first if step < switch * total else later
+    return first if step < _steps(switch, total) else later
 
 
 def mtp_lambda(step: int, cfg) -> float:
