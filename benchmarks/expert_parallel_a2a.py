@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from nanoseek.atomic import atomic_write_text
 from nanoseek.config import ModelConfig
 from nanoseek.distributed.spawn import run_spawned
 
@@ -98,7 +99,7 @@ def main() -> None:
               "are exact counts."]
     print("\n".join(lines))
     if not args.no_write:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        atomic_write_text(args.out, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,11 +8,11 @@ step like benchmarks/train_step.py. Variants:
   fused-adamw       torch.optim.AdamW(fused=True): one fused kernel per parameter instead of ~10 elementwise
                     passes over parameters, gradients and moments
   experts-dispatch  (historical: written against the dispatch of an earlier commit, without the bf16 padding of
-                    moe.PAD_ROWS) RoutedExperts.forward with a cheaper dispatch and combine: gather the token rows with
-                    index_select (its backward is index_add_, not the accumulating index_put_ of x[idx]), multiply
-                    the gate weights in the compute dtype, and combine by un-sorting (index_select with the inverse
-                    permutation) and summing the k rows of each token (view(T, K, D).sum(1)) instead of index_add_
-                    into zeros; the grouped matmuls are unchanged
+                    experts.PAD_ROWS) RoutedExperts.forward with a cheaper dispatch and combine: gather the token
+                    rows with index_select (its backward is index_add_, not the accumulating index_put_ of x[idx]),
+                    multiply the gate weights in the compute dtype, and combine by un-sorting (index_select with
+                    the inverse permutation) and summing the k rows of each token (view(T, K, D).sum(1)) instead of
+                    index_add_ into zeros; the grouped matmuls are unchanged
   all               fused-adamw + experts-dispatch
   math-sdpa         undo the padded-v change of d86a0b7: force SDPA's math backend (what unequal q/k and v head
                     dims got before), to show what the fused CPU kernel is worth (fp32; in bf16 on the CPU training
@@ -55,7 +55,7 @@ VARIANTS = ("baseline", "fused-adamw", "experts-dispatch", "all", "math-sdpa", "
 # ---------------------------------------------------------------------------------------------- patches
 def experts_dispatch_forward(self, x_TD, weights_TK, idx_TK):
     """RoutedExperts.forward with index_select gather and an un-sort + sum combine (same math)."""
-    from nanoseek.model.moe import _grouped_mm_ok
+    from nanoseek.model.experts import _grouped_mm_ok
 
     T, K = idx_TK.shape
     D = x_TD.shape[-1]

@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanoseek import DeepSeekV3, ModelConfig  # noqa: E402
+from nanoseek.atomic import atomic_write_text  # noqa: E402
 from nanoseek.distributed.spawn import run_spawned  # noqa: E402
 
 SCHEDULES = ("1f1b", "dualpipev")
@@ -314,7 +315,7 @@ def main() -> None:
              f"{' '.join(f'{x:.2f}' for x in load1)} after (waited {waited:.0f} s for a quiet machine)")
     text = report(results, args, model_config(args), time.perf_counter() - t0, start_machine, loads)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    atomic_write_text(args.out, text)
     print(text)
 
 

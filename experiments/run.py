@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from nanoseek.atomic import atomic_savefig, atomic_write_json, atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 SCRATCH = Path("/tmp/nanoseek-exp/runs")
 LAST_STEPS = 20  # MaxVio_batch is averaged over the last LAST_STEPS training steps
@@ -90,7 +92,7 @@ def train_arm(arm: str, steps: int, eval_every: int, scratch: Path, force: bool)
     with open(scratch / f"{arm}.log", "w") as f:
         subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
     dt = time.time() - t0
-    (run / "experiment_cmd.json").write_text(json.dumps(cmd))
+    atomic_write_text(run / "experiment_cmd.json", json.dumps(cmd))
     log(f"{arm}: done in {dt / 60:.1f} min")
     return run, cmd, dt
 
@@ -199,7 +201,7 @@ def plot_series(runs: list[tuple[str, Path]], panels: list[tuple[str, str, str, 
         ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -285,11 +287,11 @@ def load_balance(args, runs_done: dict) -> None:
         *[cmds[a] for _, a in LB_ARMS],
         "```",
     ]
-    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "results.json").write_text(json.dumps(
-        {"steps": args.steps, "arms": {a: {"label": l, **s, "command": cmds[a]} for l, a, s in rows},
-         "paper": {"maxvio_global": {"loss_free": 0.04, "aux": 0.72}, "val_ppl": {"loss_free": 9.50, "aux": 9.56}}},
-        indent=2) + "\n")
+    atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
+    atomic_write_json(out_dir / "results.json",
+                      {"steps": args.steps, "arms": {a: {"label": l, **s, "command": cmds[a]} for l, a, s in rows},
+                       "paper": {"maxvio_global": {"loss_free": 0.04, "aux": 0.72},
+                                 "val_ppl": {"loss_free": 9.50, "aux": 9.56}}})
     log(f"wrote {out_dir / 'results.md'}")
 
 
@@ -308,7 +310,7 @@ def mtp(args, runs_done: dict) -> None:
         else:
             log(f"{arm}: measuring MTP acceptance on the validation set")
             acc = {**mtp_acceptance(run), "steps": s["steps"]}
-            acc_path.write_text(json.dumps(acc))
+            atomic_write_text(acc_path, json.dumps(acc))
         s.update(acc)
         rows.append((label, arm, s))
         cmds[arm] = shlex.join(cmd)
@@ -390,9 +392,9 @@ def mtp(args, runs_done: dict) -> None:
         *[cmds[a] for _, a, _ in rows],
         "```",
     ]
-    (out_dir / "results.md").write_text("\n".join(lines) + "\n")
-    (out_dir / "results.json").write_text(json.dumps(
-        {"steps": args.steps, "arms": {a: {"label": l, **s, "command": cmds[a]} for l, a, s in rows}}, indent=2) + "\n")
+    atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
+    atomic_write_json(out_dir / "results.json",
+                      {"steps": args.steps, "arms": {a: {"label": l, **s, "command": cmds[a]} for l, a, s in rows}})
     log(f"wrote {out_dir / 'results.md'}")
 
 

@@ -6,4 +6,4 @@ from .inference import generate
 from .tokenizer import Tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["DeepSeekV3", "ModelConfig", "ModelOutput", "Tokenizer", "__version__"]
+__all__ = ["DeepSeekV3", "ModelConfig", "ModelOutput", "Tokenizer", "generate", "__version__"]

@@ -21,9 +21,11 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 class ModelConfig:
     """Architecture of a DeepSeek-V3-style model.
 
-    Attributes mirror the Hugging Face ``DeepseekV3Config`` names. ``q_lora_rank`` of ``None`` (or 0)
-    means a plain ``q_proj`` without query compression (DeepSeek-V2-Lite). YaRN is active when
-    ``rope_scaling_type == "yarn"``.
+    Attributes mirror the Hugging Face ``DeepseekV3Config`` names, except the YaRN fields, which flatten its
+    ``rope_scaling`` dict: ``rope_scaling_type`` and ``rope_factor`` are its ``type`` and ``factor``;
+    ``original_max_position_embeddings``, ``beta_fast``, ``beta_slow``, ``mscale`` and ``mscale_all_dim`` keep
+    their names. ``q_lora_rank`` of ``None`` (or 0) means a plain ``q_proj`` without query compression
+    (DeepSeek-V2-Lite). YaRN is active when ``rope_scaling_type == "yarn"``.
     """
 
     vocab_size: int = 129280
@@ -313,7 +315,7 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    """m(s, k) = 0.1 k ln s + 1 for s > 1, else 1 (SPEC §2; YaRN eq. for the attention temperature)."""
+    """m(s, k) = 0.1 k ln s + 1 for s > 1, else 1 (SPEC §2): the attention temperature of YaRN (arXiv 2309.00071)."""
     if scale <= 1.0:
         return 1.0
     return 0.1 * mscale * math.log(scale) + 1.0

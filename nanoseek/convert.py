@@ -2,7 +2,7 @@
 
 The public DeepSeek-V3/R1 weights store most Linear weights as float8_e4m3fn ``x.weight`` with an fp32
 ``x.weight_scale_inv`` of shape [ceil(out/128), ceil(in/128)]. :func:`convert_fp8_checkpoint` writes a checkpoint
-every loader reads: each FP8 weight dequantized (:func:`nanoseek.hf.dequantize_fp8`) to the target dtype, the
+every loader reads: each FP8 weight dequantized (:func:`nanoseek.fp8.dequantize_fp8`) to the target dtype, the
 scale tensors dropped, every other tensor copied unchanged, each shard under its own name,
 ``model.safetensors.index.json`` without the scale keys, ``config.json`` without ``quantization_config``, and the
 checkpoint's other files (tokenizer, generation config, ...) copied. Memory is bounded by one shard: the whole
@@ -25,12 +25,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import fsync_dir, fsync_tree
 from .config import read_config_json
-from .hf import CheckpointError, dequantize_fp8, fp8_block_size
+from .errors import CheckpointError
+from .fp8 import SCALE_SUFFIX, dequantize_fp8, fp8_block_size
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-SCALE_SUFFIX = "_scale_inv"
 _FP8 = ("F8_E4M3", "F8_E5M2")
 
 
@@ -185,8 +186,10 @@ def convert_fp8_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype
                 shutil.copytree(item, tmp / item.name, symlinks=True)
             else:
                 shutil.copy2(item, tmp / item.name)
+        fsync_tree(tmp)
         os.replace(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(dst.parent)
     return ConvertReport(path=dst, shards=len(shards), tensors=tensors, dequantized=dequantized, total_bytes=total)

@@ -18,7 +18,7 @@ a stage of an extension evaluated alone, its extension's (so that the buckets an
    teacher-forced, each of the key's tokens is the argmax given the ones before it, so one forward per
    example scores it exactly. Every example is exactly ``length`` tokens (bos and eos included), so that a
    training example fills one training window (see nanoseek.train.extend). Evaluation depths (EVAL_DEPTHS) are
-   disjoint from training depths (TRAIN_DEPTHS) and the keys come from a different seed.
+   disjoint from training depths (TRAIN_DEPTHS) and the keys come from a different seed (nanoseek.passkey).
 
 The latent cache that makes long inputs affordable is reported too (:func:`cache_report`): per token, MLA
 caches (d_c + d_R) x layers elements against 2 x heads x d_h x layers for a multi-head cache (SPEC §1, §3).
@@ -26,9 +26,7 @@ caches (d_c + d_R) x layers elements against 2 x heads x d_h x layers for a mult
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,104 +35,9 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .allocator import keep_freed_memory
+from .atomic import atomic_savefig, atomic_write_json
 from .config import ModelConfig, read_json_object
-
-# ---------------------------------------------------------------------------------------------- the passkey task
-PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
-PASSKEY_QUESTION = "What is the pass key? The pass key is {key}"
-TRAIN_DEPTHS = tuple(round(0.05 + 0.1 * i, 2) for i in range(10))  # 0.05, 0.15, ..., 0.95
-EVAL_DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # held out: none is a training depth
-EVAL_SEED = 1_000_003  # keys and filler phases of evaluation examples (training uses the run's seed)
-
-
-@dataclass
-class PasskeyExample:
-    """One passkey document: ``ids`` (without bos / eos; len(ids) + 2 == length), whose last ``answer_len``
-    tokens spell ``key``; ``depth`` is the fraction of the filler placed before the needle."""
-
-    text: str
-    ids: list[int]
-    key: str
-    answer_len: int
-    length: int
-    depth: float
-
-
-class PasskeyMaker:
-    """Builds passkey documents of an exact token length with a given tokenizer (a ``tokenizers.Tokenizer``).
-
-    Layout, one part per line: filler before, the needle, filler after, the question followed by the key. The
-    filler is PASSKEY_FILLER's words, cycled; its word count is searched so the document has exactly the
-    requested tokens, and the last few tokens are filled with a word that is one token on its own.
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.words = PASSKEY_FILLER.split()
-        pads = [w for w in dict.fromkeys(w.strip(".") for w in self.words) if len(self._encode(" " + w)) == 1]
-        if not pads:
-            raise ValueError("the tokenizer has no single-token filler word: cannot build passkey examples of an "
-                             "exact length")
-        self.pad = pads[0]
-
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
-
-    def _text(self, key: str, depth: float, n_words: int, n_pad: int, phase: int) -> str:
-        before = round(depth * n_words)
-        words = [self.words[(phase + i) % len(self.words)] for i in range(n_words)]
-        head, tail = words[:before], words[before:]
-        (head if depth >= 0.5 else tail).extend([self.pad] * n_pad)  # pad on the longer side: depth barely moves
-        parts = [" ".join(head), PASSKEY_NEEDLE.format(key=key), " ".join(tail), PASSKEY_QUESTION.format(key=key)]
-        return "\n".join(p for p in parts if p)
-
-    def make(self, length: int, depth: float, key: str, phase: int = 0) -> PasskeyExample:
-        """A document of exactly ``length`` tokens counting bos and eos (ValueError when that cannot be met)."""
-        if not 0.0 <= depth <= 1.0:
-            raise ValueError(f"passkey depth must be in [0, 1], got {depth}")
-        target = length - 2
-
-        def count(words: int, pad: int = 0) -> int:  # tokens of the text with this much filler
-            return len(self._encode(self._text(key, depth, words, pad, phase)))
-
-        if count(0) > target:
-            raise ValueError(f"a passkey example needs at least {count(0) + 2} tokens with this tokenizer, "
-                             f"got length {length} (leave passkeys out with `extend --passkey-fraction 0` or "
-                             f"`eval-long --passkey-samples 0`)")
-        hi = 1
-        while count(hi) <= target:  # the filler grows by at least one token per word
-            hi *= 2
-        lo = hi // 2 if hi > 1 else 0  # count(lo) <= target < count(hi)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if count(mid) <= target else (lo, mid)
-        for words in range(lo, max(-1, lo - 8), -1):  # pad the remainder with single tokens
-            pad = target - count(words)
-            if count(words, pad) == target:
-                text = self._text(key, depth, words, pad, phase)
-                return self._example(text, key, length, depth)
-        raise ValueError(f"could not build a passkey example of exactly {length} tokens")
-
-    def _example(self, text: str, key: str, length: int, depth: float) -> PasskeyExample:
-        ids = self._encode(text)
-        for cut in (len(text) - len(key), len(text) - len(key) - 1):  # the key alone, or with its space
-            prefix = self._encode(text[:cut])
-            if ids[: len(prefix)] == prefix and self.tokenizer.decode(ids[len(prefix):]).strip() == key:
-                return PasskeyExample(text, ids, key, len(ids) - len(prefix), length, depth)
-        raise ValueError("the tokenizer merges the pass key with the text before it: cannot locate the answer")
-
-
-def passkey_examples(tokenizer, lengths: list[int], depths: list[float], n: int, seed: int) -> list[PasskeyExample]:
-    """n examples per (length, depth), keys uniform in [10000, 99999] and filler phases from ``seed``."""
-    maker, rng = PasskeyMaker(tokenizer), random.Random(seed)
-    out = []
-    for length in lengths:
-        for depth in depths:
-            for _ in range(n):
-                key = str(rng.randrange(10000, 100000))
-                out.append(maker.make(length, depth, key, phase=rng.randrange(len(maker.words))))
-    return out
+from .passkey import EVAL_DEPTHS, EVAL_SEED, PasskeyExample, passkey_examples
 
 
 # ---------------------------------------------------------------------------------------------- chunked prefill
@@ -151,7 +54,7 @@ def prefill_hidden(model, ids: torch.Tensor, chunk: int | None = None) -> Iterat
     B, T = ids.shape
     cache = LatentCache.for_model(model, B, T)
     for start, stop in chunks(T, chunk):
-        pos = torch.arange(start, stop, device=ids.device).expand(B, stop - start)
+        pos = torch.arange(start, stop, device=ids.device).expand(B, stop - start)  # (B, stop - start)
         yield start, stop, model.forward_cached(ids[:, start:stop], pos, cache, absorb=False)
 
 
@@ -165,7 +68,8 @@ def position_losses(model, windows: torch.Tensor, chunk: int | None = None, batc
     for i in range(0, N, batch_size):
         batch = windows[i: i + batch_size].to(device)
         for start, stop, hidden in prefill_hidden(model, batch[:, :-1], chunk):
-            logits = model.lm_head(hidden).float()  # (B, chunk, V): one chunk's logits at a time
+            logits = model.lm_head(hidden).float()  # (B, C, V), C = stop - start: one chunk's logits at a time
+            # (B*C, V) logits, (B*C,) labels -> ce (B, C)
             ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, start + 1: stop + 1].flatten(),
                                                    reduction="none").view(len(batch), -1)
             total[start:stop] += ce.sum(0).double().cpu()
@@ -464,7 +368,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / "loss_by_position.png"
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     paths.append(path)
     if results["passkey_samples"]:
@@ -490,7 +394,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.suptitle(f"Passkey retrieval ({results['passkey_samples']} examples per cell; held-out depths; "
                      "black line: training length)", fontsize=9)
         path = out_dir / "passkey.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
+        atomic_savefig(fig, path, dpi=110, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
     return paths
@@ -523,9 +427,9 @@ def register(subparsers) -> None:
     p.add_argument("--chunk", type=int, default=None, help="prefill chunk in tokens (default: generate's, 512)")
     p.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
     p.add_argument("--threads", type=int, help="torch threads")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--out", help="output directory (default DIR/eval-long)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval_long)
 
 
@@ -549,19 +453,18 @@ def cmd_eval_long(args) -> int:
         raise ValueError(f"--threads must be positive, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device:
-        from .devices import pick_device
+    from .devices import pick_device
 
-        pick_device(args.device)  # a one-line error for a device that does not exist here
+    device = str(pick_device(args.device))  # a one-line error for a device that does not exist here
     out = Path(args.out or Path(args.directory) / "eval-long")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     results = evaluate(args.directory, lengths=_int_list(args.lengths) if args.lengths else None,
                        passkey_lengths=_int_list(args.passkey_lengths) if args.passkey_lengths else None,
                        depths=depths, windows=args.windows, passkey_samples=args.passkey_samples, chunk=args.chunk,
-                       batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+                       batch_size=args.batch_size, device=device, progress=not args.no_progress)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_json(out / "results.json", results, indent=1)
     paths = plot(results, out)
     print(markdown_tables(results))
     print(format_cache_report("deepseek-v3", results["cache_deepseek_v3_128k"]))

@@ -24,16 +24,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .atomic import fsync_dir, fsync_tree
 from .config import ModelConfig, read_config_json
 from .devices import pick_device
+from .errors import CheckpointError
+from .fp8 import SCALE_SUFFIX, dequantize_fp8, fp8_block_size, fp8_scale_shape
 from .model import DeepSeekV3
 
-FP8_BLOCK = 128
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read: bad path, malformed config, missing / unexpected / mis-shaped tensors."""
 
 
 # ---------------------------------------------------------------------------- names
@@ -137,56 +135,11 @@ def _mtp_copies(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-# ---------------------------------------------------------------------------- FP8
-def _block_dims(block: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(block, int):
-        return block, block
-    b_out, b_in = block
-    return int(b_out), int(b_in)
-
-
-def fp8_scale_shape(shape: tuple[int, ...], block: int | tuple[int, int] = FP8_BLOCK) -> tuple[int, int]:
-    """(ceil(out / 128), ceil(in / 128)): one scale per weight block."""
-    b_out, b_in = _block_dims(block)
-    return math.ceil(shape[0] / b_out), math.ceil(shape[1] / b_in)
-
-
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.bfloat16,
-                   block: int | tuple[int, int] = FP8_BLOCK) -> torch.Tensor:
-    """weight (out, in) float8_e4m3fn times its per-(128 x 128)-block scale (ceil(out/128), ceil(in/128))."""
-    if weight.dim() != 2:
-        raise CheckpointError(f"FP8 weight must be 2-D, got shape {tuple(weight.shape)}")
-    out_dim, in_dim = weight.shape
-    b_out, b_in = _block_dims(block)
-    expected = fp8_scale_shape((out_dim, in_dim), (b_out, b_in))
-    if tuple(scale_inv.shape) != expected:
-        raise CheckpointError(f"FP8 scale of shape {tuple(scale_inv.shape)} does not match weight "
-                              f"{tuple(weight.shape)} (expected {expected})")
-    scale = scale_inv.float().repeat_interleave(b_out, 0)[:out_dim].repeat_interleave(b_in, 1)[:, :in_dim]
-    return (weight.float() * scale).to(dtype)
-
-
-def quantize_fp8(weight: torch.Tensor, block: int | tuple[int, int] = FP8_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-wise FP8 quantization as in the public checkpoints: (float8_e4m3fn weight, fp32 scale_inv) with
-    ``dequantize_fp8(*quantize_fp8(w)) ~= w``."""
-    out_dim, in_dim = weight.shape
-    b_out, b_in = _block_dims(block)
-    rows, cols = fp8_scale_shape((out_dim, in_dim), (b_out, b_in))
-    padded = weight.new_zeros(rows * b_out, cols * b_in, dtype=torch.float32)
-    padded[:out_dim, :in_dim] = weight.float()
-    blocks = padded.view(rows, b_out, cols, b_in)
-    amax = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12)
-    scale = amax / torch.finfo(torch.float8_e4m3fn).max  # (rows, cols)
-    q = (blocks / scale[:, None, :, None]).to(torch.float8_e4m3fn).view(rows * b_out, cols * b_in)
-    return q[:out_dim, :in_dim].contiguous(), scale
-
-
 # ---------------------------------------------------------------------------- reading
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-_SCALE_SUFFIX = "_scale_inv"
 
 
 @dataclass(frozen=True)
@@ -266,7 +219,7 @@ def _target_dtype(dtype: torch.dtype | None, raw: dict, entries: dict[str, _Entr
         return torch.bfloat16
     sizes: Counter[str] = Counter()
     for key, e in entries.items():
-        if e.is_float and not _keeps_fp32(key) and not key.endswith(_SCALE_SUFFIX):
+        if e.is_float and not _keeps_fp32(key) and not key.endswith(SCALE_SUFFIX):
             sizes[e.dtype] += math.prod(e.shape)
     if not sizes:
         return torch.float32
@@ -274,27 +227,6 @@ def _target_dtype(dtype: torch.dtype | None, raw: dict, entries: dict[str, _Entr
     if name not in _ST_DTYPES:
         raise CheckpointError(f"unsupported tensor dtype {name} in checkpoint")
     return _ST_DTYPES[name]
-
-
-def fp8_block_size(raw: dict) -> tuple[int, int]:
-    """The (out, in) block of a config.json's FP8 quantization_config (128 x 128 when absent)."""
-    q = raw.get("quantization_config")
-    if not q:
-        return FP8_BLOCK, FP8_BLOCK
-    if not isinstance(q, dict) or q.get("quant_method", "fp8") != "fp8":
-        method = q.get("quant_method") if isinstance(q, dict) else q
-        raise CheckpointError(f"config.json quantization_config quant_method {method!r} is not supported (fp8)")
-    if q.get("fmt", "e4m3") != "e4m3":
-        raise CheckpointError(f"config.json quantization_config fmt {q.get('fmt')!r} is not supported (e4m3)")
-    block = q.get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK]
-    try:
-        b_out, b_in = _block_dims(block)
-        if b_out <= 0 or b_in <= 0:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise CheckpointError(f"config.json quantization_config weight_block_size {block!r} must be two "
-                              "positive integers") from None
-    return b_out, b_in
 
 
 class _ExpertAssembler:
@@ -405,8 +337,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         with _open(file) as f:
             for key in by_file[file]:
                 entry = entries[key]
-                if key.endswith(_SCALE_SUFFIX):
-                    weight = entries.get(key[: -len(_SCALE_SUFFIX)])
+                if key.endswith(SCALE_SUFFIX):
+                    weight = entries.get(key[: -len(SCALE_SUFFIX)])
                     if weight is None or not weight.is_fp8:
                         unexpected.append(key)
                     continue
@@ -432,7 +364,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                 out_dtype = torch.float32 if _keeps_fp32(key) else target
                 try:
                     if entry.is_fp8:
-                        scale_key = key + _SCALE_SUFFIX
+                        scale_key = key + SCALE_SUFFIX
                         scale_entry = entries.get(scale_key)
                         if scale_entry is None:
                             missing_scales.append(scale_key)
@@ -581,6 +513,8 @@ def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, max_shard_bytes:
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
         if path.exists():
             _carry_over(path, tmp)
+        fsync_tree(tmp)
+        if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
             os.replace(path, old)
             try:
@@ -594,6 +528,7 @@ def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, max_shard_bytes:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(path.parent)
     return path
 
 

@@ -51,14 +51,15 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
     flat_NV = logits.reshape(-1, logits.shape[-1]).float()  # (N, V) fp32
-    flat_N = labels.reshape(-1)
+    flat_N = labels.reshape(-1)  # (N,)
     # CE = -log softmax(z)[y] summed over valid positions, divided by their number (SPEC §5: -(1/T) sum log P)
     valid_N = flat_N != ignore_index
     if torch.compiler.is_compiling():
         # the same CE as logsumexp(z) - z_y. Its gradient softmax(z) - onehot(y) needs no sum over the vocabulary,
         # which Inductor ran as a scalar loop for log_softmax + nll_loss; z_y as a masked row sum fuses into the
         # logsumexp's pass, and its gradient into the softmax's (the loss backward of a bench step: 12.3 -> 6.2 ms)
-        onehot_NV = torch.arange(flat_NV.shape[-1], device=flat_N.device) == flat_N.unsqueeze(1)
+        vocab_V = torch.arange(flat_NV.shape[-1], device=flat_N.device)  # (V,)
+        onehot_NV = vocab_V == flat_N.unsqueeze(1)  # (V,) == (N, 1) -> (N, V) bool one-hot of the labels
         target_N = torch.where(onehot_NV, flat_NV, 0.0).sum(-1)
         total = ((torch.logsumexp(flat_NV, dim=-1) - target_N) * valid_N).sum()
     else:
@@ -125,7 +126,7 @@ def sequence_balance_loss(routing_list: Sequence[Routing], n_experts: int, top_k
         s_BTE = scores_BTE.to(torch.promote_types(scores_BTE.dtype, torch.float32))
         # eq. 18: f_i = E/(KT) * number of tokens of the sequence that selected expert i
         hits_BE = torch.zeros(B, E, dtype=s_BTE.dtype, device=s_BTE.device)
-        hits_BE.scatter_add_(1, idx_BTK.reshape(B, T * top_k), hits_BE.new_ones(B, T * top_k))
+        hits_BE.scatter_add_(1, idx_BTK.reshape(B, T * top_k), hits_BE.new_ones(B, T * top_k))  # idx (B, T*K)
         f_BE = hits_BE * (n_experts / (top_k * T))
         # eqs. 19-20: P_i = mean over the sequence of the normalized affinity
         p_BE = (s_BTE / s_BTE.sum(-1, keepdim=True)).mean(dim=1)
@@ -222,6 +223,11 @@ class ExpertLoadTracker:
 
     def __init__(self) -> None:
         self._counts: torch.Tensor | None = None
+
+    @property
+    def empty(self) -> bool:
+        """Nothing added since the last ``take``."""
+        return self._counts is None
 
     def add(self, counts: torch.Tensor) -> None:
         """Accumulate one micro-batch's (n_moe_layers, E) counts (detached, int64)."""

@@ -23,6 +23,7 @@ from typing import Any
 
 import tokenizers
 
+from .atomic import atomic_copy, atomic_path, atomic_write_json
 from .config import read_json_object
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -32,8 +33,6 @@ CHAT_TEMPLATE_DIR = "additional_chat_templates"  # named templates, one ``NAME.j
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"  # legacy
 # Everything :meth:`Tokenizer.save` carries next to a checkpoint (those that exist).
 TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, CHAT_TEMPLATE_FILE, SPECIAL_TOKENS_MAP_FILE)
-# The named special tokens transformers passes to a chat template (``special_tokens_map``).
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 REPLACEMENT_CHAR = "\ufffd"
 
 
@@ -147,13 +146,15 @@ class Tokenizer:
         if src is not None and (src / TOKENIZER_FILE).is_file():
             for name in TOKENIZER_FILES:
                 if (src / name).is_file():
-                    shutil.copyfile(src / name, path / name)
+                    atomic_copy(src / name, path / name)
             if (src / CHAT_TEMPLATE_DIR).is_dir():
-                shutil.copytree(src / CHAT_TEMPLATE_DIR, path / CHAT_TEMPLATE_DIR, dirs_exist_ok=True)
+                shutil.copytree(src / CHAT_TEMPLATE_DIR, path / CHAT_TEMPLATE_DIR, dirs_exist_ok=True,
+                                copy_function=atomic_copy)
             if not (src / TOKENIZER_CONFIG_FILE).is_file() and self.config:
                 self._write_config(path)
             return path
-        self._tok.save(str(path / TOKENIZER_FILE))
+        with atomic_path(path / TOKENIZER_FILE) as tmp:
+            self._tok.save(str(tmp))
         self._write_config(path)
         return path
 
@@ -163,9 +164,7 @@ class Tokenizer:
             config["chat_template"] = self._chat_template
         elif isinstance(self._chat_template, dict):
             config["chat_template"] = [{"name": k, "template": v} for k, v in self._chat_template.items()]
-        tmp = path / f".{TOKENIZER_CONFIG_FILE}.tmp"
-        tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path / TOKENIZER_CONFIG_FILE)
+        atomic_write_json(path / TOKENIZER_CONFIG_FILE, config, ensure_ascii=False)
 
     # ------------------------------------------------------------------ vocabulary
     @property

@@ -167,7 +167,7 @@ def test_compiled_steps_are_reused_across_requests(model):
 @torch.inference_mode()
 def test_larger_batches_compile_one_graph(model):
     """Plain decoding of 5 sequences: 20 expert slots a step outnumber the tiny model's 16 experts, so the step
-    computes every expert for each token (moe.every_expert_swiglu) and stays one graph with static shapes,
+    computes every expert for each token (experts.every_expert_swiglu) and stays one graph with static shapes,
     compiled once. (The sorted path split it at its data-dependent sizes and compiled the pieces again as the
     sizes changed.) Greedy output equals eager output."""
     from torch._dynamo.utils import counters

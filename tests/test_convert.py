@@ -14,7 +14,8 @@ import nanoseek.convert as conv
 from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.cli import main
 from nanoseek.convert import convert_fp8_checkpoint
-from nanoseek.hf import CheckpointError, dequantize_fp8, load_pretrained, quantize_fp8, save_pretrained
+from nanoseek.fp8 import dequantize_fp8, quantize_fp8
+from nanoseek.hf import CheckpointError, load_pretrained, save_pretrained
 
 OTHER_FILES = {"tokenizer.json": '{"fake": "tokenizer"}', "tokenizer_config.json": '{"bos_token": "<s>"}',
                "generation_config.json": '{"temperature": 0.6}'}

@@ -101,6 +101,10 @@ def test_layout_equals_single_process(reference, name):
     assert_same_run(out, root / "single")
     metrics = read_metrics(out / "metrics.jsonl")
     assert of_type(metrics, "val"), "validation ran"
+    val, val_ref = of_type(metrics, "val")[-1], of_type(read_metrics(root / "single" / "metrics.jsonl"), "val")[-1]
+    assert val["val_loss"] == pytest.approx(val_ref["val_loss"], rel=1e-5)
+    assert val["val_mtp_losses"] == pytest.approx(val_ref["val_mtp_losses"], rel=1e-5) and val["val_mtp_losses"]
+    assert val["maxvio_global"] == pytest.approx(val_ref["maxvio_global"], abs=1e-4)
     single = of_type(read_metrics(root / "single" / "metrics.jsonl"), "train")
     assert of_type(metrics, "train")[-1]["expert_counts"] == single[-1]["expert_counts"]  # every layer, all ranks
     rec = of_type(metrics, "train")[-1]
@@ -109,6 +113,75 @@ def test_layout_equals_single_process(reference, name):
     if layout[1] > 1 and schedule == "dualpipev":  # F&B pairs ran (in two threads when EP all-to-alls can overlap)
         assert rec["pp_fb_early_sends"] > 0
         assert (rec["pp_fb_threaded"] > 0) == (layout[0] > 1)
+
+
+def _nan_worker(rank: int, world: int, cfg_dict: dict, out: str) -> str:
+    from nanoseek.distributed.mesh import Layout
+    from nanoseek.distributed.train import ParallelSettings, train_distributed
+    from nanoseek.train.loop import TrainingError
+
+    try:
+        train_distributed(TrainConfig.from_dict(cfg_dict), out, ParallelSettings(Layout(1, 1, 2), timeout_s=60),
+                          log=quiet)
+    except TrainingError as e:
+        return str(e)
+    return "finished"
+
+
+def test_a_nan_streak_keeps_the_last_good_checkpoint(reference):
+    """As in one process: steps with a NaN/inf loss are skipped, logged, neither validated nor saved, and the
+    run stops with the last good checkpoint current (here step 0: a huge learning rate ruins step 1's weights)."""
+    root, cache = reference
+    out = root / "dp2_nan"
+    cfg = base_config(cache, lr=1e38, grad_clip=0.0, save_every=3, eval_every=3, steps=8)
+    messages = run_spawned(_nan_worker, 2, cfg.to_dict(), str(out), timeout_s=120)
+    assert all(m.startswith("stopped: the loss was NaN/inf in 3 consecutive steps") for m in messages)
+    assert "(step-00000000) is intact" in messages[0]
+    metrics = read_metrics(out / "metrics.jsonl")
+    events = [r["event"] for r in of_type(metrics, "event")]
+    assert events.count("nonfinite") == 3 and events[-1] == "stopped"
+    assert not of_type(metrics, "val")
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-00000000"]
+
+
+@pytest.mark.parametrize("layout, schedule", [((1, 1, 2), "dualpipev"), ((1, 2, 1), "dualpipev"),
+                                              ((1, 2, 1), "1f1b")])
+def test_tied_embeddings_equal_single_process(reference, layout, schedule):
+    from nanoseek.train.loop import train
+
+    root, cache = reference
+    cfg = base_config(cache, model_overrides={"num_hidden_layers": 4, "tie_word_embeddings": True})
+    if not (root / "single_tied").exists():
+        train(cfg, root / "single_tied", log=quiet)
+    out = root / f"tied_{'x'.join(map(str, layout))}_{schedule}"
+    run_spawned(_train_worker, 2, cfg.to_dict(), str(out), layout, schedule, False, timeout_s=120)
+    assert_same_run(out, root / "single_tied")
+
+
+@pytest.mark.parametrize("schedule", ["dualpipev", "zbv"])
+def test_two_mtp_depths_in_a_zero_bubble_pipeline_equal_single_process(reference, schedule):
+    from nanoseek.train.loop import train
+
+    root, cache = reference
+    cfg = base_config(cache, mtp_depth=2)
+    if not (root / "single_mtp2").exists():
+        train(cfg, root / "single_mtp2", log=quiet)
+    out = root / f"mtp2_pp2_{schedule}"
+    run_spawned(_train_worker, 2, cfg.to_dict(), str(out), (1, 2, 1), schedule, False, timeout_s=120)
+    assert_same_run(out, root / "single_mtp2")
+
+
+def test_a_collective_failure_is_found_behind_the_pipeline_wrapper():
+    from nanoseek.distributed.train import _collective_failure
+
+    try:
+        try:
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+        except RuntimeError as e:
+            raise RuntimeError("[Stage 1] failed to run forward") from e
+    except RuntimeError as wrapped:
+        assert str(_collective_failure(wrapped)).startswith("Connection closed by peer")
+    assert _collective_failure(ValueError("a bad setting")) is None
 
 
 def test_grad_accum_becomes_pipeline_microbatches(reference):
@@ -264,9 +337,9 @@ def _bf16_moe_and_input():
 
 
 def test_expert_parallel_bf16_pads_each_experts_rows_like_one_process():
-    """bf16 on the CPU with enough rows: each rank pads its experts' rows to multiples of 32 (moe.PAD_ROWS), as
+    """bf16 on the CPU with enough rows: each rank pads its experts' rows to multiples of 32 (experts.PAD_ROWS), as
     one process does, and EP=2 gives one process's output and input gradient."""
-    from nanoseek.model.moe import padded_counts
+    from nanoseek.model.experts import padded_counts
 
     results = run_spawned(_bf16_moe_worker, 2, timeout_s=60)
     moe, x = _bf16_moe_and_input()
@@ -309,3 +382,29 @@ def test_cli_rejects_a_layout_that_does_not_match_the_world(tmp_path, capsys):
         os.environ.update(env)
     assert code != 0
     assert "--ep 4 x --pp 1 x --dp 1 = 4 ranks, but the job has 2" in capsys.readouterr().err
+
+
+def test_demo_under_torchrun_is_one_line(tmp_path, monkeypatch, capsys):
+    from nanoseek.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("nanoseek demo: error: nanoseek demo runs in one process; under torchrun use nanoseek train "
+                   "with --ep / --pp / --dp")
+
+
+def test_microbatches_that_do_not_split_the_batch_fail_before_training(reference):
+    root, cache = reference
+    out = root / "bad_microbatches"
+    with pytest.raises(RuntimeError, match="--microbatches 3: each data rank's 8 sequences"):
+        run_spawned(_microbatch_worker, 2, base_config(cache).to_dict(), str(out), timeout_s=120)
+    assert not (out / "checkpoints").exists()
+
+
+def _microbatch_worker(rank: int, world: int, cfg_dict: dict, out: str) -> None:
+    from nanoseek.distributed.mesh import Layout
+    from nanoseek.distributed.train import ParallelSettings, train_distributed
+
+    train_distributed(TrainConfig.from_dict(cfg_dict), out,
+                      ParallelSettings(Layout(1, 2, 1), microbatches=3, timeout_s=60), log=quiet)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek import hf as hf_mod
-from nanoseek.hf import CheckpointError, dequantize_fp8, load_pretrained, quantize_fp8, save_pretrained
+from nanoseek.fp8 import dequantize_fp8, quantize_fp8
+from nanoseek.hf import CheckpointError, load_pretrained, save_pretrained
 
 TINY = ModelConfig.preset("tiny")
 SHARD_BYTES = 64 * 1024

@@ -18,10 +18,10 @@ import torch
 
 from nanoseek import ModelConfig
 from nanoseek.cli import main
-from nanoseek.eval_long import (EVAL_DEPTHS, TRAIN_DEPTHS, PasskeyExample, PasskeyMaker, cache_report,
-                                passkey_correct, position_losses, prefill_hidden)
+from nanoseek.eval_long import cache_report, passkey_correct, position_losses, prefill_hidden
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.rope import RotaryEmbedding, rope_attention_factor, rope_frequencies, yarn_correction_range
+from nanoseek.passkey import EVAL_DEPTHS, TRAIN_DEPTHS, PasskeyExample, PasskeyMaker
 from nanoseek.train import TrainConfig, train
 from nanoseek.train.extend import plan_stages, stage_batch, write_split_jsonl
 from nanoseek.train.optim import learning_rate
@@ -229,14 +229,16 @@ def test_recipe_stages_scaled_to_a_demo_run(tmp_path):
 
 
 def test_recipe_reproduces_deepseek_v3_settings(tmp_path):
-    """A V3-like base (4K, 15360 sequences per step, final lr 7.3e-6) extended 8x then 32x with s = 40 gets
-    V3's configuration: the preset's rope_scaling, batches of 1920 and 480, lr 7.3e-6."""
+    """A V3-like base (4K, 15360 sequences per step, V3's schedule with its tails, so a final lr of 7.3e-6)
+    extended 8x then 32x with s = 40 gets V3's configuration: the preset's rope_scaling, batches of 1920 and 480,
+    lr 7.3e-6."""
     v3 = ModelConfig.preset("deepseek-v3")
     base_model = v3.replace(rope_scaling_type=None, rope_factor=1.0, max_position_embeddings=4096)
     base = TrainConfig(preset="deepseek-v3", model_overrides={"rope_scaling_type": None, "rope_factor": 1.0,
                                                               "max_position_embeddings": 4096},
-                       seq_len=4096, batch_size=15360, steps=1000, lr=2.2e-4, min_lr_ratio=7.3e-6 / 2.2e-4,
-                       warmup_steps=10)
+                       seq_len=4096, batch_size=15360, steps=1000, lr=2.2e-4, min_lr_ratio=0.1,
+                       decay_start=10 / 14.8, decay_end=14.3 / 14.8, final_start=14.633 / 14.8,
+                       final_lr_ratio=7.3e-6 / 2.2e-4, warmup_steps=10)
     stages = plan_stages(base, base_model, tmp_path, tmp_path / "base", [8, 32], steps=1000, factor=40)
     assert [(s.seq_len, s.config.batch_size * s.config.grad_accum) for s in stages] == [(32768, 1920),
                                                                                          (131072, 480)]

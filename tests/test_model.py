@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import nanoseek.model.experts as experts_mod
 import nanoseek.model.moe as moe_mod
 from nanoseek.config import ModelConfig
 from nanoseek.model import DeepSeekV3, count_parameters, kv_cache_elements_per_token
@@ -345,6 +346,30 @@ def test_router_bias_changes_selection_not_gates():
         assert _gate_of(w, idx, e) == pytest.approx(s / 1.60 * 2.5, rel=1e-5)
 
 
+def test_router_masks_dropped_groups_with_minus_inf():
+    """SPEC §11: with every biased score negative, a 0.0 fill (transformers) would select experts of dropped
+    groups; DeepSeek's -inf keeps the selection inside the kept groups."""
+    router = _router(16, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=2.5)
+    router.e_score_correction_bias.fill_(-1.0)  # biased g0..g3 top-2 sums: -1.0, -0.82, -0.75, -1.1
+    w, idx, _ = router(_logit(S16)[None])
+    assert _sets(idx) == [{8, 4, 5}]  # g2 and g1 kept
+    for e, s in [(8, 0.70), (4, 0.60), (5, 0.58)]:
+        assert _gate_of(w, idx, e) == pytest.approx(s / 1.88 * 2.5, rel=1e-5)
+
+
+def test_router_runs_in_fp32_under_bf16_autocast():
+    torch.manual_seed(0)
+    router = Router(small_config(hidden_size=32, n_routed_experts=16))
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x = torch.randn(20, 32)
+    expected = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = router(x)
+    assert got[0].dtype == got[2].dtype == torch.float32
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_router_without_group_limit_and_without_norm():
     router = _router(16, n_group=4, topk_group=4, num_experts_per_tok=3, routed_scaling_factor=1.5,
                      norm_topk_prob=False)
@@ -415,10 +440,10 @@ def test_routed_experts_match_naive_loop(path, monkeypatch):
     x = torch.randn(T, hidden, requires_grad=True)
     weights = torch.rand(T, K, requires_grad=True)
     idx = torch.stack([torch.randperm(6)[:K] for _ in range(T)])  # experts 6 and 7 get no token
-    aligned = moe_mod._grouped_mm_ok(x, experts.gate_up_proj, experts.down_proj)
+    aligned = experts_mod._grouped_mm_ok(x, experts.gate_up_proj, experts.down_proj)
     assert aligned == (path != "unaligned_fallback")
     if path == "forced_fallback":
-        monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda *a: False)
+        monkeypatch.setattr(experts_mod, "_grouped_mm_ok", lambda *a: False)
     calls = []
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -450,12 +475,12 @@ def test_few_rows_loop_over_the_used_experts(monkeypatch):
     calls = []
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    out = moe_mod.expert_ffn(x, counts, gate_up, down)
+    out = experts_mod.expert_ffn(x, counts, gate_up, down)
     assert not calls
     for row, e in enumerate(experts_of_rows):
         gate, up = (gate_up[e] @ x[row]).chunk(2)
         torch.testing.assert_close(out[row], down[e] @ (torch.nn.functional.silu(gate) * up))
-    moe_mod.expert_ffn(torch.cat([x, x]), counts * 2, gate_up, down)  # 14 rows: 8 x 14 >= 64
+    experts_mod.expert_ffn(torch.cat([x, x]), counts * 2, gate_up, down)  # 14 rows: 8 x 14 >= 64
     assert len(calls) == 2
 
 
@@ -490,7 +515,7 @@ def test_one_token_runs_its_experts_in_turn_with_the_same_result():
 def test_padded_counts_by_hand():
     """Multiples of 32 up to 1024 rows, then of 1/32 of the count's power of two; empty experts stay empty."""
     counts = torch.tensor([0, 1, 31, 32, 33, 1000, 1024, 1025, 2048, 3000, 5000])
-    assert moe_mod.padded_counts(counts).tolist() == [0, 32, 32, 32, 64, 1024, 1024, 1088, 2048, 3072, 5120]
+    assert experts_mod.padded_counts(counts).tolist() == [0, 32, 32, 32, 64, 1024, 1024, 1088, 2048, 3072, 5120]
 
 
 @pytest.mark.parametrize("mode", ["bf16_weights", "autocast"])
@@ -525,7 +550,7 @@ def test_padded_expert_groups_give_the_unpadded_result(mode, monkeypatch):
     out, counts, grads = run()
     loads = torch.bincount(idx.flatten(), minlength=4)
     assert counts.tolist() == loads.tolist()
-    assert offsets[0] == moe_mod.padded_counts(loads).cumsum(0).tolist() and all(o % 32 == 0 for o in offsets[0])
+    assert offsets[0] == experts_mod.padded_counts(loads).cumsum(0).tolist() and all(o % 32 == 0 for o in offsets[0])
     assert offsets[0][-1] > T * K
     monkeypatch.setattr(moe_mod, "pads_expert_rows", lambda *a: False)
     offsets.clear()
@@ -567,8 +592,8 @@ def test_compiled_decoding_experts_have_static_shapes(T, path, monkeypatch):
 
 def test_compiled_permutations_gather_in_backward(monkeypatch):
     """Under torch.compile the rows go to and come back from the experts through autograd functions whose backward
-    gathers (moe._DispatchRows, moe._GatherRows). Against index_select (whose backward scatters), directly and in
-    the routed experts with padded groups: same outputs, same gradients (up to the order of bf16 sums)."""
+    gathers (experts._DispatchRows, experts._GatherRows). Against index_select (whose backward scatters), directly
+    and in the routed experts with padded groups: same outputs, same gradients (up to the order of bf16 sums)."""
     torch.manual_seed(0)
     T, K, G, D = 5, 2, 14, 3
     rows_S = torch.randperm(G)[: T * K]  # distinct rows; the other 4 are padding
@@ -577,9 +602,10 @@ def test_compiled_permutations_gather_in_backward(monkeypatch):
     y = torch.randn(G, D, requires_grad=True)
     g_G, g_S = torch.randn(G, D), torch.randn(T * K, D)
     g_G[torch.isin(torch.arange(G), rows_S, invert=True)] = 0  # padding rows' outputs are never read
-    for fn, ref, inp, grad in ((lambda: moe_mod._DispatchRows.apply(x, token_G, rows_S, K),
+    for fn, ref, inp, grad in ((lambda: experts_mod._DispatchRows.apply(x, token_G, rows_S, K),
                                 lambda: x.index_select(0, token_G), x, g_G),
-                               (lambda: moe_mod._GatherRows.apply(y, rows_S), lambda: y.index_select(0, rows_S), y, g_S)):
+                               (lambda: experts_mod._GatherRows.apply(y, rows_S), lambda: y.index_select(0, rows_S),
+                                y, g_S)):
         out = fn()
         (got,) = torch.autograd.grad(out, inp, grad)
         (want,) = torch.autograd.grad(ref(), inp, grad)
@@ -596,8 +622,9 @@ def test_compiled_permutations_gather_in_backward(monkeypatch):
     w, idx = torch.rand(70, 2), torch.stack([torch.randperm(4)[:2] for _ in range(70)])
     calls = []
     for name in ("_DispatchRows", "_GatherRows"):
-        real = getattr(moe_mod, name).apply
-        monkeypatch.setattr(getattr(moe_mod, name), "apply", lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
+        real = getattr(experts_mod, name).apply
+        monkeypatch.setattr(getattr(experts_mod, name), "apply",
+                            lambda *a, _real=real, _n=name: calls.append(_n) or _real(*a))
 
     def run(compiling: bool):
         x.grad = None

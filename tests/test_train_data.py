@@ -82,6 +82,10 @@ def test_jsonl_glob_and_errors(tmp_path):
     make_corpus(tmp_path / "g")
     c = D.load_corpus([str(tmp_path / "g" / "**" / "*.py")], val_fraction=0.0)
     assert len(c.train) == 13
+    # a relative glob from a root: the same documents, with ids relative to the root (as from that directory)
+    rel = D.load_corpus(["g/**/*.py"], val_fraction=0.0, root=str(tmp_path))
+    assert [d.text for d in rel.train] == [d.text for d in c.train]
+    assert all(not d.id.startswith("/") and d.id.startswith("g/") for d in rel.train)
     with pytest.raises(FileNotFoundError, match="no such file"):
         D.load_corpus([str(tmp_path / "missing")])
     with pytest.raises(FileNotFoundError, match="matches no file"):

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanoseek import Tokenizer
 from nanoseek.cli import main
 from nanoseek.hf import load_pretrained
 from nanoseek.train import TrainConfig, TrainingError, resume_config, train
@@ -198,6 +199,11 @@ def test_resume_rejects_an_incompatible_configuration(tmp_path, cache, capsys):
     with pytest.raises(ValueError, match="seq_len 64 .checkpoint: 32"):
         resume_config(run, {"seq_len": 64})
     assert resume_config(run, {"steps": 10}).steps == 10  # more steps is fine
+    saved = run / "checkpoint" / "train_config.json"  # as written before the schedule's tails were settings
+    old = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("decay_end", "final_start",
+                                                                               "final_lr_ratio")}
+    saved.write_text(json.dumps(old))
+    assert resume_config(run).decay_end == 1.0
     assert main(["train", "--resume", str(run), "--lr", "0.5", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("nanoseek train: error: cannot resume") and "\n" not in err and "lr 0.5" in err
@@ -255,6 +261,8 @@ def test_bad_input_is_a_one_line_error(tmp_path, cache, capsys):
         (["--data", STDLIB_JSON, "--device", "foo"], "invalid --device 'foo'"),
         (["--data", STDLIB_JSON, "--device", "meta"], "--device meta holds no data"),
         (["--data", STDLIB_JSON, "--pp", "0"], "--pp must be a positive integer, got 0"),
+        (["--data", STDLIB_JSON, "--microbatches", "3"], "--microbatches and --pp-schedule set up a pipeline"),
+        (["--data", STDLIB_JSON, "--pp-schedule", "1f1b"], "give --pp 2 or more"),
     ]
     for i, (args, message) in enumerate(cases):
         code = main(["train", "--preset", "tiny", "--vocab-size", "300", "--cache-dir", cache, "--out",
@@ -312,6 +320,15 @@ def test_a_run_started_with_a_relative_data_path_resumes_from_elsewhere(tmp_path
     assert [s for s, _ in losses(run)] == [1, 2]
     assert main(["train", "--resume", str(run), "--steps", "1"]) == 2  # fewer steps than done
     assert "--steps 1 is below the step of" in capsys.readouterr().err
+    # a relative glob is matched from the directory the run started in, wherever it resumes
+    monkeypatch.chdir(Path(STDLIB_JSON).parent)
+    globbed = tmp_path / "globbed"
+    assert main(["train", *args, "--out", str(globbed), "--data", "json/*.py", "--steps", "1"]) == 0
+    saved = TrainConfig.load(globbed / "train_config.json")
+    assert saved.data == ["json/*.py"] and saved.data_root == str(Path(STDLIB_JSON).parent)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--resume", str(globbed), "--steps", "2"]) == 0
+    assert [s for s, _ in losses(globbed)] == [1, 2]
 
 
 def test_report_command(tmp_path, cache, capsys):
@@ -368,6 +385,7 @@ def test_training_with_deepseek_v3s_tokenizer(tmp_path, cache):
     assert config["vocab_size"] == 128815 and (config["bos_token_id"], config["eos_token_id"]) == (0, 1)
     assert json.loads((run / "tokenizer.json").read_text())["model"]["vocab"] == \
         json.loads((given / "tokenizer.json").read_text())["model"]["vocab"]
+    assert Tokenizer.from_pretrained(run).has_chat_template  # the given tokenizer's chat template came along
     data = json.loads((run / "data.json").read_text())
     token_file = Path(cache) / "tokens" / f"{data['cache']['train']}.bin"
     assert token_file.stat().st_size == 4 * data["tokens"]["train"]  # uint32 ids

@@ -26,6 +26,7 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert len(everything) == 1
     opt = optim.build_optimizer(model, TrainConfig())
     assert opt.defaults["betas"] == (0.9, 0.95) and opt.param_groups[1]["weight_decay"] == 0.0
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and TrainConfig().grad_clip == 1.0  # SPEC §6 defaults
 
 
 def test_learning_rate_warmup_constant_cosine():
@@ -37,6 +38,24 @@ def test_learning_rate_warmup_constant_cosine():
     assert lr[99] == pytest.approx(1e-4)
     mid = 50 + 49 / 2
     assert optim.learning_rate(int(mid), cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (int(mid) - 50) / 49)))
+
+
+def test_deepseek_v3_schedule_with_its_constant_tails():
+    """SPEC §6 at one step per billion tokens: 2.2e-4 to 10T, cosine to 2.2e-5 at 14.3T, held for 333B tokens,
+    then 7.3e-6 for the last 167B."""
+    cfg = TrainConfig(steps=14800, lr=2.2e-4, warmup_steps=2, decay_start=10 / 14.8, decay_end=14.3 / 14.8,
+                      min_lr_ratio=0.1, final_start=14.633 / 14.8, final_lr_ratio=7.3e-6 / 2.2e-4)
+    lr = [optim.learning_rate(s, cfg) for s in range(14800)]
+    assert lr[0] == pytest.approx(1.1e-4) and lr[1] == lr[9999] == pytest.approx(2.2e-4)
+    assert lr[10000 + 4299 // 2] == pytest.approx(2.2e-5 + 1.98e-4 * 0.5 * (1 + math.cos(math.pi * (4299 // 2) / 4299)))
+    assert all(a > b for a, b in zip(lr[10000:14299], lr[10001:14300]))
+    assert all(x == pytest.approx(2.2e-5) for x in lr[14299:14633])
+    assert all(x == pytest.approx(7.3e-6) for x in lr[14633:])
+    for bad, message in (({"decay_end": 0.4}, "--decay-end"), ({"final_start": 0.99}, "give both"),
+                         ({"final_start": 0.9, "final_lr_ratio": 0.01}, "--final-start"),
+                         ({"final_start": 0.99, "final_lr_ratio": 2.0}, "--final-lr-ratio")):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**{"decay_start": 0.5, "decay_end": 0.95, **bad}).validate()
 
 
 def test_lambda_and_gamma_switch_to_their_later_values():

@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from nanoseek.eval_long import TRAIN_DEPTHS, PasskeyMaker, passkey_correct, passkey_examples
+from nanoseek.eval_long import passkey_correct
 from nanoseek.hf import load_pretrained
+from nanoseek.passkey import TRAIN_DEPTHS, PasskeyMaker, passkey_examples
 from nanoseek.train.tokenizer_train import load_tokenizer
 
 

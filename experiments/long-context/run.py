@@ -34,6 +34,8 @@ import sys
 import time
 from pathlib import Path
 
+from nanoseek.atomic import atomic_write_json, atomic_write_text
+
 HERE = Path(__file__).resolve().parent
 SCRATCH = Path("/tmp/nanoseek-exp/long-context")
 L = 128
@@ -48,7 +50,7 @@ def log(msg: str) -> None:
 def base_corpus(scratch: Path) -> tuple[Path, Path]:
     """The stdlib split as nanoseek makes it, plus passkey examples of L tokens at the front of the training
     stream (one per window), as one JSONL; and the demo's tokenizer (trained on the stdlib training split)."""
-    from nanoseek.eval_long import TRAIN_DEPTHS, PasskeyMaker
+    from nanoseek.passkey import TRAIN_DEPTHS, PasskeyMaker
     from nanoseek.train.data import cache_dir, load_corpus
     from nanoseek.train.extend import write_split_jsonl
     from nanoseek.train.tokenizer_train import save_tokenizer, special_ids, trained_tokenizer
@@ -121,8 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         stamp.unlink(missing_ok=True)
         timings[name] = run(cmd, scratch / f"{name}.log")
-        (scratch / f"{name}.time.json").write_text(json.dumps(timings[name]))
-        stamp.write_text(json.dumps(cmd))
+        atomic_write_text(scratch / f"{name}.time.json", json.dumps(timings[name]))
+        atomic_write_text(stamp, json.dumps(cmd))  # last: the step's completion stamp
 
     results = json.loads((scratch / "eval" / "results.json").read_text())
     results["timings_s"] = timings
@@ -131,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     from nanoseek.eval_long import format_cache_report, markdown_tables, plot
 
     plot(results, HERE)  # loss_by_position.png, passkey.png
-    (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_json(HERE / "results.json", results, indent=1)
     tables = markdown_tables(results) + "\n" + format_cache_report("deepseek-v3", results["cache_deepseek_v3_128k"])
-    (HERE / "tables.md").write_text(f"<!-- written by {Path(__file__).name} from results.json -->\n\n{tables}\n")
+    atomic_write_text(HERE / "tables.md", f"<!-- written by {Path(__file__).name} from results.json -->\n\n{tables}\n")
     log(f"wrote {HERE / 'results.json'}, tables.md and the plots; total {sum(timings.values()) / 60:.1f} min")
     return 0
 

@@ -27,7 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from ..model.moe import MoE, RoutedExperts, expert_ffn, expert_groups, pads_expert_rows
+from ..model.experts import expert_ffn, expert_groups, pads_expert_rows
+from ..model.moe import MoE, RoutedExperts
 
 
 # The pipeline micro-batch whose forward runs in this thread (None outside a pipeline). With DualPipeV's F&B
@@ -105,13 +106,13 @@ class ExpertParallelExperts(nn.Module):
         token count per expert (E,) of this rank's tokens."""
         T, K = idx_TK.shape
         R, E_local = self.ep_size, self.n_local
-        counts_E = torch.bincount(idx_TK.flatten(), minlength=self.n_experts)
+        counts_E = torch.bincount(idx_TK.flatten(), minlength=self.n_experts)  # (T*K,) ids -> (E,) counts
 
         # ---- which ranks each token goes to: one row per (token, rank) pair, sorted by rank
         dest_TK = idx_TK // E_local  # rank holding each selected expert
         goes_TR = torch.zeros(T, R, dtype=torch.bool, device=x_TD.device).scatter_(1, dest_TK, True)
         pair_rank, pair_token = goes_TR.T.nonzero(as_tuple=True)  # (P,) each, sorted by rank then token
-        here_PK = dest_TK[pair_token] == pair_rank[:, None]  # slots of the token that this pair's rank serves
+        here_PK = dest_TK[pair_token] == pair_rank[:, None]  # (P, K) bool: the token's slots this pair's rank serves
         local_PK = torch.where(here_PK, idx_TK[pair_token] % E_local, -1)  # local expert index or -1
         gate_PK = torch.where(here_PK, weights_TK[pair_token].float(), 0.0)  # gate values travel with the row
         group = self._group()
@@ -131,9 +132,10 @@ class ExpertParallelExperts(nn.Module):
         order = expert_S.argsort(stable=True)
         row_S, k_S, expert_S = row_S[order], k_S[order], expert_S[order]
         row_G, pos_S, counts_G = expert_groups(row_S, expert_S, torch.bincount(expert_S, minlength=E_local),
-                                               pads_expert_rows(x_QD, len(row_S), E_local))  # see moe.PAD_ROWS
+                                               pads_expert_rows(x_QD, len(row_S), E_local))  # see experts.PAD_ROWS
         y_GD = expert_ffn(x_QD.index_select(0, row_G), counts_G, self.gate_up_proj, self.down_proj)  # (G, D)
         y_SD = y_GD if y_GD.shape[0] == len(row_S) else y_GD.index_select(0, pos_S)  # (S, D) in slot order
+        # gate (S,) -> (S, 1) times y_SD (S, D)
         y_SD = (y_SD.float() * gate_QK[row_S, k_S][:, None]).to(x_TD.dtype)  # g_{i,t} FFN_i(u_t)
         y_QD = torch.zeros_like(x_QD, dtype=x_TD.dtype).index_add_(0, row_S, y_SD)  # summed per received row
 

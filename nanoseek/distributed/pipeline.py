@@ -310,9 +310,11 @@ class PipelineRunner:
         self.duplicate_params: list[nn.Parameter] = []
         self._dup_param, self._dup_peer = self._setup_duplicate_embedding(model)
         # torch 2.13's weight-gradient pass (W of the I/W split) walks part of the last stage's graph twice
-        # when the tied head/embedding feeds both the head and the MTP input; that stage then runs its
-        # whole backward at I time (W becomes a no-op)
-        self._tied_mtp = len(model.mtp) > 0 and model.lm_head.weight is model.embed_tokens.weight
+        # when one weight feeds it along two paths: the tied head/embedding (the head and the MTP input), or
+        # the embedding of two MTP depths' inputs; that stage then runs its whole backward at I time (W becomes
+        # a no-op)
+        tied = model.lm_head.weight is model.embed_tokens.weight
+        self._whole_backward_at_i = (len(model.mtp) > 0 and tied) or len(model.mtp) > 1
 
     def _setup_duplicate_embedding(self, model: DeepSeekV3) -> tuple[nn.Parameter | None, int | None]:
         """With the last stage on a rank other than 0, the embedding it uses (MTP input, tied head) is that
@@ -428,7 +430,7 @@ class PipelineRunner:
         stages = [PipelineStage(self.stage_modules[s], s, S, dev, group=self.group,
                                 input_args=(ids,) if s == 0 else (hidden, ids),
                                 output_args=logits if s == S - 1 else (hidden, ids),
-                                dw_builder=self._no_split if s == S - 1 and self._tied_mtp else None)
+                                dw_builder=self._no_split if s == S - 1 and self._whole_backward_at_i else None)
                   for s in self.local_stages]
         kwargs = dict(n_microbatches=self.n_microbatches, loss_fn=self._loss_fn, scale_grads=False)
         if self.schedule_name == "1f1b":
@@ -620,6 +622,7 @@ class PipelineRunner:
                 labels = batch[:, 1:].to(self.device, torch.int64)
                 for k, logits in enumerate(out):  # k = 0: the main head; position i of depth k predicts labels[:, i+k]
                     target = labels[:, k:]
+                    # logits (B*(T-k), V), labels (B*(T-k),)
                     ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
                     sums[2 * k], sums[2 * k + 1] = ce.item(), target.numel()
         dist.all_reduce(sums, group=self.group)

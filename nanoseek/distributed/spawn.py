@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..atomic import atomic_open
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -39,7 +41,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
         dist.barrier()  # gloo may abort at exit if a peer is still using the group
     except BaseException as e:  # report, do not hang the parent
         result = ("error", f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
-    Path(out_dir, f"rank{rank}.pkl").write_bytes(pickle.dumps(result))  # before teardown, which may abort
+    with atomic_open(Path(out_dir, f"rank{rank}.pkl"), "wb") as f:  # before teardown, which may abort
+        f.write(pickle.dumps(result))
     if dist.is_initialized():
         dist.destroy_process_group()
 

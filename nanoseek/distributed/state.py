@@ -73,7 +73,7 @@ class DistributedOptimizer:
                     problems.append(f"missing optim.{name}.{key}")
                     continue
                 if key == "step":
-                    entry[key] = t.to(torch.float32).reshape(()).to(p.device)
+                    entry[key] = t.to(torch.float32).reshape(()).to(p.device)  # () scalar step, as AdamW keeps it
                     continue
                 if is_expert_param(name) and t.shape[0] != p.shape[0]:
                     n = p.shape[0]
@@ -150,5 +150,7 @@ def full_model(config: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Deep
     with torch.device("meta"):
         model = DeepSeekV3(config)
     model = model.to_empty(device="cpu")
+    if config.tie_word_embeddings and "lm_head.weight" not in state_dict:  # one tensor, gathered once
+        state_dict = {**state_dict, "lm_head.weight": state_dict["embed_tokens.weight"]}
     model.load_state_dict(state_dict, strict=True)
     return model

@@ -64,7 +64,7 @@ def clip_global_grad_norm(named_params: list[tuple[str, nn.Parameter]], ctx: Par
         expert = sq[1:].clone()
         dist.all_reduce(expert, group=ctx.ep_group)
         sq[1:] = expert
-    total = sq.sum().reshape(1)
+    total = sq.sum().reshape(1)  # (1,) for all_reduce
     if ctx.layout.pp > 1:
         dist.all_reduce(total, group=ctx.pp_group)
     norm = math.sqrt(float(total))

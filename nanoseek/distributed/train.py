@@ -18,7 +18,6 @@ checkpoints), spread over EP x PP x DP ranks:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -32,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from ..allocator import keep_freed_memory
+from ..atomic import atomic_write_json
 from ..objectives import max_violation, training_loss
 from ..train import checkpoint as ckpt_io
 from ..train.config import TrainConfig
@@ -50,7 +50,7 @@ from .sync import clip_global_grad_norm, reduce_gradients, sum_over
 class ParallelSettings:
     layout: Layout
     schedule: str = "dualpipev"  # pipeline schedule (see nanoseek.distributed.pipeline.SCHEDULES)
-    microbatches: int | None = None  # pipeline micro-batches per step; None: the schedule's minimum that fits
+    microbatches: int | None = None  # pipeline micro-batches per --grad-accum micro-batch; None: the fewest that fit
     timeout_s: float = DEFAULT_TIMEOUT_S
 
 
@@ -76,10 +76,18 @@ class _CountCollector:
         return out
 
 
-def _collective_failure(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, dist.DistBackendError) or any(
-        s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe"))
+def _collective_failure(e: BaseException | None) -> BaseException | None:
+    """The failed or timed-out collective behind ``e``: ``e`` itself or one it was raised from
+    (torch.distributed.pipelining wraps a stage's errors as "[Stage N] failed to run forward"); else None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).lower()
+        if isinstance(e, dist.DistBackendError) or any(
+                s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "broken pipe")):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class DistributedTrainer:
@@ -141,11 +149,12 @@ class DistributedTrainer:
             ok = True
             return result if self.ctx.is_main else None
         except Exception as e:
-            if _collective_failure(e):
+            failed = _collective_failure(e)
+            if failed is not None:
                 rank = dist.get_rank() if dist.is_initialized() else "?"
                 raise TrainingError(
                     f"rank {rank}: a collective failed or timed out (--dist-timeout {self.parallel.timeout_s:g} s): "
-                    f"a peer rank died or hangs ({str(e).splitlines()[0][:200]}); the last checkpoint in "
+                    f"a peer rank died or hangs ({str(failed).splitlines()[0][:200]}); the last checkpoint in "
                     f"{self.run_dir} is intact: resume with --resume {self.run_dir}") from None
             raise
         finally:
@@ -206,7 +215,7 @@ class DistributedTrainer:
         if layout.pp > 1:
             from .pipeline import PipelineRunner
 
-            n_micro = (par.microbatches or self._default_microbatches(cfg, ctx)) * cfg.grad_accum
+            n_micro = self._microbatches(cfg, ctx) * cfg.grad_accum
             overlap = layout.ep > 1 and par.schedule == "dualpipev"
             if overlap:  # F&B in two threads: each micro-batch's all-to-alls on their own copy of the EP group
                 use_microbatch_groups(model, self._microbatch_ep_groups(n_micro))
@@ -248,7 +257,7 @@ class DistributedTrainer:
                                 "layout": str(layout)})
             else:
                 metrics.reset()
-                (run / "data.json").write_text(json.dumps(data.summary, indent=2) + "\n")
+                atomic_write_json(run / "data.json", data.summary)
                 metrics.append({"type": "event", "step": 0, "event": "start", "message": "training started",
                                 "params": n_params, "model": mc.to_hf(), "layout": str(layout)})
             cfg.save(run / ckpt_io.CONFIG_FILE)
@@ -324,15 +333,6 @@ class DistributedTrainer:
                             bias.add_(gamma * torch.sign(c.mean() - c))  # b_i += gamma sign(mean c - c_i)
             optimizer.zero_grad()
             bad_streak = 0 if finite else bad_streak + 1  # the same on every rank: losses and norm are global
-            if bad_streak >= cfg.max_bad_steps:
-                msg = (f"stopped: the loss was NaN/inf in {bad_streak} consecutive steps (up to step {step + 1}); "
-                       f"lower --lr or check the data; the last good checkpoint is intact: resume with --resume {run}")
-                if ctx.is_main:
-                    metrics.append({"type": "event", "step": step + 1, "event": "stopped", "message": msg})
-                raise TrainingError(msg)
-            if not finite:
-                self.log(f"step {step + 1}: the loss or gradient is not finite (loss {float(losses[0])}, grad norm "
-                         f"{grad_norm}); the step was skipped ({bad_streak} in a row)")
             step += 1
             tokens += cfg.tokens_per_step
             dt = time.perf_counter() - t0
@@ -346,16 +346,36 @@ class DistributedTrainer:
                 rec = self._record(step, tokens, losses, lr, lam, gamma, alpha, grad_norm, dt, elapsed, all_counts,
                                    a2a)
                 rec.update(pipe or {}, skipped=not finite)
-                if step % cfg.log_every == 0 or step == cfg.steps:
+                if step % cfg.log_every == 0 or not finite or step == cfg.steps:
                     metrics.append(rec)
                 self._update_bar(rec)
+            if not finite:  # neither validated nor saved: the last good checkpoint stays the current one
+                msg = (f"step {step}: the loss or gradient is not finite (loss {float(losses[0])}, grad norm "
+                       f"{grad_norm}); the step was skipped ({bad_streak} in a row)")
+                self.log(msg)
+                if ctx.is_main:
+                    metrics.append({"type": "event", "step": step, "event": "nonfinite", "message": msg})
+                if bad_streak >= cfg.max_bad_steps:
+                    good = ckpt_io.current_checkpoint(run)
+                    msg = (f"stopped: the loss was NaN/inf in {bad_streak} consecutive steps (up to step {step}); "
+                           f"lower --lr or check the data; the last good checkpoint "
+                           f"({good.name if good else 'none'}) is intact: resume with --resume {run}")
+                    if ctx.is_main:
+                        metrics.append({"type": "event", "step": step, "event": "stopped", "message": msg})
+                    raise TrainingError(msg)
+                continue
             if val_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
-                last_val = self._evaluate(model, runner, val_batches, autocast, step, tokens, metrics, device)
+                last_val = self._evaluate(model, runner, collector, val_batches, autocast, step, tokens, metrics,
+                                          device)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save(step)
         if stopped_by == "time_budget":
-            self.log(f"time budget of {cfg.time_budget:g} min reached at step {step}/{cfg.steps}")
-            save(step)
+            msg = f"time budget of {cfg.time_budget:g} min reached at step {step}/{cfg.steps}"
+            self.log(msg)
+            if ctx.is_main:
+                metrics.append({"type": "event", "step": step, "event": "time_budget", "message": msg})
+            if bad_streak == 0:  # not in the middle of a NaN/inf streak
+                save(step)
         elif ctx.is_main:
             metrics.append({"type": "event", "step": step, "event": "done", "message": "finished"})
         self._close_bar()
@@ -374,9 +394,18 @@ class DistributedTrainer:
         tok = self.run_dir / "tokenizer.json"
         return tok if tok.is_file() else ckpt_dir / "tokenizer.json"
 
-    def _default_microbatches(self, cfg: TrainConfig, ctx: ParallelContext) -> int:
+    def _microbatches(self, cfg: TrainConfig, ctx: ParallelContext) -> int:
+        """Pipeline micro-batches per --grad-accum micro-batch: --microbatches, checked, or the fewest the
+        schedule accepts."""
         local = cfg.batch_size // ctx.data_size
         need = 2 * ctx.layout.pp if self.parallel.schedule in ("dualpipev", "zbv", "interleaved-zb") else ctx.layout.pp
+        m = self.parallel.microbatches
+        if m is not None:
+            if local % m or m < need:
+                raise ValueError(f"--microbatches {m}: each data rank's {local} sequences (--batch-size "
+                                 f"{cfg.batch_size} over {ctx.data_size} data ranks) must split into {m} equal "
+                                 f"micro-batches, and the {self.parallel.schedule} schedule needs at least {need}")
+            return m
         for n in range(need, local + 1):
             if local % n == 0:
                 return n
@@ -431,9 +460,13 @@ class DistributedTrainer:
         return rec
 
     @torch.no_grad()
-    def _evaluate(self, model, runner, val_batches, autocast, step, tokens, metrics, device) -> float | None:
+    def _evaluate(self, model, runner, collector: _CountCollector, val_batches, autocast, step, tokens, metrics,
+                  device) -> float | None:
+        """Validation as in one process: main and per-depth MTP losses, MaxVio_global from the expert counts of
+        every MoE layer over the validation set; each data rank takes its share of every batch."""
         ctx = self.ctx
-        total = torch.zeros(2, dtype=torch.float64)
+        sums: torch.Tensor | None = None  # main (sum, tokens), then (sum, tokens) per MTP depth
+        counts: dict[str, torch.Tensor] = {}
 
         def share(batch: torch.Tensor) -> tuple[torch.Tensor, float]:
             """This data rank's rows; a rank left without any still runs one row (its expert-parallel and
@@ -441,29 +474,57 @@ class DistributedTrainer:
             part = batch[ctx.data_rank::ctx.data_size]
             return (part, 1.0) if len(part) else (batch[:1], 0.0)
 
-        if runner is not None:
+        def add(values: list[float], layer_counts: dict[str, torch.Tensor], weight: float) -> None:
+            nonlocal sums
+            v = weight * torch.tensor(values, dtype=torch.float64)
+            sums = v if sums is None else sums + v
+            for name, c in layer_counts.items():
+                c = c * int(weight)
+                counts[name] = counts[name] + c if name in counts else c
+
+        collector.take()
+        collector.enabled = True
+        model.eval()
+        try:
             for batch in val_batches:
                 part, weight = share(batch)
-                s, n = runner.eval_loss(part.to(device))
-                total += weight * torch.tensor([s, n], dtype=torch.float64)
-        else:
-            model.eval()
-            try:
-                for batch in val_batches:
-                    part, weight = share(batch)
-                    part = part.to(device)
-                    with autocast():
-                        logits = model(part[:, :-1])
-                    ce = F.cross_entropy(logits.float().flatten(0, 1), part[:, 1:].flatten(), reduction="sum")
-                    total += weight * torch.tensor([ce.item(), part[:, 1:].numel()], dtype=torch.float64)
-            finally:
-                model.train()
-        total = sum_over(total, ctx.data_group)
+                part = part.to(device)
+                if runner is not None:
+                    st = runner.eval_stats(part)
+                    values = [st.main_sum, st.n_tokens]
+                    for s_k, n_k in zip(st.mtp_sums, st.mtp_tokens):
+                        values += [s_k, n_k]
+                else:
+                    with torch.no_grad(), autocast():
+                        out = model.forward_train(part[:, :-1])
+                    labels, values = part[:, 1:], []
+                    for k, logits in enumerate([out.logits, *out.mtp_logits]):  # depth k predicts labels[:, k:]
+                        target = labels[:, k:]
+                        # logits (b*(T-k), V), labels (b*(T-k),): this rank's b sequences
+                        ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
+                        values += [ce.item(), target.numel()]
+                add(values, collector.take(), weight)
+        finally:
+            collector.enabled = False
+            model.train()
+        total = sum_over(sums, ctx.data_group)
+        if counts:
+            names = sorted(counts)
+            counts = dict(zip(names, sum_over(torch.stack([counts[n] for n in names]), ctx.data_group)))
+        all_counts = self._all_layer_counts(counts)  # every stage's layers
         loss = float(total[0] / max(total[1], 1))
+        rec: dict[str, Any] = {"type": "val", "step": step, "tokens": tokens, "val_loss": loss,
+                               "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": int(total[1]),
+                               "val_mtp_losses": [float(total[i] / max(total[i + 1], 1))
+                                                  for i in range(2, len(total), 2)]}
+        if all_counts:
+            mv = max_violation(torch.stack([all_counts[n] for n in sorted(all_counts, key=_layer_order)]))
+            rec["maxvio_global"] = [round(float(v), 5) for v in mv]
+            rec["maxvio_global_mean"] = float(mv.mean())
         if ctx.is_main:
-            metrics.append({"type": "val", "step": step, "tokens": tokens, "val_loss": loss,
-                            "val_ppl": math.exp(min(loss, 700.0)), "val_tokens": int(total[1])})
-        self.log(f"step {step}: validation loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.2f}")
+            metrics.append(rec)
+        self.log(f"step {step}: validation loss {loss:.4f}, perplexity {rec['val_ppl']:.2f}"
+                 + (f", MaxVio_global {rec['maxvio_global_mean']:.3f}" if all_counts else ""))
         return loss
 
     def _open_bar(self, step: int) -> None:

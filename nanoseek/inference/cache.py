@@ -18,9 +18,8 @@ from ..config import ModelConfig
 class LatentCacheLayer:
     """One attention layer's cache: kv (B, S, d_c + d_R), rows [c_KV ; k^R] per slot."""
 
-    def __init__(self, kv: torch.Tensor, kv_lora_rank: int):
+    def __init__(self, kv: torch.Tensor):
         self.kv = kv
-        self.kv_lora_rank = kv_lora_rank
 
     def update(self, input_pos: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor, length: int) -> torch.Tensor:
         """Write c_KV (B, T, d_c) and k^R (B, T, d_R) at slots ``input_pos`` (B, T); return slots [0, length)."""
@@ -48,8 +47,7 @@ class LatentCache:
         width = config.kv_lora_rank + config.qk_rope_head_dim  # (d_c + d_R) per token per layer
 
         def layer() -> LatentCacheLayer:
-            return LatentCacheLayer(torch.zeros(batch_size, max_length, width, dtype=dtype, device=device),
-                                    config.kv_lora_rank)
+            return LatentCacheLayer(torch.zeros(batch_size, max_length, width, dtype=dtype, device=device))
 
         self.layers = [layer() for _ in range(config.num_hidden_layers)]
         self.mtp_layers = [layer() for _ in range(config.num_nextn_predict_layers if mtp else 0)]

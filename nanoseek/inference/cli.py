@@ -360,7 +360,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     else:
         if args.system:
-            _warn("generate", "--system is ignored with --raw")
+            _warn("generate", "--system is ignored with --raw" if args.mode == "raw" else
+                  "--system is ignored: the checkpoint has no chat template, so the prompt is used as it is")
         ids = tokenizer.encode(text, add_bos=tokenizer.bos_token_id is not None)
     _check_vocab(ids, model)
     context = model.config.max_position_embeddings

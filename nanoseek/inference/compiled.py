@@ -15,9 +15,9 @@ mode, speculative decoding of the demo run was 0.87x compiled plain decoding (gr
 What makes a step one graph with static shapes:
 - the model's compile-aware paths: attention over all of the cache's slots behind the mask (rather than up to
   the highest slot reached), RoPE in real arithmetic, and the routed experts as products over weights gathered
-  per (token, expert) slot (``moe.gathered_swiglu``) rather than a sort by expert with data-dependent groups.
+  per (token, expert) slot (``experts.gathered_swiglu``) rather than a sort by expert with data-dependent groups.
   When a step's slots outnumber the experts (a larger batch), every expert runs on each token instead
-  (``moe.every_expert_swiglu``). With the sorted path, such a step split into pieces that compiled again as
+  (``experts.every_expert_swiglu``). With the sorted path, such a step split into pieces that compiled again as
   their sizes changed: 5 prompts on the demo model decoded at 3-11 tokens/s after the first step, against
   1,195-1,208 as one graph (eager: 402-493);
 - ``few_row_linear``: a linear layer over at most FEW_ROWS rows is rewritten into one reduction per row over

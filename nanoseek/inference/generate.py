@@ -1,8 +1,9 @@
 """``generate``: batched prompts of different lengths -> new tokens, greedy or sampled, plain or speculative.
 
-Prompts are right-padded into one prefill forward; each sequence then lives at its own cache slots (slot =
+Prompts are right-padded and prefilled in chunks; each sequence then lives at its own cache slots (slot =
 token index = RoPE position, see :class:`LatentCache`), so no padding ever enters the attention. Prefill
-uses the up-projected attention over the cached latent; every later step uses the absorbed attention.
+uses the up-projected attention over the cached latent while the cached prefix is short (the attention
+switches to the absorbed form past its EXPANDED_KV_BUDGET); every later step uses the absorbed attention.
 """
 
 from __future__ import annotations
@@ -205,7 +206,7 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: i
     start = time.perf_counter()
     # (memory: the cache plus one chunk's activations; only speculation keeps every position's hidden state,
     # which the MTP modules need, and attention switches to latent math when the prefix grows large)
-    positions = torch.arange(P, device=device).expand(B, P)
+    positions = torch.arange(P, device=device).expand(B, P)  # (B, P)
     last = torch.zeros(B, model.config.hidden_size, device=device, dtype=model.embed_tokens.weight.dtype)
     kept = []
     for s, e in chunks(P):

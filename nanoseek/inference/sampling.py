@@ -100,7 +100,8 @@ def sampling_distribution(temperature: float, top_k: int | None = None, top_p: f
     return functools.partial(logits_to_probs, temperature=temperature, top_k=top_k, top_p=top_p)
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None, u: torch.Tensor | None = None) -> torch.Tensor:
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None,
+           u: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of probs (..., V) -> (...,), by inverting the cumulative distribution.
 
     One uniform number per row: the token is the first i with F(i) > u * F(V-1), F the running sum in fp64, so
@@ -116,4 +117,4 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None = None, u: tor
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (N, 1)
     last = (cdf < cdf[:, -1:]).sum(dim=-1, keepdim=True)  # the last token of nonzero probability (N, 1)
     token = torch.minimum(token, last)  # u * F(V-1) rounded up to F(V-1) itself would land past it
-    return token.view(probs.shape[:-1])
+    return token.view(probs.shape[:-1])  # (N, 1) -> (...,)

@@ -30,7 +30,7 @@ def chunks(length: int, size: int | None = None) -> list[tuple[int, int]]:
 def speculative_accept(draft_tokens: torch.Tensor, draft_probs: torch.Tensor, target_probs: torch.Tensor,
                        generator: torch.Generator | None = None, u: torch.Tensor | None = None,
                        u_next: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The standard speculative-sampling rule, batched.
+    """The standard speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023), batched.
 
     Args:
         draft_tokens: (B, D) d_1..d_D, drawn from draft_probs.
@@ -83,7 +83,7 @@ def greedy_accept(draft_tokens: torch.Tensor, target_logits: torch.Tensor) -> tu
     D = draft_tokens.shape[1]
     target = target_logits.argmax(dim=-1)  # (B, D + 1)
     n_accepted = (draft_tokens == target[:, :D]).long().cumprod(dim=-1).sum(dim=-1)  # (B,)
-    return n_accepted, target.gather(1, n_accepted[:, None])[:, 0]
+    return n_accepted, target.gather(1, n_accepted[:, None])[:, 0]  # (B, 1) -> (B,)
 
 
 def draw_uniforms(generator: torch.Generator | None, batch: int, depth: int, device: torch.device,
@@ -97,8 +97,8 @@ def draw_uniforms(generator: torch.Generator | None, batch: int, depth: int, dev
     return [torch.rand(shape, generator=generator, dtype=dtype, device=device) for shape, dtype in shapes]
 
 
-def draft(model: torch.nn.Module, head: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, cache: LatentCache,
-          h: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, to_probs: Callable | None,
+def draft(model: torch.nn.Module, head: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
+          cache: LatentCache, h: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, to_probs: Callable | None,
           uniforms: list[torch.Tensor], absorb: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """MTP modules k = 1..D at ``positions`` (B, T); position i combines h^{k-1}_i (``h``: B x T x d) with
     Emb(t_{i+k}), the ids read from ``tokens`` (B, slots).
@@ -217,10 +217,11 @@ class MTPSpeculator:
         hidden: (B, P, d) main hidden states of the prompt; lengths (B,): t_n sits at slot n = lengths.
         """
         B, P, d = hidden.shape
-        positions = torch.arange(P, device=hidden.device).expand(B, P)
+        positions = torch.arange(P, device=hidden.device).expand(B, P)  # (B, P)
         self.drafts, self.draft_probs = draft(self.model, self.draft_head, self.tokens, self.cache, hidden, positions,
                                               lengths - 1, self.to_probs, self._uniforms(accept=False), absorb=False)
-        window = (lengths[:, None] - self.window + torch.arange(self.window, device=hidden.device)).clamp(min=0)
+        offsets = torch.arange(self.window, device=hidden.device)  # (W,)
+        window = (lengths[:, None] - self.window + offsets).clamp(min=0)  # (B, W): slots n-W..n-1
         self.h_tail = hidden.gather(1, window[..., None].expand(-1, -1, d))  # h^0 at n-W..n-1: (B, W, d)
 
     def step(self, n: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,8 +3,9 @@
 Queries are compressed to c_Q (optional), keys and values jointly to the latent c_KV; a decoupled key
 k^R carries RoPE and is shared by all heads. ``forward`` is the training path: it up-projects c_KV to
 per-head keys and values. ``forward_cached`` runs against a latent cache (nanoseek.inference.cache) that
-holds only [c_KV ; k^R] per token: either the same up-projected attention over the cached latent (prefill)
-or the absorbed form of SPEC §3 that never leaves the latent space (decoding).
+holds only [c_KV ; k^R] per token: either the same up-projected attention over the cached latent (prefill,
+while the prefix is short enough, see EXPANDED_KV_BUDGET) or the absorbed form of SPEC §3 that never leaves
+the latent space (decoding, and prefill over a long prefix).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def causal_attention_lowp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
 
 def select_positions(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """t (B, T, C) at positions ``index`` (B, T') of each row: (B, T', C)."""
-    return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+    return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))  # index (B, T') -> (B, T', C)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -78,17 +79,17 @@ class MultiHeadLatentAttention(nn.Module):
         self.v_head_dim = config.v_head_dim
         self.qk_head_dim = config.qk_head_dim
         self.softmax_scale = config.softmax_scale
-        d, h = config.hidden_size, config.num_attention_heads
+        d, n_h = config.hidden_size, config.num_attention_heads
         if self.q_lora_rank is None:
-            self.q_proj = Linear(d, h * self.qk_head_dim)
+            self.q_proj = Linear(d, n_h * self.qk_head_dim)
         else:
             self.q_a_proj = Linear(d, self.q_lora_rank)  # W_DQ
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = Linear(self.q_lora_rank, h * self.qk_head_dim)  # [W_UQ; W_QR]
+            self.q_b_proj = Linear(self.q_lora_rank, n_h * self.qk_head_dim)  # [W_UQ; W_QR]
         self.kv_a_proj_with_mqa = Linear(d, self.kv_lora_rank + self.qk_rope_head_dim)  # [W_DKV; W_KR]
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
-        self.kv_b_proj = Linear(self.kv_lora_rank, h * (self.qk_nope_head_dim + self.v_head_dim))
-        self.o_proj = Linear(h * self.v_head_dim, d)  # W_O
+        self.kv_b_proj = Linear(self.kv_lora_rank, n_h * (self.qk_nope_head_dim + self.v_head_dim))
+        self.o_proj = Linear(n_h * self.v_head_dim, d)  # W_O
 
     def queries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q^C (B, T, H, d_h) and RoPE'd q^R (B, T, H, d_h^R)  (V2 eqs. 37-39)."""
@@ -103,7 +104,8 @@ class MultiHeadLatentAttention(nn.Module):
     def latent(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the cache stores: normalized c_KV (B, T, d_c) and RoPE'd shared k^R (B, T, d_h^R) (V2 eqs. 41, 43)."""
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_rope = apply_rope(k_rope.unsqueeze(-2), cos, sin).squeeze(-2)  # one head shared by all
+        # one head shared by all: (B, T, d_R) -> (B, T, 1, d_R) -> (B, T, d_R)
+        k_rope = apply_rope(k_rope.unsqueeze(-2), cos, sin).squeeze(-2)
         return self.kv_a_layernorm(c_kv), k_rope
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -128,7 +130,8 @@ class MultiHeadLatentAttention(nn.Module):
         kv = cache.update(input_pos, *self.latent(x, cos, sin), length=attn_mask.shape[-1])  # (B, S, d_c + d_R)
         if outputs_at is not None:
             x, cos, sin = (select_positions(t, outputs_at) for t in (x, cos, sin))
-            attn_mask = attn_mask.gather(2, outputs_at[:, None, :, None].expand(-1, 1, -1, attn_mask.shape[-1]))
+            wanted = outputs_at[:, None, :, None].expand(-1, 1, -1, attn_mask.shape[-1])  # (B, T') -> (B, 1, T', S)
+            attn_mask = attn_mask.gather(2, wanted)  # the wanted queries' mask rows: (B, 1, T', S)
         q_nope, q_rope = self.queries(x, cos, sin)
         B, S = kv.shape[:2]
         if B * S * self.n_heads * (self.qk_nope_head_dim + self.v_head_dim) > EXPANDED_KV_BUDGET:
@@ -142,16 +145,18 @@ class MultiHeadLatentAttention(nn.Module):
                          attn_mask: torch.Tensor | None) -> torch.Tensor:
         """Up-project the latent to per-head k^C, v and run standard attention; causal when no mask is given."""
         B, T = q_nope.shape[:2]
-        kv = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, -1))  # (B, S, H, d_h + d_v): W_UK, W_UV (eqs. 42, 45)
-        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        kv_up = self.kv_b_proj(c_kv).unflatten(-1, (self.n_heads, -1))  # (B, S, H, d_h + d_v): W_UK, W_UV (eqs. 42, 45)
+        k_nope, v = kv_up.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, d_h + d_h^R)  eq. 40
-        k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)), dim=-1)  # eq. 44
+        k_rope_heads = k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)  # k^R (B, S, d_R) -> (B, S, H, d_R)
+        k = torch.cat((k_nope, k_rope_heads), dim=-1)  # (B, S, H, d_h + d_h^R)  eq. 44
         if attn_mask is None and low_precision_cpu(q) and B * self.n_heads * T * T <= LOWP_SCORES_BUDGET:
             dtype = compute_dtype(q)
             with torch.autocast("cpu", enabled=False):
                 o = causal_attention_lowp(q.transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype),
                                           v.transpose(1, 2).to(dtype), self.softmax_scale)  # (B, H, T, d_v)
-            return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))  # eq. 47
+            o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim)  # (B, H, T, d_v) -> (B, T, H*d_v)
+            return self.o_proj(o)  # eq. 47
         pad = self.qk_head_dim - self.v_head_dim
         if pad > 0 and q.device.type == "cpu":
             # PyTorch's fused (flash) CPU kernel needs equal key and value widths, else SDPA falls back to its
@@ -162,7 +167,8 @@ class MultiHeadLatentAttention(nn.Module):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H, T or S, .)
             attn_mask=attn_mask, is_causal=attn_mask is None, scale=self.softmax_scale)  # eq. 46
         o = o[..., : self.v_head_dim]  # (B, H, T, d_v)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim))  # eq. 47
+        o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim)  # (B, H, T, d_v) -> (B, T, H*d_v)
+        return self.o_proj(o)  # eq. 47
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor,
                          attn_mask: torch.Tensor) -> torch.Tensor:
@@ -173,6 +179,7 @@ class MultiHeadLatentAttention(nn.Module):
         never formed: o = W_UV (sum_j p_j c_KV_j), i.e. W_UV is applied after attention over the latent.
         """
         B, T, H = q_nope.shape[:3]
+        # (H, d_h + d_v, d_c): each head's [W_UK; W_UV] rows
         w = self.kv_b_proj.weight.view(H, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)  # (H, d_h, d_c), (H, d_v, d_c)
         # The per-head products are bmm over views of kv_b_proj's weight. BLAS reads the fp32 views in place, but
@@ -206,11 +213,13 @@ class MultiHeadLatentAttention(nn.Module):
             scores = scores.view(B, T, H, S) * self.softmax_scale  # (eq. 46)
             keep = attn_mask.transpose(1, 2)  # (B, T, 1, S)
             probs = scores.masked_fill(~keep, float("-inf")).softmax(dim=-1).to(kv.dtype)  # (B, T, H, S)
-            o_latent = torch.bmm(probs.view(B, T * H, S), kv[..., : self.kv_lora_rank])  # sum_j p_j c_KV_j
+            # sum_j p_j c_KV_j: (B, T*H, S) @ (B, S, d_c) -> (B, T*H, d_c)
+            o_latent = torch.bmm(probs.view(B, T * H, S), kv[..., : self.kv_lora_rank])
             o_latent = o_latent.view(B, T, H, -1)  # (B, T, H, d_c)
         o_HMc = o_latent.reshape(B * T, H, -1).transpose(0, 1)  # (H, B*T, d_c)
         if whole_blocks:
             o = torch.bmm(w, o_HMc.transpose(1, 2))[:, self.qk_nope_head_dim:].transpose(1, 2)  # (H, B*T, d_v)
         else:
             o = torch.bmm(o_HMc, w_uv.transpose(1, 2))  # W_UV after attention: (H, B*T, d_v)
-        return self.o_proj(o.transpose(0, 1).reshape(B, T, H * self.v_head_dim))  # eq. 47
+        o = o.transpose(0, 1).reshape(B, T, H * self.v_head_dim)  # (H, B*T, d_v) -> (B, T, H*d_v)
+        return self.o_proj(o)  # eq. 47

@@ -15,7 +15,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def low_precision_cpu(x: torch.Tensor) -> bool:
-    """Whether x is on the CPU and its products run in bf16 / fp16 (oneDNN's paths, see moe.PAD_ROWS)."""
+    """Whether x is on the CPU and its products run in bf16 / fp16 (oneDNN's paths, see experts.PAD_ROWS)."""
     return x.device.type == "cpu" and compute_dtype(x) in (torch.bfloat16, torch.float16)
 
 
@@ -44,7 +44,9 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), computed in fp32 and cast back to the input dtype (SPEC §2)."""
+    """y = w * x / sqrt(mean(x^2) + eps) (SPEC §2): normalized in fp32 and rounded to the input dtype, then
+    scaled by w, so the result has the promoted dtype of w and x (fp32 for an fp32 weight on bf16 x), as in
+    transformers."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -62,7 +64,7 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)). Dense FFN of the first layers and the shared experts."""
+    """SwiGLU: down(silu(gate(x)) * up(x)) (SPEC §4). Dense FFN of the first layers and the shared experts."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()

@@ -26,7 +26,7 @@ class MTPModule(nn.Module):
         self.enorm = RMSNorm(d, config.rms_norm_eps)
         self.hnorm = RMSNorm(d, config.rms_norm_eps)
         self.eh_proj = Linear(2 * d, d)  # M_k: d x 2d
-        self.block = Block(config, layer_idx)
+        self.block = Block(config, layer_idx)  # the checkpoint has no "block." level: hf.hf_name strips it
         self.norm = RMSNorm(d, config.rms_norm_eps)  # checkpoint: shared_head.norm
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

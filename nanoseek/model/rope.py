@@ -19,7 +19,8 @@ def yarn_correction_dim(num_rotations: float, dim: int, base: float, original_le
     return dim * math.log(original_len / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
 
 
-def yarn_correction_range(beta_fast: float, beta_slow: float, dim: int, base: float, original_len: int) -> tuple[int, int]:
+def yarn_correction_range(beta_fast: float, beta_slow: float, dim: int, base: float,
+                          original_len: int) -> tuple[int, int]:
     """low = floor(corr(beta_fast)), high = ceil(corr(beta_slow)), clamped to [0, d_R - 1] (V3: 10, 23)."""
     low = math.floor(yarn_correction_dim(beta_fast, dim, base, original_len))
     high = math.ceil(yarn_correction_dim(beta_slow, dim, base, original_len))
@@ -42,7 +43,10 @@ def rope_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 def rope_attention_factor(config: ModelConfig) -> float:
-    """cos/sin multiplier m(s, mscale) / m(s, mscale_all_dim) (1.0 for V3; 1.0 without YaRN)."""
+    """cos/sin multiplier m(s, mscale) / m(s, mscale_all_dim) (SPEC §2; 1.0 for V3; 1.0 without YaRN).
+
+    Without both mscale and mscale_all_dim (an mscale of 0 is read as absent, as transformers does) it is
+    YaRN's default attention factor m(s, 1) = 0.1 ln(s) + 1, as transformers' yarn uses it."""
     if not config.yarn:
         return 1.0
     if config.mscale and config.mscale_all_dim:

@@ -28,7 +28,6 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = MultiHeadLatentAttention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -88,6 +87,7 @@ class DeepSeekV3(nn.Module):
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # mtp[k - 1] is depth k = 1..D; checkpoint: model.layers.{num_hidden_layers + k - 1}.* (SPEC §5)
         self.mtp = nn.ModuleList(
             MTPModule(config, config.num_hidden_layers + k) for k in range(config.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(config)
@@ -97,7 +97,7 @@ class DeepSeekV3(nn.Module):
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Normal(0, initializer_range) for every matrix (V3 uses std 0.006), ones for norms, zero biases."""
+        """Normal(0, initializer_range) for every matrix (V3 uses std 0.006, SPEC §6), ones for norms, zero biases."""
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -150,10 +150,10 @@ class DeepSeekV3(nn.Module):
         for k, module in enumerate(self.mtp, start=1):
             if T - k <= 0:
                 break
-            # position i combines h^{k-1}_i with Emb(t_{i+k}); keep the T - k positions that have t_{i+k}
+            # position i combines h^{k-1}_i with Emb(t_{i+k}); keep the T - k positions that have t_{i+k} (SPEC §5)
             emb_next = self.embed_tokens(input_ids[:, k:])  # (B, T-k, d)
             h, r = module(h[:, : T - k], emb_next, cos[..., : T - k, :], sin[..., : T - k, :])
-            out.mtp_logits.append(self.lm_head(h))  # (B, T-k, V)
+            out.mtp_logits.append(self.lm_head(h))  # P^k = OutHead(h^k) (V3 eq. 23): (B, T-k, V)
             if r is not None:
                 out.routing.append(r)
         return out
@@ -229,7 +229,8 @@ def count_parameters(model: DeepSeekV3) -> dict[str, int]:
 
 
 def kv_cache_elements_per_token(cfg: ModelConfig) -> dict[str, int]:
-    """Per-token cache elements: MLA's latent (d_c + d_h^R) x layers vs an MHA cache of the same heads."""
+    """Per-token cache elements (SPEC §1, §3): MLA's latent (d_c + d_h^R) x layers vs an MHA cache of the same
+    heads."""
     latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers
     mha = 2 * cfg.num_attention_heads * cfg.qk_nope_head_dim * cfg.num_hidden_layers
     full = cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * cfg.num_hidden_layers

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import fsync_dir, fsync_tree
 from ..hf import CheckpointError, load_pretrained, save_pretrained
 
 POINTER = "checkpoint"
@@ -62,40 +63,7 @@ def _stage(name: str) -> None:
         _save_hook(name)
 
 
-# ---------------------------------------------------------------------------------------------- small files
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write under a temporary name in the same directory, fsync, rename over ``path``."""
-    path = Path(path)
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
+# ---------------------------------------------------------------------------------------------- symlinks
 def _replace_symlink(link: Path, target: str) -> None:
     """Point ``link`` at ``target`` (relative) in one rename: readers see the old or the new target."""
     tmp = link.parent / f".{link.name}.{uuid.uuid4().hex[:8]}.lnk"
@@ -105,7 +73,7 @@ def _replace_symlink(link: Path, target: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(link.parent)
+    fsync_dir(link.parent)
 
 
 # ---------------------------------------------------------------------------------------------- lock
@@ -246,14 +214,12 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict[str, Any], trai
             src = run_dir / fname
             if src.is_file():
                 shutil.copy2(src, staging / fname)
-        for f in staging.iterdir():
-            _fsync_file(f)
-        _fsync_dir(staging)
+        fsync_tree(staging)
         _stage("staged")
         if final.exists():  # left by a save that was interrupted before the switch: not current
             shutil.rmtree(final)
         os.replace(staging, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -262,7 +228,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict[str, Any], trai
     if pointer.is_dir() and not pointer.is_symlink():  # a copied run: its checkpoint is a directory, not a link
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(pointer, aside)
-        _fsync_dir(run_dir)
+        fsync_dir(run_dir)
     _replace_symlink(pointer, f"{CHECKPOINTS}/{name}")
     _stage("switched")
     shutil.rmtree(aside, ignore_errors=True)

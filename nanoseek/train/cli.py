@@ -22,6 +22,11 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--min-lr-ratio", "min_lr_ratio", float, "cosine decays to lr x this (default 0.1)"),
     ("--warmup-steps", "warmup_steps", int, "linear warmup steps (default 30)"),
     ("--decay-start", "decay_start", float, "fraction of the steps where the cosine decay starts (default 0.5)"),
+    ("--decay-end", "decay_end", float,
+     "fraction of the steps where the cosine reaches lr x min-lr-ratio, held after (default 1: the last step)"),
+    ("--final-start", "final_start", float,
+     "fraction of the steps from which a last constant tail runs at lr x --final-lr-ratio (V3: 0.989)"),
+    ("--final-lr-ratio", "final_lr_ratio", float, "the last tail's learning rate over lr (V3: 7.3e-6 / 2.2e-4)"),
     ("--weight-decay", "weight_decay", float, "AdamW weight decay (default 0.1)"),
     ("--grad-clip", "grad_clip", float, "gradient-norm clip, 0 for none (default 1.0)"),
     ("--init-from", "init_from", str,
@@ -104,6 +109,8 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
     out = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if out.get("data"):  # files and directories by absolute path, so a run resumes from any directory
         out["data"] = [_absolute_data_path(spec) for spec in out["data"]]
+        if any(not os.path.isabs(os.path.expanduser(spec)) and not spec.startswith("hf:") for spec in out["data"]):
+            out["data_root"] = os.getcwd()  # relative globs: matched from here on every resume too
     if out.get("time_budget") == 0:  # --time-budget 0: none (a resumed run then trains to its --steps)
         out["time_budget"] = None
     if getattr(args, "model", None):
@@ -137,10 +144,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     par.add_argument("--ep", type=int, help="expert-parallel ranks: the routed experts are split over them (default 1)")
     par.add_argument("--pp", type=int, help="pipeline-parallel ranks (default 1)")
     par.add_argument("--dp", type=int, help="data-parallel ranks, optimizer state sharded over them (ZeRO-1; default 1)")
-    par.add_argument("--pp-schedule", choices=("dualpipev", "1f1b", "interleaved-zb", "zbv"), default="dualpipev",
+    par.add_argument("--pp-schedule", choices=("dualpipev", "1f1b", "interleaved-zb", "zbv"),
                      help="pipeline schedule (default dualpipev)")
     par.add_argument("--microbatches", type=int,
-                     help="pipeline micro-batches per step (default: the fewest the schedule accepts)")
+                     help="pipeline micro-batches per --grad-accum micro-batch: a step runs this x --grad-accum "
+                          "(default: the fewest the schedule accepts)")
     par.add_argument("--dist-timeout", type=float, default=300.0,
                      help="seconds before a collective that waits on a dead or hung rank fails the job (default 300)")
     train.set_defaults(func=cmd_train)
@@ -154,10 +162,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     demo = subparsers.add_parser(
         "demo", help="train the CPU demo on the standard library (~10 min), report, complete a Python prompt",
-        description="Train (or continue) the demo run, write its report, and complete a Python prompt.")
+        description="Train (or continue) the demo run, write its report, and complete a Python prompt. The "
+                    "training options below default to the demo's where it differs from `nanoseek train`: "
+                    "--steps 760 fitted to --time-budget 8.5 (minutes), --bias-gamma 0.01.")
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    demo.add_argument("--prompt", default="import os\n\n\ndef", help="the prompt to complete")
-    demo.add_argument("--max-new-tokens", type=int, default=96)
+    demo.add_argument("--prompt", default="import os\n\n\ndef", help="the prompt to complete (default "
+                      "'import os\\n\\n\\ndef')")
+    demo.add_argument("--max-new-tokens", type=int, default=96, help="tokens of the completion (default 96)")
     _add_train_options(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -171,6 +182,9 @@ def _parallel_settings(args: argparse.Namespace):
     from ..distributed.train import wants_distributed
 
     if not hasattr(args, "dist_timeout"):  # nanoseek demo: one process
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("nanoseek demo runs in one process; under torchrun use nanoseek train with "
+                             "--ep / --pp / --dp")
         return None
     ep, pp, dp = getattr(args, "ep", None), getattr(args, "pp", None), getattr(args, "dp", None)
     for name, value in (("ep", ep), ("pp", pp), ("dp", dp), ("microbatches", args.microbatches)):
@@ -178,6 +192,8 @@ def _parallel_settings(args: argparse.Namespace):
             raise ValueError(f"--{name} must be a positive integer, got {value}")
     if args.dist_timeout <= 0:
         raise ValueError(f"--dist-timeout must be positive (seconds), got {args.dist_timeout}")
+    if (args.microbatches is not None or args.pp_schedule is not None) and (pp or 1) < 2:
+        raise ValueError("--microbatches and --pp-schedule set up a pipeline: give --pp 2 or more")
     if not wants_distributed(ep, pp, dp):
         return None
     from ..distributed.mesh import Layout
@@ -185,7 +201,7 @@ def _parallel_settings(args: argparse.Namespace):
 
     layout = Layout(ep=ep or 1, pp=pp or 1, dp=dp or 1)
     layout.validate(int(os.environ.get("WORLD_SIZE", "1")))
-    return ParallelSettings(layout, args.pp_schedule, args.microbatches, args.dist_timeout)
+    return ParallelSettings(layout, args.pp_schedule or "dualpipev", args.microbatches, args.dist_timeout)
 
 
 def _train(args: argparse.Namespace, cmd: str, cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> int | None:

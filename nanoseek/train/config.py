@@ -3,8 +3,9 @@ that the CLI fills, the run directory stores (``train_config.json``) and ``--res
 
 The defaults follow DeepSeek-V3's recipe (SPEC §4-§6) scaled to a short run: AdamW (0.9, 0.95), weight
 decay 0.1, clip 1.0, warmup -> constant -> cosine to lr/10, MTP lambda 0.3 then 0.1, bias speed gamma
-0.001 then 0, sequence-wise balance alpha 1e-4. Sizes and steps default to the CPU demo: the ``demo`` model
-on the standard library in about 8 minutes on 2 cores; ``TrainConfig.demo()`` adds the demo's time budget.
+0.001 then 0, sequence-wise balance alpha 1e-4. Sizes default to the CPU demo's (the ``demo`` model on the
+standard library); ``TrainConfig.demo()`` is the demo itself: up to 760 steps fitted to an 8.5-minute budget,
+and bias speed 0.01 (see DEMO below).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..atomic import atomic_write_json
 
 BALANCE_MODES = ("bias", "aux", "none")
 DTYPES = ("bf16", "bf16-weights", "fp32")
@@ -44,6 +47,7 @@ class TrainConfig:
     # ---- data
     data: list[str] = field(default_factory=list)  # files, dirs, globs, *.jsonl, hf:NAME[:CONFIG][:SPLIT]; []: stdlib
     text_field: str = "text"  # JSONL / datasets column
+    data_root: str | None = None  # relative `data` globs and paths are read from here (the CLI: the start's cwd)
     val_fraction: float = 0.05  # fraction of documents (by file) held out
     max_corpus_mb: float | None = None  # cap on the characters read (a deterministic subset of the documents)
     tokenizer: str | None = None  # a tokenizer.json (file or directory); None: train byte-level BPE
@@ -58,7 +62,10 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio (V3: 2.2e-4 -> 2.2e-5)
     warmup_steps: int = 30
-    decay_start: float = 0.5  # fraction of the steps after which the cosine decay starts (V3: ~10T of 14.8T)
+    decay_start: float = 0.5  # fraction of the steps after which the cosine decay starts (V3: 10T of 14.8T, 0.68)
+    decay_end: float = 1.0  # fraction of the steps where it reaches lr * min_lr_ratio, held after (V3: 14.3T)
+    final_start: float | None = None  # a last constant tail from this fraction of the steps (V3: 14.633T of 14.8T)
+    final_lr_ratio: float | None = None  # at lr * final_lr_ratio (V3: 7.3e-6 / 2.2e-4)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -76,7 +83,9 @@ class TrainConfig:
     bias_gamma_later: float = 0.0
     bias_gamma_switch: float = 0.97  # fraction of the steps (V3: 14.3T of 14.8T tokens)
     # ---- runtime
-    dtype: str = "bf16"  # autocast dtype for the matrix products; weights and optimizer stay fp32
+    # bf16: autocast of the matrix products, fp32 weights and optimizer; bf16-weights: bf16 weights, fp32 master
+    # weights and optimizer (train/precision.py); fp32: fp32 throughout
+    dtype: str = "bf16"
     device: str | None = None  # None: cuda if available, else cpu
     compile: bool = False
     activation_checkpointing: bool = False
@@ -138,10 +147,17 @@ class TrainConfig:
             raise ValueError(f"--lr must be positive, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
-        for name in ("decay_start", "mtp_lambda_switch", "bias_gamma_switch", "min_lr_ratio"):
+        for name in ("decay_start", "decay_end", "mtp_lambda_switch", "bias_gamma_switch", "min_lr_ratio",
+                     "final_start", "final_lr_ratio"):
             v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
+            if v is not None and not 0.0 <= v <= 1.0:
                 raise ValueError(f"{_flag(name)} must be in [0, 1], got {v}")
+        if self.decay_end < self.decay_start:
+            raise ValueError(f"--decay-end ({self.decay_end}) must not be before --decay-start ({self.decay_start})")
+        if (self.final_start is None) != (self.final_lr_ratio is None):
+            raise ValueError("--final-start and --final-lr-ratio go together: give both or neither")
+        if self.final_start is not None and self.final_start < self.decay_end:
+            raise ValueError(f"--final-start ({self.final_start}) must not be before --decay-end ({self.decay_end})")
         for name in ("weight_decay", "mtp_lambda", "mtp_lambda_later", "bias_gamma", "bias_gamma_later", "grad_clip"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
@@ -173,9 +189,7 @@ class TrainConfig:
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        from .checkpoint import atomic_write_text
-
-        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "TrainConfig":

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import sysconfig
-import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..atomic import atomic_open, atomic_write_text
 from ..config import ModelConfig
 
 TOKEN_FORMAT = 1  # bump when the packing below changes: invalidates the token cache
@@ -184,9 +184,11 @@ def _hf_documents(spec: str, text_field: str, corpus: Corpus) -> Iterator[Docume
             corpus.skip("empty", f"{spec}:{i}")
 
 
-def iter_documents(specs: list[str], text_field: str, corpus: Corpus) -> Iterator[Document]:
+def iter_documents(specs: list[str], text_field: str, corpus: Corpus, root: str | None = None) -> Iterator[Document]:
     """Every document of the corpus specs, in a deterministic order (see the module docstring). Directories
-    that hold a nanoseek run (its train_config.json) are left out, the run being trained included."""
+    that hold a nanoseek run (its train_config.json) are left out, the run being trained included. Relative
+    paths and globs are read from ``root`` (None: the working directory); a glob's matches keep their ids
+    relative to it."""
     if not specs:
         yield from _stdlib_documents(corpus)
         return
@@ -195,18 +197,22 @@ def iter_documents(specs: list[str], text_field: str, corpus: Corpus) -> Iterato
             yield from _hf_documents(spec, text_field, corpus)
             continue
         path = Path(spec).expanduser()
+        relative_to = root if root and not path.is_absolute() else None
+        if relative_to:
+            path = Path(relative_to) / path
         if path.is_dir():
             yield from _dir_documents(path, path.name or "data", text_field, corpus)
         elif path.is_file():
             yield from _file_documents(path, path.name, text_field, corpus)
         elif glob.has_magic(spec):
-            matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+            matches = sorted(glob.glob(os.path.expanduser(spec), root_dir=relative_to, recursive=True))
             if not matches:
-                raise FileNotFoundError(f"--data {spec}: the pattern matches no file")
+                where = f" (from {relative_to})" if relative_to else ""
+                raise FileNotFoundError(f"--data {spec}: the pattern matches no file{where}")
             for m in matches:
-                p = Path(m)
+                p = Path(relative_to, m) if relative_to else Path(m)
                 if p.is_file():
-                    yield from _file_documents(p, p.as_posix(), text_field, corpus)
+                    yield from _file_documents(p, Path(m).as_posix(), text_field, corpus)
         else:
             raise FileNotFoundError(f"--data {spec}: no such file or directory")
 
@@ -217,10 +223,11 @@ def _unit_hash(doc_id: str) -> float:
 
 
 def load_corpus(specs: list[str], text_field: str = "text", val_fraction: float = 0.05,
-                max_chars: int | None = None) -> Corpus:
-    """Read and split a corpus. Raises ValueError when it holds no text."""
+                max_chars: int | None = None, root: str | None = None) -> Corpus:
+    """Read and split a corpus (relative paths and globs from ``root``). Raises ValueError when it holds no
+    text."""
     corpus = Corpus(sources=list(specs) or [f"stdlib:{stdlib_root()}"])
-    docs = list(iter_documents(specs, text_field, corpus))
+    docs = list(iter_documents(specs, text_field, corpus, root))
     origins: set[str] = set()
     ids: Counter = Counter()
     unique = []
@@ -328,30 +335,21 @@ def tokenize_split(docs: list[Document], tokenizer, tokenizer_hash: str, bos_id:
         except (ValueError, KeyError, OSError):
             pass  # a damaged entry: rebuild it
     d.mkdir(parents=True, exist_ok=True)
-    tmp = d / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
     n = 0
-    try:
-        with tmp.open("wb") as f:
-            for start in range(0, len(docs), ENCODE_CHUNK):
-                texts = [doc.text for doc in docs[start:start + ENCODE_CHUNK]]
-                encodings = _encode_batch(tokenizer, texts)
-                parts = []
-                for ids in encodings:
-                    parts.append(np.fromiter([bos_id, *ids, eos_id], dtype=np.int64, count=len(ids) + 2))
-                if parts:
-                    arr = np.concatenate(parts)
-                    if arr.size and (arr.max() >= vocab or arr.min() < 0):
-                        raise ValueError("the tokenizer produced ids outside its vocabulary")
-                    arr.astype(dtype).tofile(f)
-                    n += arr.size
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        meta_tmp = d / f".{key}.{uuid.uuid4().hex[:8]}.json.tmp"
-        meta_tmp.write_text(json.dumps({"n_tokens": n, "n_docs": len(docs), "dtype": dtype.str}))
-        os.replace(meta_tmp, meta_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, "wb") as f:
+        for start in range(0, len(docs), ENCODE_CHUNK):
+            texts = [doc.text for doc in docs[start:start + ENCODE_CHUNK]]
+            encodings = _encode_batch(tokenizer, texts)
+            parts = []
+            for ids in encodings:
+                parts.append(np.fromiter([bos_id, *ids, eos_id], dtype=np.int64, count=len(ids) + 2))
+            if parts:
+                arr = np.concatenate(parts)
+                if arr.size and (arr.max() >= vocab or arr.min() < 0):
+                    raise ValueError("the tokenizer produced ids outside its vocabulary")
+                arr.astype(dtype).tofile(f)
+                n += arr.size
+    atomic_write_text(meta_path, json.dumps({"n_tokens": n, "n_docs": len(docs), "dtype": dtype.str}))
     return TokenFile(path, dtype.str, n, len(docs), key)
 
 
@@ -461,7 +459,7 @@ def prepare_data(cfg, run_dir: Path | None = None, tokenizer_path: Path | None =
 
     root = cache_dir(cfg.cache_dir)
     max_chars = int(cfg.max_corpus_mb * 1e6) if cfg.max_corpus_mb else None
-    corpus = load_corpus(cfg.data, cfg.text_field, cfg.val_fraction, max_chars)
+    corpus = load_corpus(cfg.data, cfg.text_field, cfg.val_fraction, max_chars, root=cfg.data_root)
     n_skipped = sum(corpus.skipped.values())
     log(f"corpus: {len(corpus.train)} train / {len(corpus.val)} validation documents "
         f"({corpus.n_chars / 1e6:.1f} M characters; split by {corpus.split_by})"
@@ -481,7 +479,7 @@ def prepare_data(cfg, run_dir: Path | None = None, tokenizer_path: Path | None =
         # the model's context, as a checkpoint's tokenizer_config.json gives it (not the training --seq-len)
         context = dict(cfg.model_overrides).get("max_position_embeddings") \
             or ModelConfig.preset(cfg.preset).max_position_embeddings
-        tt.save_tokenizer(tokenizer, run_dir, info, model_max_length=int(context))
+        tt.save_tokenizer(tokenizer, run_dir, info, model_max_length=int(context), source=given)
     train = tokenize_split(corpus.train, tokenizer, tok_hash, info.bos_id, info.eos_id, root)
     val = tokenize_split(corpus.val, tokenizer, tok_hash, info.bos_id, info.eos_id, root)
     unigram = unigram_cross_entropy(train.tokens(), val.tokens(), vocab)

@@ -37,14 +37,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ..atomic import atomic_open, atomic_write_json, atomic_write_text
 from ..config import ModelConfig
+from ..passkey import TRAIN_DEPTHS, PasskeyMaker
 from . import checkpoint as ckpt_io
 from .config import MAX_SEQ_LEN, TrainConfig
 
@@ -125,7 +126,8 @@ def plan_stages(base: TrainConfig, base_model: ModelConfig, out: Path, base_dir:
         cfg = base.replace(
             init_from=str(Path(init).resolve()), model_overrides={**base.model_overrides, **rope},
             seq_len=T, batch_size=batch, grad_accum=accum, steps=n,
-            lr=final_lr, warmup_steps=warm, decay_start=1.0, min_lr_ratio=1.0,
+            lr=final_lr, warmup_steps=warm, decay_start=1.0, decay_end=1.0, min_lr_ratio=1.0,
+            final_start=None, final_lr_ratio=None,
             mtp_lambda=lam, mtp_lambda_later=lam, mtp_lambda_switch=1.0,
             bias_gamma=gamma, bias_gamma_later=gamma, bias_gamma_switch=1.0,
             eval_every=min(base.eval_every, max(1, n // 4)), save_every=min(base.save_every, max(1, n // 4)),
@@ -150,8 +152,7 @@ def write_split_jsonl(path: Path, train_texts: Iterable[str], val_texts: list[st
     train_iter = iter(train_texts)
     val_iter = iter(val_texts if val_fraction > 0 else [])
     train_left, val_left = True, bool(val_texts) and val_fraction > 0
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_open(path, "w", encoding="utf-8") as f:
         line = 0
         while train_left or val_left:
             line += 1
@@ -164,7 +165,6 @@ def write_split_jsonl(path: Path, train_texts: Iterable[str], val_texts: list[st
                 text = next(train_iter, None)
                 train_left = text is not None
             f.write((json.dumps({"text": text}) if text is not None else "") + "\n")
-    os.replace(tmp, path)
 
 
 def sample_documents(docs: list, max_chars: int | None) -> list:
@@ -185,7 +185,6 @@ def sample_documents(docs: list, max_chars: int | None) -> list:
 def stage_corpus(stage: Stage, base: TrainConfig, base_dir: Path, passkey_fraction: float,
                  log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
     """Write (or reuse) the stage's JSONL corpus: passkey examples first, then base training documents."""
-    from ..eval_long import TRAIN_DEPTHS, PasskeyMaker
     from .data import cache_dir, load_corpus
     from .tokenizer_train import load_tokenizer
 
@@ -207,12 +206,13 @@ def stage_corpus(stage: Stage, base: TrainConfig, base_dir: Path, passkey_fracti
         return path, json.loads(meta_path.read_text())
 
     max_base = int(base.max_corpus_mb * 1e6) if base.max_corpus_mb else None
-    corpus = load_corpus(base.data, base.text_field, base.val_fraction, max_base)
+    corpus = load_corpus(base.data, base.text_field, base.val_fraction, max_base, root=base.data_root)
     train_docs = sample_documents(corpus.train, max_chars)
     text_tokens = sum(len(d.text) for d in train_docs) / chars_per_token
     n_passkey = math.ceil(passkey_fraction / (1.0 - passkey_fraction) * text_tokens / T) if passkey_fraction else 0
     tokenizer = load_tokenizer(base_dir / "tokenizer.json")
-    maker, rng = PasskeyMaker(tokenizer), random.Random(f"extend:{cfg.seed}:{T}")
+    rng = random.Random(f"extend:{cfg.seed}:{T}")
+    maker = PasskeyMaker(tokenizer) if n_passkey else None  # --passkey-fraction 0: no passkey set-up at all
     passkeys = []
     for _ in range(n_passkey):
         depth = rng.choice(TRAIN_DEPTHS)
@@ -225,7 +225,7 @@ def stage_corpus(stage: Stage, base: TrainConfig, base_dir: Path, passkey_fracti
     check = sorted({0, 1, n_passkey // 2, n_passkey - 1} & set(range(n_passkey)))  # windows checked after tokenizing
     meta = {"passkey_examples": n_passkey, "passkey_check": check, "passkey_ids": [passkeys[i].ids for i in check],
             "train_documents": len(train_docs), "val_documents": len(corpus.val), "seq_len": T}
-    meta_path.write_text(json.dumps(meta))
+    atomic_write_text(meta_path, json.dumps(meta))  # last: the cache entry's completion marker
     return path, meta
 
 
@@ -310,7 +310,7 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
             changed = sorted(k for k in plan if old.get(k) != plan.get(k))
             raise ValueError(f"{out} holds an extension with other settings ({', '.join(changed)}): pass --overwrite "
                              "to start again, or another --out")
-    plan_file.write_text(json.dumps(plan, indent=2) + "\n")
+    atomic_write_json(plan_file, plan)
     log(f"extend: {run_dir} (trained at {base.seq_len}) -> " + " -> ".join(str(st.seq_len) for st in stages)
         + f" with YaRN s={rope['rope_factor']:g}, original length {rope['original_max_position_embeddings']}; "
         f"lr {stages[0].config.lr:.3g} constant, {stages[0].config.steps} steps per stage")
@@ -374,7 +374,7 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: the base run's)")
     p.add_argument("--report", action="store_true", help="write each stage's report.md")
     p.add_argument("--overwrite", action="store_true", help="start every stage again")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_extend)
 
 

@@ -12,7 +12,6 @@ the run with the last good checkpoint intact.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -25,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from ..allocator import keep_freed_memory
+from ..atomic import atomic_write_json
 from ..config import ModelConfig
 from ..devices import pick_device
 from ..hf import CheckpointError, load_pretrained
@@ -239,6 +239,8 @@ def enable_activation_checkpointing(model: DeepSeekV3) -> None:
 
 
 def _resume_mismatches(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
+    # a setting the checkpoint lacks was added later, with a default that keeps what the run did
+    saved = {**TrainConfig().to_dict(), **saved}
     now = cfg.to_dict()
     out = []
     for key in sorted(set(saved) | set(now)):
@@ -445,7 +447,7 @@ class Trainer:
             self.log(f"resumed {run} at step {step} ({tokens:,} tokens)")
         else:
             metrics.reset()
-            (run / "data.json").write_text(json.dumps(data.summary, indent=2) + "\n")
+            atomic_write_json(run / "data.json", data.summary)
             metrics.append({"type": "event", "step": 0, "event": "start", "message": "training started",
                             "params": n_params, "model": mc.to_hf()})
         cfg.save(run / ckpt_io.CONFIG_FILE)
@@ -509,7 +511,7 @@ class Trainer:
                     grad_norm = masters.clip_grad_norm(clip)  # the step scales the gradients
                 else:
                     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-                counts = tracker.take() if mc.n_routed_experts and tracker._counts is not None else None
+                counts = tracker.take() if mc.n_routed_experts and not tracker.empty else None
                 finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
                 if finite:
                     if masters:
@@ -635,11 +637,13 @@ class Trainer:
                     out = model.forward_train(batch[:, :-1])
                 labels = batch[:, 1:]
                 B, T = labels.shape
+                # logits (B*T, V), labels (B*T,)
                 ce = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
                 total += ce.item()
                 n += B * T
                 for k, lk in enumerate(out.mtp_logits, start=1):
-                    tk = labels[:, k:]
+                    tk = labels[:, k:]  # depth k predicts t_{i+k+1}: (B, T-k)
+                    # logits (B*(T-k), V), labels (B*(T-k),)
                     s = torch.nn.functional.cross_entropy(lk.float().flatten(0, 1), tk.flatten(), reduction="sum")
                     if len(depth_tot) < k:
                         depth_tot.append(0.0), depth_n.append(0.0)

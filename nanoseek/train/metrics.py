@@ -8,7 +8,8 @@ Record types (field ``type``):
          maxvio_batch [per MoE layer], maxvio_batch_mean
   val    step, tokens, val_loss, val_ppl, val_mtp_losses, maxvio_global [per MoE layer], maxvio_global_mean,
          val_tokens
-  event  step, event ("start", "resume", "nonfinite", "time_budget", "stopped", "done"), message
+  event  step, event ("start", "resume", "fit_steps", "nonfinite", "time_budget", "stopped", "done"), message;
+         fit_steps: steps (the number fitted to the time budget); distributed runs' start and resume: layout
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import json
 import math
 from pathlib import Path
 from typing import Any, Iterable
+
+from ..atomic import atomic_write_text
 
 
 def _clean(value: Any) -> Any:
@@ -43,8 +46,6 @@ class MetricsLog:
         """Drop records past ``step`` (what a killed run logged after its last checkpoint)."""
         if not self.path.exists():
             return
-        from .checkpoint import atomic_write_text
-
         kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         atomic_write_text(self.path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in kept))
 

@@ -3,8 +3,9 @@ gamma, MTP weight lambda).
 
 - Parameter groups: weight decay on matrices (attention and FFN projections, experts, router centroids,
   output head); none on norms, biases and the embedding unless configured.
-- Learning rate: linear warmup 0 -> lr, constant, then cosine decay to lr * min_lr_ratio at the last step
-  (V3: warmup over 2K steps to 2.2e-4, constant, cosine to 2.2e-5).
+- Learning rate: linear warmup 0 -> lr, constant, cosine decay to lr * min_lr_ratio (by default at the last
+  step), held, and optionally a last constant tail at lr * final_lr_ratio (V3: warmup over 2K steps to 2.2e-4,
+  constant to 10T tokens, cosine to 2.2e-5 at 14.3T, 2.2e-5 for 333B tokens, then 7.3e-6 for the last 167B).
 - lambda and gamma: a value, then a later value from a switch point on (V3: lambda 0.3 for the first 10T
   tokens then 0.1; gamma 0.001 for the first 14.3T tokens then 0).
 """
@@ -50,14 +51,18 @@ def build_optimizer(model: nn.Module | Iterable[tuple[str, nn.Parameter]], cfg) 
 
 
 def learning_rate(step: int, cfg) -> float:
-    """LR of optimizer step ``step`` (0-based) of ``cfg.steps``: warmup -> constant -> cosine."""
+    """LR of optimizer step ``step`` (0-based) of ``cfg.steps``: warmup -> constant -> cosine -> constant tails
+    (SPEC §6)."""
     total, warmup = cfg.steps, cfg.warmup_steps
     if warmup and step < warmup:
         return cfg.lr * (step + 1) / warmup
+    if cfg.final_start is not None and step >= _steps(cfg.final_start, total):
+        return cfg.lr * cfg.final_lr_ratio
     decay_from = max(warmup, math.floor(_steps(cfg.decay_start, total)))
     if step < decay_from:
         return cfg.lr
-    span = max(1, total - 1 - decay_from)
+    decay_last = max(decay_from, math.ceil(_steps(cfg.decay_end, total)) - 1)  # the step the cosine reaches low
+    span = max(1, decay_last - decay_from)
     progress = min(1.0, (step - decay_from) / span)
     low = cfg.lr * cfg.min_lr_ratio
     return low + (cfg.lr - low) * 0.5 * (1.0 + math.cos(math.pi * progress))

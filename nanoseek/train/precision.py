@@ -135,6 +135,7 @@ class MasterWeights:
             return float(torch.nn.utils.clip_grad_norm_([p for _, p in self._named], max_norm))
         grads = [g for _, p in self._named if (g := self.gradient(p)) is not None]
         squares = _compiled_squared_norm()
+        # each gradient flat, (numel,), when contiguous
         norm = math.sqrt(sum(float(squares(g.view(-1) if g.is_contiguous() else g)) for g in grads))
         self._grad_scale = min(1.0, max_norm / (norm + 1e-6)) if math.isfinite(norm) else 1.0
         return norm
@@ -169,7 +170,8 @@ class MasterWeights:
                                      dtype=torch.float32)
                 tensors = [p, grad, state["exp_avg"], state["exp_avg_sq"], self._weight_of.get(id(p))]
                 if all(t is None or t.is_contiguous() for t in tensors):
-                    tensors = [t if t is None else t.view(-1) for t in tensors]  # one compiled graph for all shapes
+                    # each flat (numel,): one compiled graph for all shapes
+                    tensors = [t if t is None else t.view(-1) for t in tensors]
                 update(*tensors, hyper)
 
     def zero_grad(self) -> None:

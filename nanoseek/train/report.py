@@ -14,6 +14,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_savefig, atomic_write_json, atomic_write_text
 from .metrics import as_float, of_type, read_metrics
 
 
@@ -65,7 +66,7 @@ def make_plots(run_dir: Path, records: list[dict], unigram: float | None,
 
     def finish(fig, name: str, title: str) -> None:
         fig.tight_layout()
-        fig.savefig(plots / name, dpi=110)
+        atomic_savefig(fig, plots / name, dpi=110)
         plt.close(fig)
         out.append((title, f"plots/{name}"))
 
@@ -129,7 +130,7 @@ def make_plots(run_dir: Path, records: list[dict], unigram: float | None,
         axes[-1][0].set_xlabel("step")
         fig.suptitle("Expert load: tokens routed to each expert / mean (1 = balanced)")
         fig.colorbar(im, ax=[a[0] for a in axes], shrink=0.8, label="load / mean")
-        fig.savefig(plots / "expert_load.png", dpi=110)
+        atomic_savefig(fig, plots / "expert_load.png", dpi=110)
         plt.close(fig)
         out.append(("Expert load per MoE layer", "plots/expert_load.png"))
 
@@ -233,7 +234,7 @@ def write_report(run_dir: str | Path, sample: bool = True, prompt: str | None = 
     if sample:
         sample_info = _sample(run_dir, cfg, prompt, max_new_tokens, log)
         if sample_info:
-            (run_dir / "sample.json").write_text(json.dumps(sample_info, indent=2, ensure_ascii=False) + "\n")
+            atomic_write_json(run_dir / "sample.json", sample_info, ensure_ascii=False)
 
     model = start.get("model", {})
     lines = [f"# Training report: `{run_dir}`", ""]
@@ -281,10 +282,8 @@ def write_report(run_dir: str | Path, sample: bool = True, prompt: str | None = 
                   + ". The prompt, then the completion:", "",
                   "```python", sample_info["prompt"] + sample_info["completion"], "```", ""]
     path = run_dir / "report.md"
-    from .checkpoint import atomic_write_text
-
     atomic_write_text(path, "\n".join(lines))
-    (run_dir / "summary.json").write_text(json.dumps(s, indent=2) + "\n")
+    atomic_write_json(run_dir / "summary.json", s)
     return path
 
 

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from ..atomic import atomic_copy, atomic_write_json, atomic_write_text
+from ..config import read_json_object
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -75,8 +79,6 @@ def trained_tokenizer(docs, vocab_size: int, cache_root: Path, log=print) -> tup
     got = tok.get_vocab_size(with_added_tokens=True)
     log(f"tokenizer: trained byte-level BPE, {got:,} tokens in {time.perf_counter() - t0:.1f} s"
         + (f" (the corpus supports only {got:,} of the {vocab_size:,} asked)" if got < vocab_size else ""))
-    from .checkpoint import atomic_write_text
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, tok.to_str())
     return tok, f"bpe:{vocab_size}"
@@ -130,13 +132,26 @@ def special_ids(tok: Tokenizer, where: Path | str | None = None, config: dict | 
 
 
 def save_tokenizer(tok: Tokenizer, directory: Path, ids: SpecialIds | None = None,
-                   model_max_length: int | None = None) -> None:
-    """tokenizer.json + tokenizer_config.json (bos added by default, as DeepSeek's), atomically each."""
-    from .checkpoint import atomic_write_text
-
+                   model_max_length: int | None = None, source: Path | None = None) -> None:
+    """tokenizer.json + tokenizer_config.json (bos added by default, as DeepSeek's), atomically each. With the
+    ``source`` of a given tokenizer (a checkpoint's directory or tokenizer.json), its chat template comes along:
+    ``chat_template`` of its tokenizer_config.json and the template files beside it."""
     ids = ids or special_ids(tok)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(directory / "tokenizer.json", tok.to_str())
+    chat: dict = {}
+    if source is not None:
+        from ..tokenizer import CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
+
+        src = tokenizer_file(source).parent
+        if (src / TOKENIZER_CONFIG_FILE).is_file():
+            given = read_json_object(src / TOKENIZER_CONFIG_FILE)
+            chat = {"chat_template": given["chat_template"]} if given.get("chat_template") else {}
+        if (src / CHAT_TEMPLATE_FILE).is_file():
+            atomic_copy(src / CHAT_TEMPLATE_FILE, directory / CHAT_TEMPLATE_FILE)
+        if (src / CHAT_TEMPLATE_DIR).is_dir():
+            shutil.copytree(src / CHAT_TEMPLATE_DIR, directory / CHAT_TEMPLATE_DIR, dirs_exist_ok=True,
+                            copy_function=atomic_copy)
     config = {
         "add_bos_token": True,
         "add_eos_token": False,
@@ -148,5 +163,6 @@ def save_tokenizer(tok: Tokenizer, directory: Path, ids: SpecialIds | None = Non
         "legacy": True,
         "model_max_length": model_max_length or 1 << 20,
         "tokenizer_class": "PreTrainedTokenizerFast",
+        **chat,
     }
-    atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_json(directory / "tokenizer_config.json", config, ensure_ascii=False)
