@@ -25,6 +25,7 @@ from .model.transformer import DeepSeekV3, ModelOutput
 __all__ = [
     "ExpertLoadTracker",
     "LossTerms",
+    "cross_entropy_sums",
     "max_violation",
     "mean_max_violation",
     "moe_routers",
@@ -65,6 +66,21 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     else:
         total = F.cross_entropy(flat_NV, flat_N, ignore_index=ignore_index, reduction="sum")
     return total / valid_N.sum().clamp_min(1)
+
+
+def cross_entropy_sums(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> list[tuple[float, int]]:
+    """(sum of cross-entropies, number of positions) of the main head and of each MTP depth, for validation.
+
+    ``logits[0]`` is the main head's (B, T, V), ``logits[k]`` depth k's (B, T - k, V), whose position i predicts
+    t_{i+k+1} = ``labels[:, i + k]`` (SPEC §5). Sums, not means, so that batches and ranks add up exactly.
+    """
+    out = []
+    for k, logits_k in enumerate(logits):
+        target = labels[:, k:]  # (B, T - k)
+        # (B*(T-k), V) against (B*(T-k),), in fp32
+        ce = F.cross_entropy(logits_k.float().flatten(0, 1), target.flatten(), reduction="sum")
+        out.append((ce.item(), target.numel()))
+    return out
 
 
 def mtp_loss(mtp_logits: Sequence[torch.Tensor], labels: torch.Tensor,

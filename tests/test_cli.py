@@ -83,3 +83,12 @@ def test_train_switches_can_be_turned_off_for_a_resumed_run():
                                     "activation_checkpointing": False, "time_budget": None}
     assert given_settings(build_parser().parse_args(["train", "--compile", "--no-report"])) == {
         "compile": True, "report": False}
+
+
+def test_a_relative_cache_dir_is_stored_absolute(tmp_path, monkeypatch):
+    from nanoseek.cli import build_parser
+    from nanoseek.train.cli import given_settings
+
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["train", "--cache-dir", "cache"])
+    assert given_settings(args) == {"cache_dir": str(tmp_path / "cache")}

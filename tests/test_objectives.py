@@ -9,6 +9,7 @@ from nanoseek import DeepSeekV3, ModelConfig, ModelOutput
 from nanoseek.model.moe import Routing
 from nanoseek.objectives import (
     ExpertLoadTracker,
+    cross_entropy_sums,
     max_violation,
     mean_max_violation,
     moe_routers,
@@ -310,3 +311,15 @@ def test_update_balance_bias_tiny(tiny):
         assert model.forward_train(x).expert_counts[:, 0].sum().item() == 0
     for router in routers:
         router.e_score_correction_bias.zero_()
+
+
+def test_cross_entropy_sums_by_hand():
+    """Validation sums: depth k's position i predicts labels[:, i + k] (SPEC §5); -log softmax summed."""
+    torch.manual_seed(0)
+    labels = torch.randint(0, 5, (2, 4))
+    logits = [torch.randn(2, 4 - k, 5, dtype=torch.bfloat16) for k in range(3)]
+    got = cross_entropy_sums(logits, labels)
+    for k, (total, n) in enumerate(got):
+        z = logits[k].double()
+        expected = -sum(float(z[b, i].log_softmax(-1)[labels[b, i + k]]) for b in range(2) for i in range(4 - k))
+        assert n == 2 * (4 - k) and total == pytest.approx(expected, rel=1e-5)

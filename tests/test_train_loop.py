@@ -243,6 +243,12 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, cache, monkeypatch):
         train(tiny(cache, steps=10, save_every=2, eval_every=2), run, log=quiet)
     assert ckpt_io.current_checkpoint(run).name == "step-00000000"
     load_pretrained(run)
+    # a run whose last steps (fewer than --max-bad-steps) were skipped says so when it finishes
+    run = tmp_path / "ends_in_nan"
+    train(tiny(cache, steps=2, save_every=2, eval_every=2), run, log=quiet)
+    done = of_type(read_metrics(run / "metrics.jsonl"), "event")[-1]
+    assert done["event"] == "done" and done["message"].startswith("finished, but the last 2 steps were NaN/inf")
+    assert "(step-00000000)" in done["message"]
 
 
 def test_bad_input_is_a_one_line_error(tmp_path, cache, capsys):

@@ -79,7 +79,7 @@ from torch.distributed.pipelining.schedules import (
 from ..config import ModelConfig
 from ..model.moe import Routing
 from ..model.transformer import DeepSeekV3
-from ..objectives import mtp_loss, next_token_loss, sequence_balance_loss
+from ..objectives import cross_entropy_sums, mtp_loss, next_token_loss, sequence_balance_loss
 from .expert_parallel import microbatch
 
 __all__ = ["SCHEDULES", "AddAuxiliaryLoss", "EvalStats", "PipelineRunner", "StepLosses", "plan_stages"]
@@ -618,13 +618,10 @@ class PipelineRunner:
             if s < S - 1 and owner[s + 1] != self.rank:
                 for t in out:
                     dist.send(t.contiguous(), dst=dist.get_global_rank(self.group, owner[s + 1]), group=self.group)
-            elif s == S - 1:
+            elif s == S - 1:  # the main head's and each MTP depth's (sum, tokens)
                 labels = batch[:, 1:].to(self.device, torch.int64)
-                for k, logits in enumerate(out):  # k = 0: the main head; position i of depth k predicts labels[:, i+k]
-                    target = labels[:, k:]
-                    # logits (B*(T-k), V), labels (B*(T-k),)
-                    ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
-                    sums[2 * k], sums[2 * k + 1] = ce.item(), target.numel()
+                for k, (ce_sum, n) in enumerate(cross_entropy_sums(out, labels)):
+                    sums[2 * k], sums[2 * k + 1] = ce_sum, n
         dist.all_reduce(sums, group=self.group)
         return EvalStats(main_sum=sums[0].item(), n_tokens=int(sums[1].item()),
                          mtp_sums=sums[2::2].tolist(), mtp_tokens=[int(v) for v in sums[3::2].tolist()],

@@ -28,16 +28,15 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from ..allocator import keep_freed_memory
 from ..atomic import atomic_write_json
-from ..objectives import max_violation, training_loss
+from ..objectives import cross_entropy_sums, max_violation, training_loss
 from ..train import checkpoint as ckpt_io
 from ..train.config import TrainConfig
 from ..train.data import BatchStream, prepare_data, validation_batches
 from ..train.loop import (TrainingError, TrainResult, Trainer, _resume_mismatches, autocast_context,
-                          build_model, init_from_tokenizer, model_config, pick_device)
+                          build_model, finished, init_from_tokenizer, model_config, pick_device)
 from ..train.metrics import MetricsLog
 from ..train.optim import bias_gamma, learning_rate, mtp_lambda
 from .expert_parallel import apply_expert_parallel, moe_modules, node_limit_note, use_microbatch_groups
@@ -74,6 +73,11 @@ class _CountCollector:
     def take(self) -> dict[str, torch.Tensor]:
         out, self.counts = self.counts, {}
         return out
+
+
+def layout_flags(layout: Layout) -> str:
+    """The flags of a layout (those above 1), for a --resume command under torchrun."""
+    return " ".join(f"--{k} {getattr(layout, k)}" for k in ("ep", "pp", "dp") if getattr(layout, k) > 1)
 
 
 def _collective_failure(e: BaseException | None) -> BaseException | None:
@@ -155,7 +159,8 @@ class DistributedTrainer:
                 raise TrainingError(
                     f"rank {rank}: a collective failed or timed out (--dist-timeout {self.parallel.timeout_s:g} s): "
                     f"a peer rank died or hangs ({str(failed).splitlines()[0][:200]}); the last checkpoint in "
-                    f"{self.run_dir} is intact: resume with --resume {self.run_dir}") from None
+                    f"{self.run_dir} is intact: resume with --resume {self.run_dir} "
+                    f"{layout_flags(self.parallel.layout)}") from None
             raise
         finally:
             self._close_bar()
@@ -246,6 +251,11 @@ class DistributedTrainer:
                  + (f"ZeRO-1 over {layout.dp} DP ranks, " if layout.dp > 1 else "")
                  + (node_limit_note(mc.n_group, mc.topk_group, mc.topk_method, layout.ep) if layout.ep > 1 else
                     "no expert parallelism"))
+        experts = (f"{mc.n_routed_experts} routed experts top-{mc.num_experts_per_tok}" if mc.has_moe
+                   else "dense: no MoE layer")
+        self.log(f"model: preset {cfg.preset}, {n_params / 1e6:.2f} M parameters ({mc.num_hidden_layers} layers, "
+                 f"d {mc.hidden_size}, {experts}, MTP depth {mc.num_nextn_predict_layers}, vocabulary "
+                 f"{mc.vocab_size})")
         self.log(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = "
                  f"{cfg.tokens_per_step:,} tokens ({cfg.batch_size // ctx.data_size} sequences per data rank)")
 
@@ -261,6 +271,8 @@ class DistributedTrainer:
                 metrics.append({"type": "event", "step": 0, "event": "start", "message": "training started",
                                 "params": n_params, "model": mc.to_hf(), "layout": str(layout)})
             cfg.save(run / ckpt_io.CONFIG_FILE)
+        if self.resume:
+            self.log(f"resumed {run} at step {step} ({tokens:,} tokens)")
 
         bad_streak = int(state.get("bad_streak", 0)) if self.resume else 0
 
@@ -359,7 +371,8 @@ class DistributedTrainer:
                     good = ckpt_io.current_checkpoint(run)
                     msg = (f"stopped: the loss was NaN/inf in {bad_streak} consecutive steps (up to step {step}); "
                            f"lower --lr or check the data; the last good checkpoint "
-                           f"({good.name if good else 'none'}) is intact: resume with --resume {run}")
+                           f"({good.name if good else 'none'}) is intact: resume with --resume {run} "
+                           f"{layout_flags(layout)}")
                     if ctx.is_main:
                         metrics.append({"type": "event", "step": step, "event": "stopped", "message": msg})
                     raise TrainingError(msg)
@@ -376,8 +389,11 @@ class DistributedTrainer:
                 metrics.append({"type": "event", "step": step, "event": "time_budget", "message": msg})
             if bad_streak == 0:  # not in the middle of a NaN/inf streak
                 save(step)
-        elif ctx.is_main:
-            metrics.append({"type": "event", "step": step, "event": "done", "message": "finished"})
+        else:
+            if ctx.is_main:
+                metrics.append({"type": "event", "step": step, "event": "done", "message": finished(run, bad_streak)})
+            if bad_streak:
+                self.log(finished(run, bad_streak))
         self._close_bar()
         self.log(f"trained to step {step} ({tokens:,} tokens) in {time.perf_counter() - t_run:.0f} s"
                  + (f"; validation loss {last_val:.4f}" if last_val is not None else "") + f"; checkpoint: {run}")
@@ -497,12 +513,8 @@ class DistributedTrainer:
                 else:
                     with torch.no_grad(), autocast():
                         out = model.forward_train(part[:, :-1])
-                    labels, values = part[:, 1:], []
-                    for k, logits in enumerate([out.logits, *out.mtp_logits]):  # depth k predicts labels[:, k:]
-                        target = labels[:, k:]
-                        # logits (b*(T-k), V), labels (b*(T-k),): this rank's b sequences
-                        ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="sum")
-                        values += [ce.item(), target.numel()]
+                    values = [v for pair in cross_entropy_sums([out.logits, *out.mtp_logits], part[:, 1:])
+                              for v in pair]
                 add(values, collector.take(), weight)
         finally:
             collector.enabled = False

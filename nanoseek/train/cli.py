@@ -111,6 +111,8 @@ def given_settings(args: argparse.Namespace) -> dict[str, Any]:
         out["data"] = [_absolute_data_path(spec) for spec in out["data"]]
         if any(not os.path.isabs(os.path.expanduser(spec)) and not spec.startswith("hf:") for spec in out["data"]):
             out["data_root"] = os.getcwd()  # relative globs: matched from here on every resume too
+    if out.get("cache_dir"):  # as --data: the same cache whatever directory the run resumes from
+        out["cache_dir"] = os.path.abspath(os.path.expanduser(out["cache_dir"]))
     if out.get("time_budget") == 0:  # --time-budget 0: none (a resumed run then trains to its --steps)
         out["time_budget"] = None
     if getattr(args, "model", None):

@@ -29,7 +29,7 @@ from ..config import ModelConfig
 from ..devices import pick_device
 from ..hf import CheckpointError, load_pretrained
 from ..model import DeepSeekV3
-from ..objectives import ExpertLoadTracker, max_violation, training_loss, update_balance_bias
+from ..objectives import ExpertLoadTracker, cross_entropy_sums, max_violation, training_loss, update_balance_bias
 from . import checkpoint as ckpt_io
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import BatchStream, prepare_data, validation_batches
@@ -42,6 +42,15 @@ DTYPE_NOTES = {"bf16": "bf16 autocast (fp32 weights)", "bf16-weights": "bf16 wei
                "fp32": "fp32"}
 FIT_PROBE_STEPS = 6  # steps timed before the number of steps is fitted to the time budget
 REFIT_EVERY = 10  # refit that often until the decay begins, so a slow start (a busy machine) is corrected
+
+
+def finished(run: Path, bad_streak: int) -> str:
+    """The message of a run that trained all its steps (the last ``bad_streak`` of them skipped as NaN/inf)."""
+    if not bad_streak:
+        return "finished"
+    good = ckpt_io.current_checkpoint(run)
+    return (f"finished, but the last {bad_streak} steps were NaN/inf and skipped, so nothing after them was saved: "
+            f"the checkpoint is the last good one ({good.name if good else 'none'})")
 
 
 class TrainingError(RuntimeError):
@@ -587,7 +596,9 @@ class Trainer:
                 if bad_streak == 0:
                     save(step)
             else:
-                metrics.append({"type": "event", "step": step, "event": "done", "message": "finished"})
+                metrics.append({"type": "event", "step": step, "event": "done", "message": finished(run, bad_streak)})
+                if bad_streak:
+                    self.log(finished(run, bad_streak))
         finally:
             self._close_bar()
         wall = time.perf_counter() - t_run
@@ -635,20 +646,14 @@ class Trainer:
                 batch = batch.to(device)
                 with autocast():
                     out = model.forward_train(batch[:, :-1])
-                labels = batch[:, 1:]
-                B, T = labels.shape
-                # logits (B*T, V), labels (B*T,)
-                ce = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
-                total += ce.item()
-                n += B * T
-                for k, lk in enumerate(out.mtp_logits, start=1):
-                    tk = labels[:, k:]  # depth k predicts t_{i+k+1}: (B, T-k)
-                    # logits (B*(T-k), V), labels (B*(T-k),)
-                    s = torch.nn.functional.cross_entropy(lk.float().flatten(0, 1), tk.flatten(), reduction="sum")
+                (main_sum, main_n), *depths = cross_entropy_sums([out.logits, *out.mtp_logits], batch[:, 1:])
+                total += main_sum
+                n += main_n
+                for k, (s, c) in enumerate(depths, start=1):
                     if len(depth_tot) < k:
                         depth_tot.append(0.0), depth_n.append(0.0)
-                    depth_tot[k - 1] += s.item()
-                    depth_n[k - 1] += tk.numel()
+                    depth_tot[k - 1] += s
+                    depth_n[k - 1] += c
                 if out.routing:
                     c = out.expert_counts.to(torch.int64)
                     counts = c if counts is None else counts + c
