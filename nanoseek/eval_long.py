@@ -146,7 +146,7 @@ class Subject:
         if self.config_from is None:
             return load_pretrained(self.weights, dtype=torch.float32, device=device).eval()
         from .model import DeepSeekV3
-        from .train.loop import initialize_from
+        from .train.build import initialize_from
 
         with torch.device(device):
             model = DeepSeekV3(ModelConfig.from_hf(self.config_from))

@@ -322,7 +322,7 @@ def test_extend_end_to_end_checkpoints_transformers_reads_as_yarn(extended):
 
 def test_init_from_copies_the_weights_and_checks_the_architecture(extended):
     from nanoseek.hf import load_pretrained
-    from nanoseek.train.loop import initialize_from
+    from nanoseek.train.build import initialize_from
 
     root, _ = extended
     base = load_pretrained(root / "base")
@@ -340,7 +340,7 @@ def test_init_from_trains_with_the_sources_tokenizer(extended):
     """A run started from another's weights tokenizes with that run's tokenizer unless told otherwise, even on
     another corpus; a different tokenizer of the same size is refused (its ids would mean other tokens)."""
     from nanoseek.train import tokenizer_train as tt
-    from nanoseek.train.loop import initialize_from
+    from nanoseek.train.build import initialize_from
 
     root, _ = extended
     base = root / "base"

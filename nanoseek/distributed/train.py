@@ -35,8 +35,8 @@ from ..objectives import cross_entropy_sums, max_violation, training_loss
 from ..train import checkpoint as ckpt_io
 from ..train.config import TrainConfig
 from ..train.data import BatchStream, prepare_data, validation_batches
-from ..train.loop import (TrainingError, TrainResult, Trainer, _resume_mismatches, autocast_context,
-                          build_model, finished, init_from_tokenizer, model_config, pick_device)
+from ..train.build import autocast_context, build_model, init_from_tokenizer, model_config
+from ..train.loop import TrainingError, TrainResult, Trainer, _resume_mismatches, finished, pick_device
 from ..train.metrics import MetricsLog
 from ..train.optim import bias_gamma, learning_rate, mtp_lambda
 from .expert_parallel import apply_expert_parallel, moe_modules, node_limit_note, use_microbatch_groups

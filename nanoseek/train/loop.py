@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import sys
 import time
@@ -25,16 +24,16 @@ import torch
 
 from ..allocator import keep_freed_memory
 from ..atomic import atomic_write_json
-from ..config import ModelConfig
 from ..devices import pick_device
-from ..hf import CheckpointError, load_pretrained
-from ..model import DeepSeekV3
+from ..hf import CheckpointError
 from ..objectives import ExpertLoadTracker, cross_entropy_sums, max_violation, training_loss, update_balance_bias
 from . import checkpoint as ckpt_io
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import BatchStream, prepare_data, validation_batches
 from .metrics import MetricsLog
 from .optim import bias_gamma, build_optimizer, learning_rate, mtp_lambda
+from .build import autocast_context, build_model, enable_activation_checkpointing, init_from_tokenizer, model_config
+from .memory import check_memory
 from .precision import MasterWeights
 
 
@@ -67,30 +66,6 @@ class TrainResult:
     elapsed: float
 
 
-# ---------------------------------------------------------------------------------------------- model config
-def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int) -> ModelConfig:
-    """The preset, the user's overrides, the tokenizer's vocabulary and special ids, the MTP depth."""
-    base = ModelConfig.preset(cfg.preset)
-    overrides = dict(cfg.model_overrides)
-    unknown = sorted(set(overrides) - set(base.to_dict()))
-    if unknown:
-        raise ValueError(f"unknown model settings: {', '.join(unknown)}")
-    vocab = overrides.pop("vocab_size", vocab_size)
-    if isinstance(vocab, bool) or not isinstance(vocab, int):
-        raise ValueError(f"--model vocab_size must be an integer, got {vocab!r}")
-    if vocab < vocab_size:
-        raise ValueError(f"model vocab_size {vocab} is smaller than the tokenizer's {vocab_size} tokens")
-    if cfg.mtp_depth is not None:
-        overrides["num_nextn_predict_layers"] = cfg.mtp_depth
-    mc = base.replace(vocab_size=vocab, bos_token_id=bos_id, eos_token_id=eos_id, **overrides)
-    if cfg.seq_len > mc.max_position_embeddings:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the model's max_position_embeddings "
-                         f"({mc.max_position_embeddings})")
-    if mc.num_nextn_predict_layers >= cfg.seq_len:
-        raise ValueError(f"MTP depth {mc.num_nextn_predict_layers} needs --seq-len above it, got {cfg.seq_len}")
-    return mc
-
-
 # What a run directory holds before its first checkpoint (train_config.json first, see Trainer._start_files)
 START_FILES = {ckpt_io.CONFIG_FILE, *ckpt_io.TOKENIZER_FILES, "data.json", "metrics.jsonl", ".lock",
                ckpt_io.CHECKPOINTS}
@@ -105,146 +80,6 @@ def _interrupted_start(d: Path) -> bool:
         return False
     names = {p.name for p in d.iterdir()}
     return ckpt_io.CONFIG_FILE in names and all(n in START_FILES or n.endswith(".lnk") for n in names)
-
-
-# ---------------------------------------------------------------------------------------------- init_from
-# ModelConfig fields a run started from another model's weights may change: the RoPE scaling (a context
-# extension with YaRN, SPEC §2) and the maximum length. Every other field shapes the weights or their meaning.
-INIT_FROM_MAY_CHANGE = ("rope_theta", "rope_scaling_type", "rope_factor", "original_max_position_embeddings",
-                        "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "max_position_embeddings")
-
-
-def init_from_tokenizer(cfg: TrainConfig) -> Path | None:
-    """The tokenizer a new run started from ``cfg.init_from`` trains with when ``--tokenizer`` is not given: the
-    source's own (its weights mean its token ids), if it has one."""
-    if not cfg.init_from or cfg.tokenizer:
-        return None
-    path = Path(cfg.init_from) / "tokenizer.json"
-    return path if path.is_file() else None
-
-
-def initialize_from(model: DeepSeekV3, source: str | Path, tokenizer=None) -> None:
-    """Copy every weight of the run directory or checkpoint ``source`` (routers' biases and MTP modules
-    included) into ``model``, whose configuration may differ from the source's only in INIT_FROM_MAY_CHANGE.
-    ``tokenizer`` (the run's ``tokenizers.Tokenizer``) must give every token the id the source's tokenizer.json
-    gives it."""
-    if not Path(source).is_dir():
-        raise FileNotFoundError(f"--init-from {source}: no such run directory or checkpoint")
-    theirs_file = Path(source) / "tokenizer.json"
-    if tokenizer is not None and theirs_file.is_file():
-        from .tokenizer_train import load_tokenizer
-
-        ours_vocab = tokenizer.get_vocab(with_added_tokens=True)
-        theirs_vocab = load_tokenizer(theirs_file).get_vocab(with_added_tokens=True)
-        moved = sum(theirs_vocab.get(t) != i for t, i in ours_vocab.items())
-        if moved or len(theirs_vocab) != len(ours_vocab):
-            raise ValueError(f"--init-from {source}: its tokenizer differs from this run's ({moved} of "
-                             f"{len(ours_vocab)} tokens have other ids or are not in it), so its weights would "
-                             f"read the wrong tokens; leave out --tokenizer to train with the source's")
-    src = load_pretrained(source, dtype=torch.float32, device=model.embed_tokens.weight.device)
-    ours, theirs = model.config.to_dict(), src.config.to_dict()
-    diff = [f"{k} {ours[k]!r} (theirs {theirs.get(k)!r})" for k in ours
-            if k not in INIT_FROM_MAY_CHANGE and ours[k] != theirs.get(k)]
-    if diff:
-        raise ValueError(f"--init-from {source}: its model differs from this run's in {'; '.join(diff)} "
-                         "(only the RoPE scaling and max_position_embeddings may change)")
-    model.load_state_dict(src.state_dict())
-
-
-def build_model(cfg: TrainConfig, mc: ModelConfig, device: torch.device, resume_from: Path | None,
-                log: Callable[[str], None], tokenizer=None) -> DeepSeekV3:
-    """The run's model in training mode: the checkpoint's (``resume_from``, which must have the configured
-    architecture), or a new one from the seed, started from ``cfg.init_from``'s weights when given."""
-    if resume_from is not None:
-        model = ckpt_io.load_model(resume_from, device)
-        if model.config.to_hf() != mc.to_hf():
-            diff = sorted(k for k, v in mc.to_hf().items() if model.config.to_hf().get(k) != v)
-            raise ValueError(f"cannot resume from {resume_from}: the checkpoint's model differs from the "
-                             f"configuration ({', '.join(diff)})")
-    else:
-        torch.manual_seed(cfg.seed)
-        model = DeepSeekV3(mc).to(device)
-        if cfg.init_from:
-            initialize_from(model, cfg.init_from, tokenizer)
-            log(f"initialized from the weights of {cfg.init_from}")
-    return model.train()
-
-
-# ---------------------------------------------------------------------------------------------- memory
-def available_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def estimate_memory(mc: ModelConfig, cfg: TrainConfig) -> dict[str, int]:
-    """Bytes for fp32 weights + gradients + AdamW moments, and a (generous) bound on one micro-batch's
-    activations: the logits of the main and MTP heads (in the autocast dtype, fp32 for the loss, and their
-    gradient) and, per block, the tensors autograd keeps."""
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in DeepSeekV3(mc).parameters())
-    state = 16 * n_params
-    N = cfg.batch_size * cfg.seq_len
-    act = 2 if cfg.dtype in ("bf16", "bf16-weights") else 4
-    D = mc.num_nextn_predict_layers
-    logits = N * mc.vocab_size * (1 + D) * (act + 4 + 4 + 4)
-    d = mc.hidden_size
-    attn = 3 * mc.num_attention_heads * (mc.qk_head_dim + mc.v_head_dim) + 2 * ((mc.q_lora_rank or 0) + mc.kv_lora_rank)
-    ffn_dense = 3 * mc.intermediate_size
-    ffn_moe = 3 * (mc.num_experts_per_tok + mc.n_shared_experts) * mc.moe_intermediate_size \
-        + mc.num_experts_per_tok * 3 * d + 4 * mc.n_routed_experts
-    per_token = 0
-    for i in range(mc.num_hidden_layers + D):
-        per_token += act * (16 * d + attn + (ffn_moe if mc.is_moe_layer(i) else ffn_dense))
-    acts = int(N * per_token * (1.0 if not cfg.activation_checkpointing else 0.3))
-    return {"params": n_params, "state": state, "activations": logits + acts, "total": state + logits + acts}
-
-
-def check_memory(mc: ModelConfig, cfg: TrainConfig, device: torch.device) -> dict[str, int]:
-    est = estimate_memory(mc, cfg)
-    avail = available_memory(device)
-    if avail is not None and est["total"] > avail:
-        gib = 2 ** 30
-        raise ValueError(
-            f"a micro-batch of {cfg.batch_size} x {cfg.seq_len} tokens needs about {est['total'] / gib:.1f} GiB "
-            f"({est['state'] / gib:.1f} GiB weights, gradients and AdamW state + {est['activations'] / gib:.1f} GiB "
-            f"activations), more than the {avail / gib:.1f} GiB available on {device.type}: lower --batch-size "
-            "(and raise --grad-accum to keep the tokens per step) or --seq-len")
-    return est
-
-
-# ---------------------------------------------------------------------------------------------- runtime helpers
-def autocast_context(device: torch.device, dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
-    if dtype != "bf16":
-        return contextlib.nullcontext
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def enable_activation_checkpointing(model: DeepSeekV3) -> None:
-    """Recompute each block's activations in the backward pass instead of keeping them."""
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = list(model.layers) + [m.block for m in model.mtp]
-    for block in blocks:
-        forward = block.forward
-
-        def wrapped(*args, _forward=forward, **kwargs):
-            return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        block.forward = wrapped
 
 
 def _resume_mismatches(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
