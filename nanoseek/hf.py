@@ -511,10 +511,11 @@ def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, max_shard_bytes:
         saved = dtype or model.embed_tokens.weight.dtype
         hf["dtype"] = hf["torch_dtype"] = str(saved).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-        if path.exists():
+        replacing = path.exists()
+        if replacing:
             _carry_over(path, tmp)
         fsync_tree(tmp)
-        if path.exists():
+        if replacing:
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
             os.replace(path, old)
             try:

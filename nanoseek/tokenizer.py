@@ -70,6 +70,15 @@ def _read_json(path: Path) -> dict:
         raise TokenizerError(str(e)) from None
 
 
+def copy_chat_template_files(src: Path, dst: Path) -> None:
+    """The chat template files of the tokenizer directory ``src`` (``chat_template.jinja`` and the named templates
+    of ``additional_chat_templates/``, those that exist) into ``dst``, each atomically."""
+    if (src / CHAT_TEMPLATE_FILE).is_file():
+        atomic_copy(src / CHAT_TEMPLATE_FILE, dst / CHAT_TEMPLATE_FILE)
+    if (src / CHAT_TEMPLATE_DIR).is_dir():
+        shutil.copytree(src / CHAT_TEMPLATE_DIR, dst / CHAT_TEMPLATE_DIR, dirs_exist_ok=True, copy_function=atomic_copy)
+
+
 class Tokenizer:
     """A checkpoint's tokenizer: encode / decode / stream-decode, and its chat template.
 
@@ -145,11 +154,9 @@ class Tokenizer:
             return path
         if src is not None and (src / TOKENIZER_FILE).is_file():
             for name in TOKENIZER_FILES:
-                if (src / name).is_file():
+                if (src / name).is_file() and name != CHAT_TEMPLATE_FILE:
                     atomic_copy(src / name, path / name)
-            if (src / CHAT_TEMPLATE_DIR).is_dir():
-                shutil.copytree(src / CHAT_TEMPLATE_DIR, path / CHAT_TEMPLATE_DIR, dirs_exist_ok=True,
-                                copy_function=atomic_copy)
+            copy_chat_template_files(src, path)
             if not (src / TOKENIZER_CONFIG_FILE).is_file() and self.config:
                 self._write_config(path)
             return path

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import NamedTuple
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from ..atomic import atomic_copy, atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_json, atomic_write_text
 from ..config import read_json_object
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -141,17 +140,13 @@ def save_tokenizer(tok: Tokenizer, directory: Path, ids: SpecialIds | None = Non
     atomic_write_text(directory / "tokenizer.json", tok.to_str())
     chat: dict = {}
     if source is not None:
-        from ..tokenizer import CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
+        from ..tokenizer import TOKENIZER_CONFIG_FILE, copy_chat_template_files
 
         src = tokenizer_file(source).parent
         if (src / TOKENIZER_CONFIG_FILE).is_file():
             given = read_json_object(src / TOKENIZER_CONFIG_FILE)
             chat = {"chat_template": given["chat_template"]} if given.get("chat_template") else {}
-        if (src / CHAT_TEMPLATE_FILE).is_file():
-            atomic_copy(src / CHAT_TEMPLATE_FILE, directory / CHAT_TEMPLATE_FILE)
-        if (src / CHAT_TEMPLATE_DIR).is_dir():
-            shutil.copytree(src / CHAT_TEMPLATE_DIR, directory / CHAT_TEMPLATE_DIR, dirs_exist_ok=True,
-                            copy_function=atomic_copy)
+        copy_chat_template_files(src, directory)
     config = {
         "add_bos_token": True,
         "add_eos_token": False,
