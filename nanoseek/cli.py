@@ -7,6 +7,7 @@ import json
 import sys
 
 from .config import PRESETS, ModelConfig
+from .errors import on_rank0, report_error
 
 
 def _human(n: float) -> str:
@@ -118,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
     except KeyboardInterrupt:  # Ctrl-C before a command handles it itself (while importing or loading)
-        print(f"\nnanoseek {args.command}: interrupted", file=sys.stderr)
+        if on_rank0():  # under torchrun every rank is interrupted
+            print(f"\nnanoseek {args.command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, OSError) as e:  # bad input: one line, no stack trace
-        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        report_error(args.command, e)
         return 2
 
 

@@ -394,6 +394,44 @@ def test_demo_under_torchrun_is_one_line(tmp_path, monkeypatch, capsys):
                    "with --ep / --pp / --dp")
 
 
+def test_an_error_every_rank_shares_is_printed_once(tmp_path):
+    """torchrun, 2 ranks: every rank stops on the same bad flag (checked after the process group is up), rank 0
+    alone prints it and the job fails."""
+    flags = ["--preset", "tiny", "--data", STDLIB_JSON, "--vocab-size", "300", "--seq-len", "32", "--batch-size",
+             "5", "--dp", "2", "--threads", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache"),
+             "--dist-timeout", "60", "--out", str(tmp_path / "run")]
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "nanoseek", "train", *flags], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("nanoseek train: error:")]
+    assert errors == ["nanoseek train: error: --batch-size 5 must be divisible by the 2 data-parallel ranks "
+                      "(--dp 2 x --ep 1)"], proc.stderr[-3000:]
+
+
+def test_an_error_one_rank_hits_is_printed_by_that_rank(tmp_path, monkeypatch, capsys):
+    """Outside a torchrun agent (no wait for rank 0): rank 1 says an error of its own, prefixed by its rank, and
+    leaves a shared one to rank 0; both exit non-zero."""
+    from nanoseek.cli import main
+    from nanoseek.errors import report_error
+    from nanoseek.train.loop import TrainingError
+
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    report_error("train", TrainingError("a collective failed or timed out", rank=1))
+    assert capsys.readouterr().err == "nanoseek train: error: rank 1: a collective failed or timed out\n"
+    own = FileNotFoundError("no tokenizer.json in /run")  # a read of its own (DistributedTrainer._own_errors)
+    own.rank = 1
+    report_error("train", own)
+    assert capsys.readouterr().err == "nanoseek train: error: rank 1: no tokenizer.json in /run\n"
+    assert main(["train", "--preset", "tiny", "--ep", "4", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--preset", "tiny", "--ep", "4", "--out", str(tmp_path / "run")]) == 2
+    assert "--ep 4 x --pp 1 x --dp 1 = 4 ranks, but the job has 2" in capsys.readouterr().err
+
+
 def test_microbatches_that_do_not_split_the_batch_fail_before_training(reference):
     root, cache = reference
     out = root / "bad_microbatches"
@@ -408,3 +446,20 @@ def _microbatch_worker(rank: int, world: int, cfg_dict: dict, out: str) -> None:
 
     train_distributed(TrainConfig.from_dict(cfg_dict), out,
                       ParallelSettings(Layout(1, 2, 1), microbatches=3, timeout_s=60), log=quiet)
+
+
+def test_batch_size_warmup_under_a_pipeline_equals_single_process(reference):
+    """A batch-size warmup under PP=2 (DualPipeV): the warmup's steps run fewer pipeline micro-batches than the
+    full steps, and the run equals one process's."""
+    from nanoseek.train.loop import train
+
+    root, cache = reference
+    cfg = base_config(cache, batch_size=4, grad_accum=2, batch_warmup_start=4, batch_warmup_tokens=300)
+    train(cfg, root / "single_warmup", log=quiet)
+    single = of_type(read_metrics(root / "single_warmup" / "metrics.jsonl"), "train")
+    assert [r["micro_batches"] for r in single] == [1, 1, 1, 2, 2]
+    run_spawned(_train_worker, 2, cfg.to_dict(), str(root / "pp2_warmup"), (1, 2, 1), "dualpipev", False,
+                timeout_s=120)
+    assert_same_run(root / "pp2_warmup", root / "single_warmup")
+    assert [r["micro_batches"] for r in of_type(read_metrics(root / "pp2_warmup" / "metrics.jsonl"), "train")] == \
+        [1, 1, 1, 2, 2]

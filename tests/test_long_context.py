@@ -229,14 +229,15 @@ def test_recipe_stages_scaled_to_a_demo_run(tmp_path):
 
 
 def test_recipe_reproduces_deepseek_v3_settings(tmp_path):
-    """A V3-like base (4K, 15360 sequences per step, V3's schedule with its tails, so a final lr of 7.3e-6)
-    extended 8x then 32x with s = 40 gets V3's configuration: the preset's rope_scaling, batches of 1920 and 480,
-    lr 7.3e-6."""
+    """A V3-like base (4K, 15360 sequences per step after V3's batch-size warmup, V3's schedule with its tails,
+    so a final lr of 7.3e-6) extended 8x then 32x with s = 40 gets V3's configuration: the preset's rope_scaling,
+    batches of 1920 and 480 from the first step, lr 7.3e-6."""
     v3 = ModelConfig.preset("deepseek-v3")
     base_model = v3.replace(rope_scaling_type=None, rope_factor=1.0, max_position_embeddings=4096)
     base = TrainConfig(preset="deepseek-v3", model_overrides={"rope_scaling_type": None, "rope_factor": 1.0,
                                                               "max_position_embeddings": 4096},
-                       seq_len=4096, batch_size=15360, steps=1000, lr=2.2e-4, min_lr_ratio=0.1,
+                       seq_len=4096, batch_size=3072, grad_accum=5, steps=1000, lr=2.2e-4, min_lr_ratio=0.1,
+                       batch_warmup_start=3072, batch_warmup_tokens=469 * 10**9,  # V3: 3072 -> 15360 sequences
                        decay_start=10 / 14.8, decay_end=14.3 / 14.8, final_start=14.633 / 14.8,
                        final_lr_ratio=7.3e-6 / 2.2e-4, warmup_steps=10)
     stages = plan_stages(base, base_model, tmp_path, tmp_path / "base", [8, 32], steps=1000, factor=40)
@@ -244,6 +245,7 @@ def test_recipe_reproduces_deepseek_v3_settings(tmp_path):
                                                                                          (131072, 480)]
     for s in stages:
         assert s.config.lr == pytest.approx(7.3e-6) and s.config.steps == 1000
+        assert s.config.batch_warmup_start is None  # the extension trains with the full batch from the start
         mc = ModelConfig.preset(s.config.preset).replace(**s.config.model_overrides)
         assert mc.to_hf()["rope_scaling"] == v3.to_hf()["rope_scaling"]
         assert mc.max_position_embeddings == 163840 and mc.softmax_scale == pytest.approx(0.13523, abs=5e-6)

@@ -1,6 +1,7 @@
 """The training loop on a tiny model: the run directory (a loadable checkpoint + training state), metrics,
 the report, the bias update, atomic saves, resume, NaN steps and bad input."""
 
+import contextlib
 import json
 import shutil
 import sysconfig
@@ -35,6 +36,23 @@ def tiny(cache, **kw):
 
 def quiet(msg):
     pass
+
+
+@contextlib.contextmanager
+def interrupted_at(step: int):
+    """A Ctrl-C at the start of 0-based step ``step`` of a run trained inside the block."""
+    real = loop.learning_rate
+
+    def interrupt(s, c):
+        if s == step:
+            raise KeyboardInterrupt
+        return real(s, c)
+
+    loop.learning_rate = interrupt
+    try:
+        yield
+    finally:
+        loop.learning_rate = real
 
 
 def losses(run, key="loss"):
@@ -112,19 +130,8 @@ def test_resume_in_process_bf16_and_activation_checkpointing(tmp_path, cache):
     the subprocess test kills a real process in fp32). Activation checkpointing changes no loss."""
     cfg = tiny(cache, steps=8, save_every=4, eval_every=4, dtype="bf16")
     train(cfg, tmp_path / "a", log=quiet)
-    real = loop.learning_rate
-
-    def interrupt(step, c):
-        if step == 6:
-            raise KeyboardInterrupt
-        return real(step, c)
-
-    loop.learning_rate = interrupt
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(cfg, tmp_path / "b", log=quiet)
-    finally:
-        loop.learning_rate = real
+    with interrupted_at(6), pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "b", log=quiet)
     assert len(losses(tmp_path / "b")) == 6  # logged past the checkpoint: dropped on resume
     train(resume_config(tmp_path / "b"), tmp_path / "b", resume=True, log=quiet)
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
@@ -395,3 +402,22 @@ def test_training_with_deepseek_v3s_tokenizer(tmp_path, cache):
     data = json.loads((run / "data.json").read_text())
     token_file = Path(cache) / "tokens" / f"{data['cache']['train']}.bin"
     assert token_file.stat().st_size == 4 * data["tokens"]["train"]  # uint32 ids
+
+
+def test_batch_size_warmup_trains_fewer_sequences_first_and_resumes_exactly(tmp_path, cache):
+    """The first steps of a batch-size warmup run one micro-batch, exactly as a run without accumulation; the
+    step then grows to --grad-accum micro-batches (SPEC §6), and a run stopped in the warmup resumes exactly."""
+    cfg = tiny(cache, batch_size=2, grad_accum=4, batch_warmup_start=2, batch_warmup_tokens=600, steps=8,
+               save_every=3, warmup_steps=0)
+    train(cfg, tmp_path / "warm", log=quiet)
+    records = of_type(read_metrics(tmp_path / "warm" / "metrics.jsonl"), "train")
+    # sequences before step s: 2 + 6 x tokens // 600 (tokens: 64 per micro-batch of 2 x 32)
+    assert [r["micro_batches"] for r in records] == [1, 1, 1, 1, 2, 2, 3, 4]
+    assert [r["tokens"] for r in records] == [64, 128, 192, 256, 384, 512, 704, 960]
+    train(cfg.replace(grad_accum=1, batch_warmup_start=None, batch_warmup_tokens=None), tmp_path / "plain", log=quiet)
+    assert losses(tmp_path / "warm")[:4] == losses(tmp_path / "plain")[:4]  # the same micro-batches, one per step
+
+    with interrupted_at(5), pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "stopped", log=quiet)
+    train(resume_config(tmp_path / "stopped"), tmp_path / "stopped", resume=True, log=quiet)
+    assert losses(tmp_path / "stopped") == losses(tmp_path / "warm")

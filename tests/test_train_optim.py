@@ -76,3 +76,30 @@ def test_switch_and_decay_steps_ignore_float_noise():
     assert optim.mtp_lambda(6799, cfg) == 0.3 and optim.mtp_lambda(6800, cfg) == 0.1
     cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=0, decay_start=0.29, min_lr_ratio=0.1)
     assert optim.learning_rate(29, cfg) == 1e-3 and optim.learning_rate(30, cfg) < 1e-3
+
+
+def test_batch_size_warmup_grows_the_step_linearly_in_tokens():
+    """SPEC §6: the batch grows from the start's sequences to the full batch over the warmup tokens, in whole
+    micro-batches (rounded down); hand values, then V3's 3072 -> 15360 sequences over 469B tokens."""
+    cfg = TrainConfig(batch_size=2, grad_accum=4, batch_warmup_start=2, batch_warmup_tokens=600)
+    # sequences = 2 + (8 - 2) x tokens // 600, then // 2 micro-batches
+    assert [optim.micro_batches(t, cfg) for t in (0, 64, 199, 200, 399, 400, 599, 600, 10**6)] == \
+        [1, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert optim.micro_batches(123, TrainConfig(grad_accum=4)) == 4  # no warmup: the full batch
+    v3 = TrainConfig(batch_size=1536, grad_accum=10, batch_warmup_start=3072, batch_warmup_tokens=469 * 10**9)
+    assert optim.micro_batches(0, v3) == 2  # 3072 sequences
+    assert optim.micro_batches(469 * 10**9 // 2, v3) == 6  # 3072 + 12288 / 2 = 9216 sequences
+    assert optim.micro_batches(469 * 10**9 - 1, v3) == 9  # 15359.99 sequences: rounded down
+    assert optim.micro_batches(469 * 10**9, v3) == 10  # 15360, held after
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(batch_warmup_start=4), "--batch-warmup-start and --batch-warmup-tokens go together"),
+    (dict(batch_warmup_tokens=100), "--batch-warmup-start and --batch-warmup-tokens go together"),
+    (dict(batch_warmup_start=3, batch_warmup_tokens=100), "a positive multiple of --batch-size 2"),
+    (dict(batch_warmup_start=8, batch_warmup_tokens=100), "must be below the full batch"),
+    (dict(batch_warmup_start=2, batch_warmup_tokens=0), "--batch-warmup-tokens must be a positive integer"),
+])
+def test_batch_size_warmup_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(batch_size=2, grad_accum=4, **settings).validate()

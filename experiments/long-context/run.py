@@ -89,12 +89,20 @@ def finished(stamp: Path, cmd: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base-steps", type=int, default=300)
-    p.add_argument("--stage-steps", type=int, default=150)
-    p.add_argument("--windows", type=int, default=24)
-    p.add_argument("--passkey-samples", type=int, default=10)
-    p.add_argument("--scratch", type=Path, default=SCRATCH)
-    p.add_argument("--force", action="store_true", help="redo every step")
+    p.add_argument("--base-steps", type=int, default=300, metavar="N",
+                   help=f"optimizer steps of the base run at L = {L} tokens (default %(default)s)")
+    p.add_argument("--stage-steps", type=int, default=150, metavar="N",
+                   help=f"optimizer steps of each YaRN stage, at {4 * L} and {16 * L} tokens (default %(default)s)")
+    p.add_argument("--windows", type=int, default=24, metavar="N",
+                   help=f"validation windows of {16 * L} tokens for the loss by position (default %(default)s)")
+    p.add_argument("--passkey-samples", type=int, default=10, metavar="N",
+                   help="passkey examples per length and depth in the evaluation (default %(default)s)")
+    p.add_argument("--scratch", type=Path, default=SCRATCH, metavar="DIR",
+                   help="directory of the base corpus, the runs, their logs and the finished-step stamps "
+                        "(default %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="redo every step (base run, extension, evaluation), even one finished with the same "
+                        "command; the base corpus and tokenizer are reused")
     args = p.parse_args(argv)
     scratch = args.scratch
     scratch.mkdir(parents=True, exist_ok=True)

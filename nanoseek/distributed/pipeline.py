@@ -295,7 +295,8 @@ class PipelineRunner:
         self._recorder = _Recorder()
         self._mtp_lambda = 0.0  # of the step in progress, for the loss function
         self._step_counts: dict[str, torch.Tensor] = {}
-        self._schedules: dict[tuple[int, int], object] = {}
+        self._schedules: dict[tuple[int, int, int], object] = {}
+        self._step_microbatches = n_microbatches  # of the step in progress
         self._early_sends: list[list[dist.Work]] = []  # DualPipeV's forward sends started inside F&B
         self.early_sends = 0  # how many of them the last step started (before the paired backward)
 
@@ -349,12 +350,14 @@ class PipelineRunner:
         return dict(self._step_counts)
 
     # ------------------------------------------------------------------ step
-    def step(self, batch: torch.Tensor | None, mtp_lambda: float, balance_alpha: float) -> StepLosses:
+    def step(self, batch: torch.Tensor | None, mtp_lambda: float, balance_alpha: float,
+             n_microbatches: int | None = None) -> StepLosses:
         """Forward + backward of ``batch`` (B, T+1) through the schedule; accumulate into each local
         parameter's .grad the gradient of L_main + mtp_lambda * mean_k L_k + balance_alpha * L_bal of the full
         batch, as single-process ``training_loss(...).total.backward()`` does.
 
-        The batch is split into n_microbatches equal micro-batches (B must divide); each one's loss enters
+        The batch is split into ``n_microbatches`` equal micro-batches (default: the runner's; fewer in the steps
+        of a batch-size warmup; B must divide); each one's loss enters
         the backward divided by their number, so the sum is the full-batch mean, exactly when every
         micro-batch has the same number of labelled tokens (always, without ignore_index labels). Ranks
         holding neither stage 0 nor the last stage may pass ``batch=None``. Returns the same
@@ -363,10 +366,11 @@ class PipelineRunner:
         if not torch.is_grad_enabled():
             raise RuntimeError("PipelineRunner.step needs gradients enabled (not under torch.no_grad())")
         B, T = self._agree_on_shape(batch)
-        n_mb = self.n_microbatches
+        n_mb = n_microbatches or self.n_microbatches
         if B % n_mb:
             raise ValueError(f"batch size {B} is not divisible into n_microbatches={n_mb} equal micro-batches")
-        schedule = self._schedule(B // n_mb, T)
+        schedule = self._schedule(B // n_mb, T, n_mb)
+        self._step_microbatches = n_mb
         self._mtp_lambda = mtp_lambda
         self._recorder.reset(balance_scale=balance_alpha / n_mb)
         args, target = (), None
@@ -406,16 +410,16 @@ class PipelineRunner:
         values = [v.detach().double() for v in [main, *per_depth]]
         rec = self._recorder
         rec.ce_sums = [a + b for a, b in zip(rec.ce_sums, values)] if rec.ce_sums else values
-        return (main + self._mtp_lambda * mtp.to(main.device)) / self.n_microbatches
+        return (main + self._mtp_lambda * mtp.to(main.device)) / self._step_microbatches
 
     def _mtp_depth(self, T: int) -> int:
         """The number of MTP depths that run on T positions (depth k needs T - k > 0, as forward_train)."""
         return sum(1 for k in range(1, self.config.num_nextn_predict_layers + 1) if T - k > 0)
 
     # ------------------------------------------------------------------ schedules
-    def _schedule(self, mb: int, T: int):
-        """The schedule for micro-batches of shape (mb, T), built on first use (static stage shapes)."""
-        key = (mb, T)
+    def _schedule(self, mb: int, T: int, n_mb: int):
+        """The schedule for n_mb micro-batches of shape (mb, T), built on first use (static stage shapes)."""
+        key = (mb, T, n_mb)
         if key in self._schedules:
             return self._schedules[key]
         d, V, S = self.config.hidden_size, self.config.vocab_size, self.layout.n_stages
@@ -432,7 +436,8 @@ class PipelineRunner:
                                 output_args=logits if s == S - 1 else (hidden, ids),
                                 dw_builder=self._no_split if s == S - 1 and self._whole_backward_at_i else None)
                   for s in self.local_stages]
-        kwargs = dict(n_microbatches=self.n_microbatches, loss_fn=self._loss_fn, scale_grads=False)
+        plan_stages(self.config, self.pp_size, self.schedule_name, n_mb)  # enough micro-batches for the schedule
+        kwargs = dict(n_microbatches=n_mb, loss_fn=self._loss_fn, scale_grads=False)
         if self.schedule_name == "1f1b":
             schedule = Schedule1F1B(stages[0], **kwargs)
         elif self.schedule_name == "interleaved-zb":

@@ -30,15 +30,17 @@ import torch
 import torch.distributed as dist
 
 from ..allocator import keep_freed_memory
-from ..atomic import atomic_write_json
 from ..objectives import cross_entropy_sums, max_violation, training_loss
 from ..train import checkpoint as ckpt_io
 from ..train.config import TrainConfig
 from ..train.data import BatchStream, prepare_data, validation_batches
 from ..train.build import autocast_context, build_model, init_from_tokenizer, model_config
-from ..train.loop import TrainingError, TrainResult, Trainer, _resume_mismatches, finished, pick_device
+from ..train.loop import TrainResult, Trainer, pick_device
 from ..train.metrics import MetricsLog
-from ..train.optim import bias_gamma, learning_rate, mtp_lambda
+from ..train.optim import bias_gamma, learning_rate, micro_batches, mtp_lambda
+from ..train.run_state import (Progress, TrainingError, batch_warmup_note, check_same_corpus, finished,
+                               nonfinite_message, open_metrics, resume_point, resumed_tokenizer, streak_stop_message,
+                               time_budget_message)
 from .expert_parallel import apply_expert_parallel, moe_modules, node_limit_note, use_microbatch_groups
 from .mesh import DEFAULT_TIMEOUT_S, Layout, ParallelContext, init_parallel, world_from_env
 from .state import DistributedOptimizer, full_model, gather_full_state
@@ -94,6 +96,29 @@ def _collective_failure(e: BaseException | None) -> BaseException | None:
     return None
 
 
+@dataclass
+class _Session:
+    """What the steps of a distributed run use on this rank (built by DistributedTrainer._setup)."""
+
+    model: torch.nn.Module  # the full model, with only this rank's stages and experts filled
+    mc: Any  # the ModelConfig
+    runner: Any  # the PipelineRunner with --pp > 1, else None
+    per_accum: int  # pipeline micro-batches per --grad-accum micro-batch
+    stats: Any  # the expert-parallel all-to-all statistics with --ep > 1, else None
+    collector: _CountCollector
+    named: list[tuple[str, torch.nn.Parameter]]  # this rank's parameters
+    duplicates: list[torch.nn.Parameter]  # copies of a parameter another rank also holds (a V pipeline's embedding)
+    optimizer: DistributedOptimizer
+    batches: BatchStream  # the global batches, the same on every rank
+    rows: slice  # this data rank's rows of each
+    val_batches: list[torch.Tensor]
+    data_keys: Any
+    metrics: MetricsLog | None  # rank 0 only
+    autocast: Callable[[], Any]
+    progress: Progress
+    device: torch.device
+
+
 class DistributedTrainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, parallel: ParallelSettings, resume: bool = False,
                  overwrite: bool = False, log: Callable[[str], None] | None = None):
@@ -129,6 +154,17 @@ class DistributedTrainer:
             raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(msg)
         return result
 
+    @contextlib.contextmanager
+    def _own_errors(self):
+        """This rank's own reads of the run's files: where ranks do not share a filesystem, a peer may have read
+        them fine, so a rank other than 0 says such an error itself, with its number (errors.report_error)."""
+        try:
+            yield
+        except (ValueError, OSError) as e:
+            if not self.ctx.is_main and getattr(e, "rank", None) is None:
+                e.rank = self.ctx.rank
+            raise
+
     # ------------------------------------------------------------------ main
     def run(self) -> TrainResult | None:
         device = pick_device(self.cfg.device)
@@ -155,12 +191,12 @@ class DistributedTrainer:
         except Exception as e:
             failed = _collective_failure(e)
             if failed is not None:
-                rank = dist.get_rank() if dist.is_initialized() else "?"
-                raise TrainingError(
-                    f"rank {rank}: a collective failed or timed out (--dist-timeout {self.parallel.timeout_s:g} s): "
+                rank = dist.get_rank() if dist.is_initialized() else world_from_env()[0]
+                raise TrainingError(  # this rank's own view: it prints it (nanoseek.errors.report_error)
+                    f"a collective failed or timed out (--dist-timeout {self.parallel.timeout_s:g} s): "
                     f"a peer rank died or hangs ({str(failed).splitlines()[0][:200]}); the last checkpoint in "
                     f"{self.run_dir} is intact: resume with --resume {self.run_dir} "
-                    f"{layout_flags(self.parallel.layout)}") from None
+                    f"{layout_flags(self.parallel.layout)}", rank=rank) from None
             raise
         finally:
             self._close_bar()
@@ -171,6 +207,50 @@ class DistributedTrainer:
                 dist.destroy_process_group()
 
     def _run(self, device: torch.device) -> TrainResult:
+        s = self._setup(device)
+        cfg, ctx, run, progress = self.cfg, self.ctx, self.run_dir, s.progress
+        budget = cfg.time_budget * 60.0 if cfg.time_budget else None
+        t_run = time.perf_counter()
+        stopped_by, last_val = "steps", None
+        self._open_bar(progress.step)
+        while progress.step < cfg.steps:
+            stop = torch.tensor([1.0 if budget is not None and time.perf_counter() - t_run >= budget else 0.0])
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+            if stop.item():
+                stopped_by = "time_budget"
+                break
+            loss, grad_norm = self._step(s)
+            step = progress.step
+            if progress.bad_streak:  # neither validated nor saved: the last good checkpoint stays the current one
+                self._skipped(s, loss, grad_norm)
+                continue
+            if s.val_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
+                last_val = self._evaluate(s.model, s.runner, s.collector, s.val_batches, s.autocast, step,
+                                          progress.tokens, s.metrics, device)
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                self._save(s)
+        step = progress.step
+        if stopped_by == "time_budget":
+            msg = time_budget_message(cfg, step)
+            self.log(msg)
+            if ctx.is_main:
+                s.metrics.append({"type": "event", "step": step, "event": "time_budget", "message": msg})
+            if progress.bad_streak == 0:  # not in the middle of a NaN/inf streak
+                self._save(s)
+        else:
+            if ctx.is_main:
+                s.metrics.append({"type": "event", "step": step, "event": "done",
+                                  "message": finished(run, progress.bad_streak)})
+            if progress.bad_streak:
+                self.log(finished(run, progress.bad_streak))
+        self._close_bar()
+        self.log(f"trained to step {step} ({progress.tokens:,} tokens) in {time.perf_counter() - t_run:.0f} s"
+                 + (f"; validation loss {last_val:.4f}" if last_val is not None else "") + f"; checkpoint: {run}")
+        return TrainResult(run, step, progress.tokens, stopped_by, last_val, progress.elapsed)
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self, device: torch.device) -> "_Session":
+        """Checks, data, the model split over the layout, the optimizer; the run's files (on rank 0)."""
         cfg, run, ctx, par = self.cfg, self.run_dir, self.ctx, self.parallel
         layout = par.layout
         t_setup = time.perf_counter()
@@ -184,48 +264,42 @@ class DistributedTrainer:
             raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the {ctx.data_size} data-parallel "
                              f"ranks (--dp {layout.dp} x --ep {layout.ep})")
         if self.resume and not self.overwrite:
-            self._on_main(lambda: self._check_resume())
+            self._on_main(lambda: resume_point(run, cfg))
 
         # ---- data: rank 0 prepares (tokenizer, token cache), then the others read the same
         state: dict[str, Any] | None = None
         ckpt_dir = None
         if self.resume:
-            ckpt_dir, state, _ = ckpt_io.read_checkpoint_config(run)
-        quiet = (lambda s: None)
+            with self._own_errors():
+                ckpt_dir, state, _ = ckpt_io.read_checkpoint_config(run)
         if ctx.is_main:
             data = self._on_main(lambda: prepare_data(
-                cfg, **({"tokenizer_path": self._resumed_tokenizer(ckpt_dir)} if self.resume
+                cfg, **({"tokenizer_path": resumed_tokenizer(run, ckpt_dir)} if self.resume
                         else {"run_dir": run, "tokenizer_path": init_from_tokenizer(cfg)}),
                 log=self.log))
         else:
             self._on_main(lambda: None)
-            tok = self._resumed_tokenizer(ckpt_dir) if self.resume else run / "tokenizer.json"
-            data = prepare_data(cfg, tokenizer_path=tok, log=quiet)
-        if self.resume and state.get("data_keys") and state["data_keys"] != data.summary["cache"]:
-            raise ValueError(f"cannot resume {run}: the corpus changed since the checkpoint")
+            tok = resumed_tokenizer(run, ckpt_dir) if self.resume else run / "tokenizer.json"
+            with self._own_errors():
+                data = prepare_data(cfg, tokenizer_path=tok, log=lambda _: None)
+        if self.resume:
+            check_same_corpus(run, state, data.summary["cache"])
         train_seqs = data.train_sequences(cfg.seq_len)
         if len(train_seqs) == 0:
             raise ValueError(f"the training split has fewer tokens than one sequence of --seq-len {cfg.seq_len} + 1")
-        val_batches = validation_batches(data.val_sequences(cfg.seq_len), cfg.batch_size, cfg.eval_batches)
 
         # ---- model: every rank builds (or loads) the full model identically, then keeps its part
         mc = model_config(cfg, data.vocab_size, data.bos_id, data.eos_id)
         layout.validate(dist.get_world_size(), mc)
-        model = build_model(cfg, mc, device, ckpt_dir if self.resume else None, self.log, data.tokenizer)
+        with self._own_errors():
+            model = build_model(cfg, mc, device, ckpt_dir if self.resume else None, self.log, data.tokenizer)
         n_params = sum(p.numel() for p in model.parameters())
         stats = apply_expert_parallel(model, ctx.ep_group) if layout.ep > 1 else None
-        collector = _CountCollector(model)
         autocast = autocast_context(device, cfg.dtype)
-        runner = None
+        runner, per_accum = None, 1
         if layout.pp > 1:
-            from .pipeline import PipelineRunner
-
-            n_micro = self._microbatches(cfg, ctx) * cfg.grad_accum
-            overlap = layout.ep > 1 and par.schedule == "dualpipev"
-            if overlap:  # F&B in two threads: each micro-batch's all-to-alls on their own copy of the EP group
-                use_microbatch_groups(model, self._microbatch_ep_groups(n_micro))
-            runner = PipelineRunner(model, ctx.pp_group, schedule=par.schedule, n_microbatches=n_micro,
-                                    device=device, autocast=autocast, overlap_threads=overlap)
+            per_accum = self._microbatches(cfg, ctx)
+            runner = self._pipeline(model, mc, per_accum, device, autocast)
             named = list(runner.named_parameters())
             duplicates = list(runner.duplicate_params)
             local = {id(p) for _, p in named}
@@ -236,16 +310,54 @@ class DistributedTrainer:
             named = list(model.named_parameters())
             duplicates = []
         optimizer = DistributedOptimizer(named, cfg, ctx)
-        step, tokens, elapsed, position = 0, 0, 0.0, {"epoch": 0, "cursor": 0}
+        progress = Progress()
         if self.resume:
-            tensors = ckpt_io.load_training_tensors(ckpt_dir)
-            if state["step"] > 0 or any(k.startswith("optim.") for k in tensors):
-                optimizer.load(tensors, ctx, ckpt_dir)
-            step, tokens, elapsed = state["step"], state["tokens"], float(state["elapsed"])
-            position = {"epoch": state["data"]["epoch"], "cursor": state["data"]["cursor"]}
-        batches = BatchStream(train_seqs, cfg.batch_size, cfg.seed, **position)
-        alpha = cfg.effective_balance_alpha
-        metrics = MetricsLog(run / "metrics.jsonl") if ctx.is_main else None
+            with self._own_errors():
+                tensors = ckpt_io.load_training_tensors(ckpt_dir)
+                if state["step"] > 0 or any(k.startswith("optim.") for k in tensors):
+                    optimizer.load(tensors, ctx, ckpt_dir)
+            progress = Progress.from_state(state)
+        self._log_run(mc, n_params)
+
+        metrics = (open_metrics(run, cfg, self.resume, progress, data.summary,
+                                start={"params": n_params, "model": mc.to_hf(), "layout": str(layout)})
+                   if ctx.is_main else None)
+        if self.resume:
+            self.log(f"resumed {run} at step {progress.step} ({progress.tokens:,} tokens)")
+        lo = ctx.data_rank * (cfg.batch_size // ctx.data_size)
+        session = _Session(
+            model=model, mc=mc, runner=runner, per_accum=per_accum, stats=stats, collector=_CountCollector(model),
+            named=named, duplicates=duplicates, optimizer=optimizer,
+            batches=BatchStream(train_seqs, cfg.batch_size, cfg.seed, **progress.position),
+            rows=slice(lo, lo + cfg.batch_size // ctx.data_size),
+            val_batches=validation_batches(data.val_sequences(cfg.seq_len), cfg.batch_size, cfg.eval_batches),
+            data_keys=data.summary["cache"], metrics=metrics, autocast=autocast, progress=progress, device=device)
+        if not self.resume:
+            self._save(session)
+        self.log(f"setup took {time.perf_counter() - t_setup:.1f} s")
+        return session
+
+    def _pipeline(self, model, mc, per_accum: int, device: torch.device, autocast):
+        """The PipelineRunner of this rank's stages: ``per_accum`` pipeline micro-batches per --grad-accum one."""
+        from .pipeline import PipelineRunner, plan_stages
+
+        cfg, ctx, par = self.cfg, self.ctx, self.parallel
+        n_micro = per_accum * cfg.grad_accum
+        if cfg.batch_warmup_start is not None:  # the smaller steps of a batch-size warmup fit the schedule too
+            for k in range(cfg.batch_warmup_start // cfg.batch_size, cfg.grad_accum):
+                try:
+                    plan_stages(mc, par.layout.pp, par.schedule, per_accum * k)
+                except ValueError as e:
+                    raise ValueError(f"--batch-warmup-start {cfg.batch_warmup_start}: a step of {k} "
+                                     f"micro-batches does not fit the pipeline: {e}") from None
+        overlap = par.layout.ep > 1 and par.schedule == "dualpipev"
+        if overlap:  # F&B in two threads: each micro-batch's all-to-alls on their own copy of the EP group
+            use_microbatch_groups(model, self._microbatch_ep_groups(n_micro))
+        return PipelineRunner(model, ctx.pp_group, schedule=par.schedule, n_microbatches=n_micro,
+                              device=device, autocast=autocast, overlap_threads=overlap)
+
+    def _log_run(self, mc, n_params: int) -> None:
+        cfg, layout, par = self.cfg, self.parallel.layout, self.parallel
         self.log(f"distributed: {layout} on {dist.get_world_size()} ranks ({dist.get_backend()}), "
                  + (f"pipeline {par.schedule}, " if layout.pp > 1 else "")
                  + (f"ZeRO-1 over {layout.dp} DP ranks, " if layout.dp > 1 else "")
@@ -257,159 +369,102 @@ class DistributedTrainer:
                  f"d {mc.hidden_size}, {experts}, MTP depth {mc.num_nextn_predict_layers}, vocabulary "
                  f"{mc.vocab_size})")
         self.log(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = "
-                 f"{cfg.tokens_per_step:,} tokens ({cfg.batch_size // ctx.data_size} sequences per data rank)")
+                 f"{cfg.tokens_per_step:,} tokens ({cfg.batch_size // self.ctx.data_size} sequences per data rank)"
+                 + batch_warmup_note(cfg))
 
+    def _save(self, s: "_Session") -> None:
+        """A checkpoint of the full model and optimizer, gathered from every rank and written by rank 0."""
+        ctx = self.ctx
+        gathered = gather_full_state(s.model, s.named, s.optimizer, ctx, s.duplicates)
         if ctx.is_main:
-            if self.resume:
-                ckpt_io.prune(run, cfg.keep_checkpoints)
-                metrics.truncate_after(step)
-                metrics.append({"type": "event", "step": step, "event": "resume", "message": f"resumed at step {step}",
-                                "layout": str(layout)})
-            else:
-                metrics.reset()
-                atomic_write_json(run / "data.json", data.summary)
-                metrics.append({"type": "event", "step": 0, "event": "start", "message": "training started",
-                                "params": n_params, "model": mc.to_hf(), "layout": str(layout)})
-            cfg.save(run / ckpt_io.CONFIG_FILE)
-        if self.resume:
-            self.log(f"resumed {run} at step {step} ({tokens:,} tokens)")
+            model_sd, optim = gathered
+            st = s.progress.state(self.cfg, s.batches.position, s.data_keys, layout=str(self.parallel.layout))
+            ckpt_io.save_checkpoint(self.run_dir, full_model(s.mc, model_sd), optim, st, self.cfg.to_dict(),
+                                    keep=self.cfg.keep_checkpoints)
+        dist.barrier()
 
-        bad_streak = int(state.get("bad_streak", 0)) if self.resume else 0
-
-        def save(step_now: int) -> None:
-            gathered = gather_full_state(model, named, optimizer, ctx, duplicates)
-            if ctx.is_main:
-                model_sd, optim = gathered
-                st = {"step": step_now, "tokens": tokens, "elapsed": elapsed, "data": batches.position,
-                      "data_keys": data.summary["cache"], "bad_streak": bad_streak,
-                      "lr": learning_rate(max(step_now - 1, 0), cfg), "seed": cfg.seed, "layout": str(layout)}
-                ckpt_io.save_checkpoint(run, full_model(mc, model_sd), optim, st, cfg.to_dict(),
-                                        keep=cfg.keep_checkpoints)
-            dist.barrier()
-
-        if not self.resume:
-            save(0)
-        self.log(f"setup took {time.perf_counter() - t_setup:.1f} s")
-
-        lo = ctx.data_rank * (cfg.batch_size // ctx.data_size)
-        hi = lo + cfg.batch_size // ctx.data_size
-        budget = cfg.time_budget * 60.0 if cfg.time_budget else None
-        t_run = time.perf_counter()
-        stopped_by, last_val = "steps", None
-        self._open_bar(step)
-        while step < cfg.steps:
-            stop = torch.tensor([1.0 if budget is not None and time.perf_counter() - t_run >= budget else 0.0])
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-            if stop.item():
-                stopped_by = "time_budget"
-                break
-            t0 = time.perf_counter()
-            lr = learning_rate(step, cfg)
-            optimizer.set_lr(lr)
-            lam, gamma = mtp_lambda(step, cfg), bias_gamma(step, cfg)
-            if stats is not None:
-                stats.reset()
-            collector.enabled = True
-            local = [batches.next()[lo:hi].to(device) for _ in range(cfg.grad_accum)]  # (b, T+1) each
-            if runner is not None:
-                out = runner.step(torch.cat(local), lam, alpha)
-                parts = [out.total, out.main, out.mtp, out.balance, *out.mtp_per_depth]
-                pipe = {"pp_fb_threaded": runner.threaded_pairs, "pp_fb_early_sends": runner.early_sends}
-            else:
-                parts, pipe = None, None
-                for batch in local:
-                    with autocast():
-                        o = model.forward_train(batch[:, :-1])
-                    terms = training_loss(o, batch[:, 1:], mtp_lambda=lam, balance_alpha=alpha)
-                    (terms.total / cfg.grad_accum).backward()
-                    vals = [terms.total, terms.main, terms.mtp, terms.balance, *terms.mtp_per_depth]
-                    vals = [float(v.detach()) / cfg.grad_accum for v in vals]
-                    parts = vals if parts is None else [a + b for a, b in zip(parts, vals)]
-                    del o, terms
-            collector.enabled = False
-            losses = sum_over(torch.tensor([float(v) for v in parts], dtype=torch.float64), ctx.data_group)
-            losses /= ctx.data_size
-            reduce_gradients(named, ctx)
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = clip_global_grad_norm(named, ctx, clip, duplicates)
-            counts = self._summed_counts(collector)  # this rank's MoE layers, summed over the data ranks
-            all_counts = self._all_layer_counts(counts)  # every stage's layers (for the metrics)
-            finite = math.isfinite(float(losses[0])) and math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
-                if gamma:
-                    for name, c in counts.items():
-                        bias = collector.routers[name].e_score_correction_bias
-                        if bias is not None:
-                            c = c.to(bias.device, torch.float32)
-                            bias.add_(gamma * torch.sign(c.mean() - c))  # b_i += gamma sign(mean c - c_i)
-            optimizer.zero_grad()
-            bad_streak = 0 if finite else bad_streak + 1  # the same on every rank: losses and norm are global
-            step += 1
-            tokens += cfg.tokens_per_step
-            dt = time.perf_counter() - t0
-            elapsed += dt
-            a2a = None
-            if stats is not None:
-                d = stats.as_dict()
-                keys = ("a2a_tokens", "a2a_rows", "a2a_remote_rows", "a2a_remote_bytes", "a2a_slots")
-                a2a = dict(zip(keys, sum_over(torch.tensor([float(d[k]) for k in keys]), dist.group.WORLD).tolist()))
-            if ctx.is_main:
-                rec = self._record(step, tokens, losses, lr, lam, gamma, alpha, grad_norm, dt, elapsed, all_counts,
-                                   a2a)
-                rec.update(pipe or {}, skipped=not finite)
-                if step % cfg.log_every == 0 or not finite or step == cfg.steps:
-                    metrics.append(rec)
-                self._update_bar(rec)
-            if not finite:  # neither validated nor saved: the last good checkpoint stays the current one
-                msg = (f"step {step}: the loss or gradient is not finite (loss {float(losses[0])}, grad norm "
-                       f"{grad_norm}); the step was skipped ({bad_streak} in a row)")
-                self.log(msg)
-                if ctx.is_main:
-                    metrics.append({"type": "event", "step": step, "event": "nonfinite", "message": msg})
-                if bad_streak >= cfg.max_bad_steps:
-                    good = ckpt_io.current_checkpoint(run)
-                    msg = (f"stopped: the loss was NaN/inf in {bad_streak} consecutive steps (up to step {step}); "
-                           f"lower --lr or check the data; the last good checkpoint "
-                           f"({good.name if good else 'none'}) is intact: resume with --resume {run} "
-                           f"{layout_flags(layout)}")
-                    if ctx.is_main:
-                        metrics.append({"type": "event", "step": step, "event": "stopped", "message": msg})
-                    raise TrainingError(msg)
-                continue
-            if val_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
-                last_val = self._evaluate(model, runner, collector, val_batches, autocast, step, tokens, metrics,
-                                          device)
-            if step % cfg.save_every == 0 or step == cfg.steps:
-                save(step)
-        if stopped_by == "time_budget":
-            msg = f"time budget of {cfg.time_budget:g} min reached at step {step}/{cfg.steps}"
-            self.log(msg)
-            if ctx.is_main:
-                metrics.append({"type": "event", "step": step, "event": "time_budget", "message": msg})
-            if bad_streak == 0:  # not in the middle of a NaN/inf streak
-                save(step)
+    # ------------------------------------------------------------------ one optimizer step
+    def _step(self, s: "_Session") -> tuple[float, float]:
+        """Forward and backward of this rank's share of the step's micro-batches, gradients reduced over the
+        data ranks and clipped by the global norm, AdamW (ZeRO-1) and the bias update, skipped on every rank
+        when the loss or the gradient is NaN/inf; returns (loss, gradient norm)."""
+        cfg, ctx, progress = self.cfg, self.ctx, s.progress
+        t0 = time.perf_counter()
+        step = progress.step
+        lr = learning_rate(step, cfg)
+        s.optimizer.set_lr(lr)
+        lam, gamma, alpha = mtp_lambda(step, cfg), bias_gamma(step, cfg), cfg.effective_balance_alpha
+        n_micro = micro_batches(progress.tokens, cfg)  # grad_accum, fewer during a batch-size warmup
+        if s.stats is not None:
+            s.stats.reset()
+        s.collector.enabled = True
+        local = [s.batches.next()[s.rows].to(s.device) for _ in range(n_micro)]  # (b, T+1) each
+        if s.runner is not None:
+            out = s.runner.step(torch.cat(local), lam, alpha, n_microbatches=s.per_accum * n_micro)
+            parts = [out.total, out.main, out.mtp, out.balance, *out.mtp_per_depth]
+            pipe = {"pp_fb_threaded": s.runner.threaded_pairs, "pp_fb_early_sends": s.runner.early_sends}
         else:
-            if ctx.is_main:
-                metrics.append({"type": "event", "step": step, "event": "done", "message": finished(run, bad_streak)})
-            if bad_streak:
-                self.log(finished(run, bad_streak))
-        self._close_bar()
-        self.log(f"trained to step {step} ({tokens:,} tokens) in {time.perf_counter() - t_run:.0f} s"
-                 + (f"; validation loss {last_val:.4f}" if last_val is not None else "") + f"; checkpoint: {run}")
-        return TrainResult(run, step, tokens, stopped_by, last_val, elapsed)
+            parts, pipe = None, None
+            for batch in local:
+                with s.autocast():
+                    o = s.model.forward_train(batch[:, :-1])
+                terms = training_loss(o, batch[:, 1:], mtp_lambda=lam, balance_alpha=alpha)
+                (terms.total / n_micro).backward()
+                vals = [terms.total, terms.main, terms.mtp, terms.balance, *terms.mtp_per_depth]
+                vals = [float(v.detach()) / n_micro for v in vals]
+                parts = vals if parts is None else [a + b for a, b in zip(parts, vals)]
+                del o, terms
+        s.collector.enabled = False
+        losses = sum_over(torch.tensor([float(v) for v in parts], dtype=torch.float64), ctx.data_group)
+        losses /= ctx.data_size
+        reduce_gradients(s.named, ctx)
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = clip_global_grad_norm(s.named, ctx, clip, s.duplicates)
+        counts = self._summed_counts(s.collector)  # this rank's MoE layers, summed over the data ranks
+        all_counts = self._all_layer_counts(counts)  # every stage's layers (for the metrics)
+        finite = math.isfinite(float(losses[0])) and math.isfinite(grad_norm)
+        if finite:
+            s.optimizer.step()
+            if gamma:
+                for name, c in counts.items():
+                    bias = s.collector.routers[name].e_score_correction_bias
+                    if bias is not None:
+                        c = c.to(bias.device, torch.float32)
+                        bias.add_(gamma * torch.sign(c.mean() - c))  # b_i += gamma sign(mean c - c_i)
+        s.optimizer.zero_grad()
+        step_tokens = n_micro * cfg.batch_size * cfg.seq_len
+        dt = time.perf_counter() - t0
+        progress.step += 1
+        progress.tokens += step_tokens
+        progress.elapsed += dt
+        progress.bad_streak = 0 if finite else progress.bad_streak + 1  # the same on every rank: all global
+        a2a = None
+        if s.stats is not None:
+            d = s.stats.as_dict()
+            keys = ("a2a_tokens", "a2a_rows", "a2a_remote_rows", "a2a_remote_bytes", "a2a_slots")
+            a2a = dict(zip(keys, sum_over(torch.tensor([float(d[k]) for k in keys]), dist.group.WORLD).tolist()))
+        if ctx.is_main:
+            rec = self._record(progress, losses, lr, lam, gamma, alpha, grad_norm, dt, step_tokens, all_counts, a2a)
+            rec.update(pipe or {}, skipped=not finite, micro_batches=n_micro)
+            if progress.step % cfg.log_every == 0 or not finite or progress.step == cfg.steps:
+                s.metrics.append(rec)
+            self._update_bar(rec)
+        return float(losses[0]), grad_norm
+
+    def _skipped(self, s: "_Session", loss: float, grad_norm: float) -> None:
+        """A NaN/inf step; the run stops after ``max_bad_steps`` of them in a row."""
+        step, streak = s.progress.step, s.progress.bad_streak
+        msg = nonfinite_message(step, loss, grad_norm, streak)
+        self.log(msg)
+        if self.ctx.is_main:
+            s.metrics.append({"type": "event", "step": step, "event": "nonfinite", "message": msg})
+        if streak >= self.cfg.max_bad_steps:
+            msg = streak_stop_message(self.run_dir, step, streak, layout_flags(self.parallel.layout))
+            if self.ctx.is_main:
+                s.metrics.append({"type": "event", "step": step, "event": "stopped", "message": msg})
+            raise TrainingError(msg)
 
     # ------------------------------------------------------------------ pieces
-    def _check_resume(self) -> None:
-        _, _, saved = ckpt_io.read_checkpoint_config(self.run_dir)
-        bad = _resume_mismatches(saved, self.cfg)
-        if bad:
-            raise ValueError(f"cannot resume {self.run_dir} with a different configuration: {'; '.join(bad)}")
-
-    def _resumed_tokenizer(self, ckpt_dir: Path) -> Path:
-        tok = self.run_dir / "tokenizer.json"
-        return tok if tok.is_file() else ckpt_dir / "tokenizer.json"
-
     def _microbatches(self, cfg: TrainConfig, ctx: ParallelContext) -> int:
         """Pipeline micro-batches per --grad-accum micro-batch: --microbatches, checked, or the fewest the
         schedule accepts."""
@@ -457,14 +512,13 @@ class DistributedTrainer:
         dist.all_gather_object(parts, {k: v.cpu() for k, v in counts.items()}, group=self.ctx.pp_group)
         return {k: v for part in parts for k, v in part.items()}
 
-    def _record(self, step, tokens, losses, lr, lam, gamma, alpha, grad_norm, dt, elapsed, counts, a2a) -> dict:
-        cfg = self.cfg
+    def _record(self, progress, losses, lr, lam, gamma, alpha, grad_norm, dt, step_tokens, counts, a2a) -> dict:
         vals = losses.tolist()
         rec: dict[str, Any] = {
-            "type": "train", "step": step, "tokens": tokens, "loss": vals[0], "main_loss": vals[1],
+            "type": "train", "step": progress.step, "tokens": progress.tokens, "loss": vals[0], "main_loss": vals[1],
             "mtp_loss": vals[2], "balance_loss": vals[3], "mtp_losses": vals[4:], "lr": lr, "mtp_lambda": lam,
             "bias_gamma": gamma, "balance_alpha": alpha, "grad_norm": grad_norm,
-            "tokens_per_s": cfg.tokens_per_step / dt, "step_time": dt, "elapsed": elapsed, "skipped": False}
+            "tokens_per_s": step_tokens / dt, "step_time": dt, "elapsed": progress.elapsed, "skipped": False}
         if counts:
             c = torch.stack([counts[n] for n in sorted(counts, key=_layer_order)])
             mv = max_violation(c)

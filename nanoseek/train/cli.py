@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..errors import on_rank0, report_error
 from .config import BALANCE_MODES, DTYPES, TrainConfig
 
 # (flag, TrainConfig field, type, help); every default is None so that only the flags given override.
@@ -18,6 +19,11 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--batch-size", "batch_size", int, "sequences per micro-batch (default 16)"),
     ("--seq-len", "seq_len", int, "tokens per sequence (default 256)"),
     ("--grad-accum", "grad_accum", int, "micro-batches per optimizer step (default 1)"),
+    ("--batch-warmup-start", "batch_warmup_start", int,
+     "batch-size warmup: sequences in the first step, a multiple of --batch-size; the step grows linearly to "
+     "--batch-size x --grad-accum over --batch-warmup-tokens (V3: 3072 of 15360; default: no warmup)"),
+    ("--batch-warmup-tokens", "batch_warmup_tokens", "count",
+     "tokens over which the batch-size warmup grows the step, e.g. 2e6 (V3: 469e9)"),
     ("--lr", "lr", float, "peak learning rate (default 3e-3)"),
     ("--min-lr-ratio", "min_lr_ratio", float, "cosine decays to lr x this (default 0.1)"),
     ("--warmup-steps", "warmup_steps", int, "linear warmup steps (default 30)"),
@@ -80,12 +86,23 @@ def _model_override(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+def _count(text: str) -> int:
+    """A whole number, also written as 2e6."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens such as 2000000 or 2e6, got {text!r}") from None
+    if not value.is_integer():
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens, got {text!r}")
+    return int(value)
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="model preset (default demo)")
     p.add_argument("--model", action="append", type=_model_override, metavar="KEY=VALUE",
                    help="override a ModelConfig field of the preset, e.g. --model hidden_size=192 (repeatable)")
     for flag, dest, typ, help_ in _OPTIONS:
-        kw: dict[str, Any] = dict(dest=dest, type=typ, default=None, help=help_)
+        kw: dict[str, Any] = dict(dest=dest, type=_count if typ == "count" else typ, default=None, help=help_)
         if dest == "data":
             kw.update(nargs="+", action="extend", metavar="SPEC")
         elif dest == "balance":
@@ -175,10 +192,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
-def _err(cmd: str, msg: str) -> None:
-    print(f"nanoseek {cmd}: error: {msg}", file=sys.stderr)
-
-
 def _parallel_settings(args: argparse.Namespace):
     """The distributed layout asked for (flags or torchrun's WORLD_SIZE), or None for one process."""
     from ..distributed.train import wants_distributed
@@ -218,7 +231,7 @@ def _train(args: argparse.Namespace, cmd: str, cfg: TrainConfig, out: Path, resu
             return None if result is not None else 0  # ranks other than 0 stop here (no report)
         train(cfg, out, resume=resume, overwrite=overwrite)
     except TrainingError as e:
-        _err(cmd, str(e))
+        report_error(cmd, e)
         return 1
     except KeyboardInterrupt:
         from .checkpoint import current_checkpoint
@@ -231,7 +244,8 @@ def _train(args: argparse.Namespace, cmd: str, cfg: TrainConfig, out: Path, resu
             how = "it stopped before its first checkpoint; run the same command again to start over"
         else:
             how = "continue with: " + ("nanoseek demo" if cmd == "demo" else f"nanoseek train --resume {out}")
-        print(f"\nnanoseek {cmd}: interrupted; {how}", file=sys.stderr)
+        if on_rank0():  # under torchrun every rank is interrupted
+            print(f"\nnanoseek {cmd}: interrupted; {how}", file=sys.stderr)
         return 130
     return None
 

@@ -57,6 +57,11 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
+    # batch-size warmup (SPEC §6; V3: 3072 -> 15360 sequences over the first 469B tokens): a step starts with
+    # batch_warmup_start sequences (a multiple of batch_size) and grows linearly in tokens to batch_size x
+    # grad_accum at batch_warmup_tokens; None: every step has the full batch
+    batch_warmup_start: int | None = None
+    batch_warmup_tokens: int | None = None
     steps: int = 360
     # ---- optimizer and schedule (SPEC §6)
     lr: float = 3e-3
@@ -131,6 +136,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every",
                      "keep_checkpoints", "log_every", "max_bad_steps"):
             positive_int(name)
+        self._validate_batch_warmup()
         if not isinstance(self.seq_len, int) or not MIN_SEQ_LEN <= self.seq_len <= MAX_SEQ_LEN:
             raise ValueError(f"--seq-len must be an integer in [{MIN_SEQ_LEN}, {MAX_SEQ_LEN}], got {self.seq_len!r}")
         if self.tokenizer is None and (not isinstance(self.vocab_size, int)
@@ -175,6 +181,21 @@ class TrainConfig:
             raise ValueError(f"--threads must be positive, got {self.threads}")
         if self.sample_tokens < 0:
             raise ValueError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
+
+    def _validate_batch_warmup(self) -> None:
+        start, tokens, full = self.batch_warmup_start, self.batch_warmup_tokens, self.batch_size * self.grad_accum
+        if (start is None) != (tokens is None):
+            raise ValueError("--batch-warmup-start and --batch-warmup-tokens go together: give both or neither")
+        if start is None:
+            return
+        if not isinstance(start, int) or isinstance(start, bool) or start <= 0 or start % self.batch_size:
+            raise ValueError(f"--batch-warmup-start must be a positive multiple of --batch-size {self.batch_size} "
+                             f"(whole micro-batches), got {start!r}")
+        if start >= full:
+            raise ValueError(f"--batch-warmup-start {start} must be below the full batch of --batch-size x "
+                             f"--grad-accum = {full} sequences (raise --grad-accum to warm up to it)")
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens <= 0:
+            raise ValueError(f"--batch-warmup-tokens must be a positive integer, got {tokens!r}")
 
     # ------------------------------------------------------------------ (de)serialization
     def to_dict(self) -> dict[str, Any]:

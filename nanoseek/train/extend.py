@@ -126,6 +126,7 @@ def plan_stages(base: TrainConfig, base_model: ModelConfig, out: Path, base_dir:
         cfg = base.replace(
             init_from=str(Path(init).resolve()), model_overrides={**base.model_overrides, **rope},
             seq_len=T, batch_size=batch, grad_accum=accum, steps=n,
+            batch_warmup_start=None, batch_warmup_tokens=None,  # V3 extends with the full batch from the start
             lr=final_lr, warmup_steps=warm, decay_start=1.0, decay_end=1.0, min_lr_ratio=1.0,
             final_start=None, final_lr_ratio=None,
             mtp_lambda=lam, mtp_lambda_later=lam, mtp_lambda_switch=1.0,

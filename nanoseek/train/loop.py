@@ -1,8 +1,9 @@
 """The training loop: every DeepSeek-V3 objective (SPEC §4-§6) on a packed corpus, resumable and observable.
 
-One optimizer step = ``grad_accum`` micro-batches of ``batch_size`` windows of ``seq_len + 1`` tokens:
+One optimizer step = ``grad_accum`` micro-batches (fewer during a batch-size warmup, see optim.micro_batches)
+of ``batch_size`` windows of ``seq_len + 1`` tokens:
   loss = L_main + lambda * (1/D) sum_k L_k + alpha * L_bal   (nanoseek.objectives.training_loss)
-  backward per micro-batch (scaled by 1/grad_accum), clip the gradient norm to 1.0, AdamW step,
+  backward per micro-batch (scaled by 1 / micro-batches), clip the gradient norm to 1.0, AdamW step,
   then the auxiliary-loss-free bias update b_i += gamma * sign(mean c - c_i) from the expert counts summed
   over all micro-batches of the step (balance="bias").
 A step whose loss or gradient is NaN/inf is skipped (no update) and reported; ``max_bad_steps`` in a row stop
@@ -23,7 +24,6 @@ from typing import Any, Callable
 import torch
 
 from ..allocator import keep_freed_memory
-from ..atomic import atomic_write_json
 from ..devices import pick_device
 from ..hf import CheckpointError
 from ..objectives import ExpertLoadTracker, cross_entropy_sums, max_violation, training_loss, update_balance_bias
@@ -31,7 +31,10 @@ from . import checkpoint as ckpt_io
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import BatchStream, prepare_data, validation_batches
 from .metrics import MetricsLog
-from .optim import bias_gamma, build_optimizer, learning_rate, mtp_lambda
+from .optim import bias_gamma, build_optimizer, learning_rate, micro_batches, mtp_lambda
+from .run_state import (Progress, TrainingError, batch_warmup_note, check_same_corpus, finished, nonfinite_message,
+                        open_metrics, resume_mismatches, resume_point, resumed_tokenizer, streak_stop_message,
+                        time_budget_message)
 from .build import autocast_context, build_model, enable_activation_checkpointing, init_from_tokenizer, model_config
 from .memory import check_memory
 from .precision import MasterWeights
@@ -41,19 +44,6 @@ DTYPE_NOTES = {"bf16": "bf16 autocast (fp32 weights)", "bf16-weights": "bf16 wei
                "fp32": "fp32"}
 FIT_PROBE_STEPS = 6  # steps timed before the number of steps is fitted to the time budget
 REFIT_EVERY = 10  # refit that often until the decay begins, so a slow start (a busy machine) is corrected
-
-
-def finished(run: Path, bad_streak: int) -> str:
-    """The message of a run that trained all its steps (the last ``bad_streak`` of them skipped as NaN/inf)."""
-    if not bad_streak:
-        return "finished"
-    good = ckpt_io.current_checkpoint(run)
-    return (f"finished, but the last {bad_streak} steps were NaN/inf and skipped, so nothing after them was saved: "
-            f"the checkpoint is the last good one ({good.name if good else 'none'})")
-
-
-class TrainingError(RuntimeError):
-    """Training stopped for a reason the user must act on (repeated NaN/inf, out of memory)."""
 
 
 @dataclass
@@ -82,19 +72,6 @@ def _interrupted_start(d: Path) -> bool:
     return ckpt_io.CONFIG_FILE in names and all(n in START_FILES or n.endswith(".lnk") for n in names)
 
 
-def _resume_mismatches(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
-    # a setting the checkpoint lacks was added later, with a default that keeps what the run did
-    saved = {**TrainConfig().to_dict(), **saved}
-    now = cfg.to_dict()
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        if key in RESUMABLE_CHANGES:
-            continue
-        if saved.get(key) != now.get(key):
-            out.append(f"{key} {now.get(key)!r} (checkpoint: {saved.get(key)!r})")
-    return out
-
-
 def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The run's own TrainConfig with ``overrides`` applied; a change that would not continue the same
     run (model, data, batch, optimizer, objectives) is a ValueError naming it."""
@@ -105,7 +82,7 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> Tra
         raise CheckpointError(f"{run_dir}: the checkpoint's training configuration is invalid: {e}") from None
     if overrides:
         cfg = cfg.replace(**overrides)
-    bad = _resume_mismatches(saved, cfg)
+    bad = resume_mismatches(saved, cfg)
     if bad:
         raise ValueError(f"cannot resume {run_dir} with a different configuration: {'; '.join(bad)} "
                          f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
@@ -116,6 +93,66 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> Tra
 
 
 # ---------------------------------------------------------------------------------------------- the trainer
+@dataclass
+class _Session:
+    """What the steps of a run use (built by Trainer._setup)."""
+
+    model: torch.nn.Module
+    mc: Any  # the ModelConfig
+    masters: MasterWeights | None  # with --dtype bf16-weights
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]  # the optimizer's, for the gradient clip
+    batches: BatchStream
+    val_batches: list[torch.Tensor]
+    data_keys: Any  # the corpus cache's keys, saved to check that a resume reads the same corpus
+    metrics: MetricsLog
+    autocast: Callable[[], Any]
+    forward_and_loss: Callable[..., Any]
+    progress: Progress
+    device: torch.device
+
+
+class _BudgetFit:
+    """Fits the number of steps to the time budget (``fit_steps_to_budget``): after FIT_PROBE_STEPS timed steps,
+    then every REFIT_EVERY steps until the schedule can no longer change. Times are per full step: a step of the
+    batch-size warmup, with fewer micro-batches, counts as scaled up to grad_accum of them."""
+
+    def __init__(self, trainer: "Trainer", step: int, budget: float, t_run: float):
+        self.trainer, self.budget, self.t_run = trainer, budget, t_run
+        steps = trainer.cfg.steps
+        self.fit_at = step + FIT_PROBE_STEPS if steps > step + FIT_PROBE_STEPS else None
+        self.step_times: list[float] = []  # of the finite steps, per full step
+        self.last: tuple[int, float] | None = None  # (step, time) of the last fit
+        self.micro = 0  # micro-batches since the last fit
+        trainer._fit_cap = steps  # fitting never goes above the configured steps
+
+    def count(self, rec: dict[str, Any]) -> None:
+        """Every step's record, skipped ones included."""
+        self.micro += rec["micro_batches"]
+        if rec["finite"]:
+            self.step_times.append(rec["step_time"] * self.trainer.cfg.grad_accum / rec["micro_batches"])
+
+    def after_step(self, step: int, metrics: MetricsLog) -> None:
+        """After a finite step (and its validation): fit when it is time."""
+        if self.fit_at is None or not (step == self.fit_at or (step > self.fit_at and step % REFIT_EVERY == 0)):
+            return
+        trainer, cfg = self.trainer, self.trainer.cfg
+        now = time.perf_counter()
+        if self.last is None:  # the first fit: the median step of the probe, plus an allowance for validation
+            probe = sorted(self.step_times[1:])
+            per_step = probe[len(probe) // 2] * (1.0 + cfg.eval_batches / (3.0 * cfg.grad_accum * cfg.eval_every)
+                                                 + 0.02)
+        else:  # later fits: the wall time per full step since the last fit, validation included
+            per_step = (now - self.last[1]) * cfg.grad_accum / max(1, self.micro)
+        new = trainer._fit_steps(cfg, step, per_step, self.budget - (now - self.t_run), metrics)
+        self.last, self.micro = (step, now), 0
+        if new is None:
+            self.fit_at = None  # the decay has begun: the schedule is fixed from here on
+        elif new.steps != cfg.steps:
+            trainer.cfg = new
+            new.save(trainer.run_dir / ckpt_io.CONFIG_FILE)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, resume: bool = False, overwrite: bool = False,
                  log: Callable[[str], None] | None = None):
@@ -196,30 +233,68 @@ class Trainer:
             torch.set_num_threads(threads)
 
     def _run(self) -> TrainResult:
+        r = self._setup()
+        cfg, progress = self.cfg, r.progress
+        budget = cfg.time_budget * 60.0 if cfg.time_budget else None
+        t_run = time.perf_counter()
+        fit = _BudgetFit(self, progress.step, budget, t_run) if cfg.fit_steps_to_budget and budget else None
+        stopped_by = "steps"
+        last_val = None
+        self._open_bar(progress.step)
+        try:
+            while progress.step < self.cfg.steps:
+                if budget is not None and time.perf_counter() - t_run >= budget:
+                    stopped_by = "time_budget"
+                    break
+                rec = self._step(r)
+                step = progress.step
+                if fit is not None:
+                    fit.count(rec)
+                if not rec["finite"]:
+                    self._skipped(r, rec)
+                    continue
+                if r.val_batches and (step % cfg.eval_every == 0 or step == self.cfg.steps):
+                    last_val = self.evaluate(r.model, r.val_batches, r.autocast, step, progress.tokens, r.metrics)
+                if fit is not None:
+                    fit.after_step(step, r.metrics)
+                cfg = self.cfg  # the fit may have changed the number of steps
+                if step % cfg.save_every == 0 or step == cfg.steps:
+                    self._save(r)
+            step = progress.step
+            if stopped_by == "time_budget":
+                msg = time_budget_message(cfg, step)
+                self.log(msg)
+                r.metrics.append({"type": "event", "step": step, "event": "time_budget", "message": msg})
+                if r.val_batches and (last_val is None or last_val[0] != step):
+                    last_val = self.evaluate(r.model, r.val_batches, r.autocast, step, progress.tokens, r.metrics)
+                if progress.bad_streak == 0:
+                    self._save(r)
+            else:
+                r.metrics.append({"type": "event", "step": step, "event": "done",
+                                  "message": finished(self.run_dir, progress.bad_streak)})
+                if progress.bad_streak:
+                    self.log(finished(self.run_dir, progress.bad_streak))
+        finally:
+            self._close_bar()
+        wall = time.perf_counter() - t_run
+        self.log(f"trained to step {progress.step} ({progress.tokens:,} tokens) in {wall:.0f} s"
+                 + (f"; validation loss {last_val[1]:.4f}" if last_val else "") + f"; checkpoint: {self.run_dir}")
+        return TrainResult(self.run_dir, progress.step, progress.tokens, stopped_by,
+                           last_val[1] if last_val else None, progress.elapsed)
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self) -> "_Session":
+        """Everything the steps use: the resumed checkpoint read, data, model, optimizer; the run's files."""
         cfg, run = self.cfg, self.run_dir
         device = pick_device(cfg.device)
         keep_freed_memory(device)  # no page faults for the same activations every step (see allocator.py)
         t_setup = time.perf_counter()
-
-        # ---- checkpoint to resume (read before anything is written)
-        state: dict[str, Any] | None = None
-        ckpt_dir = None
-        if self.resume:
-            ckpt_dir, state, saved_cfg = ckpt_io.read_checkpoint_config(run)
-            bad = _resume_mismatches(saved_cfg, cfg)
-            if bad:
-                raise ValueError(f"cannot resume {run} with a different configuration: {'; '.join(bad)}")
+        resumed = resume_point(run, cfg) if self.resume else None  # read before anything is written
 
         # ---- data and tokenizer
-        if self.resume:
-            tok_path = run / "tokenizer.json"
-            if not tok_path.is_file():
-                tok_path = ckpt_dir / "tokenizer.json"
-            data = prepare_data(cfg, tokenizer_path=tok_path, log=self.log)
-            saved_keys = state.get("data_keys")
-            if saved_keys and saved_keys != data.summary["cache"]:
-                raise ValueError(f"cannot resume {run}: the corpus changed since the checkpoint (its documents or "
-                                 "tokenizer differ), so the data order would not continue")
+        if resumed:
+            data = prepare_data(cfg, tokenizer_path=resumed_tokenizer(run, resumed.checkpoint), log=self.log)
+            check_same_corpus(run, resumed.state, data.summary["cache"])
         else:
             data = prepare_data(cfg, run_dir=run, tokenizer_path=init_from_tokenizer(cfg), log=self.log)
         train_seqs = data.train_sequences(cfg.seq_len)
@@ -237,24 +312,19 @@ class Trainer:
         # ---- model and optimizer
         mc = model_config(cfg, data.vocab_size, data.bos_id, data.eos_id)
         est = check_memory(mc, cfg, device)
-        model = build_model(cfg, mc, device, ckpt_dir if self.resume else None, self.log, data.tokenizer)
+        model = build_model(cfg, mc, device, resumed.checkpoint if resumed else None, self.log, data.tokenizer)
         # bf16 weights, fp32 masters; with --compile they are stepped by one compiled pass per weight
         masters = MasterWeights(model, fused=cfg.compile) if cfg.dtype == "bf16-weights" else None
         optimizer = build_optimizer(masters.named_parameters() if masters else model, cfg)
-        step, tokens, elapsed, position = 0, 0, 0.0, {"epoch": 0, "cursor": 0}
-        bad_streak = 0
-        if self.resume:
-            tensors = ckpt_io.load_training_tensors(ckpt_dir)
-            if state["step"] > 0 or any(k.startswith("optim.") for k in tensors):
-                ckpt_io.load_optimizer_tensors(optimizer, tensors, ckpt_dir)
-            ckpt_io.restore_rng(tensors, ckpt_dir)
-            step, tokens, elapsed = state["step"], state["tokens"], float(state["elapsed"])
-            position = {"epoch": state["data"]["epoch"], "cursor": state["data"]["cursor"]}
-            bad_streak = int(state.get("bad_streak", 0))
+        progress = Progress()
+        if resumed:
+            tensors = ckpt_io.load_training_tensors(resumed.checkpoint)
+            if resumed.state["step"] > 0 or any(k.startswith("optim.") for k in tensors):
+                ckpt_io.load_optimizer_tensors(optimizer, tensors, resumed.checkpoint)
+            ckpt_io.restore_rng(tensors, resumed.checkpoint)
+            progress = Progress.from_state(resumed.state)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
-        batches = BatchStream(train_seqs, cfg.batch_size, cfg.seed, **position)
-        metrics = MetricsLog(run / "metrics.jsonl")
         autocast = autocast_context(device, cfg.dtype)
 
         def forward_and_loss(inputs: torch.Tensor, labels: torch.Tensor, lam: float, alpha: float):
@@ -270,176 +340,132 @@ class Trainer:
             forward_and_loss = torch.compile(forward_and_loss)
             self.log("torch.compile: the first steps (and the first validation) compile the model, which takes tens "
                      "of seconds; Inductor keeps the result on disk for later runs")
-        alpha = cfg.effective_balance_alpha
-        n_params = est["params"]
+        self._log_run(mc, est["params"], device)
+
+        # ---- files of the run
+        metrics = open_metrics(run, cfg, self.resume, progress, data.summary,
+                               start={"params": est["params"], "model": mc.to_hf()})
+        if resumed:
+            self.log(f"resumed {run} at step {progress.step} ({progress.tokens:,} tokens)")
+        session = _Session(
+            model=model, mc=mc, masters=masters, optimizer=optimizer,
+            params=[p for g in optimizer.param_groups for p in g["params"]],
+            batches=BatchStream(train_seqs, cfg.batch_size, cfg.seed, **progress.position),
+            val_batches=val_batches, data_keys=data.summary["cache"], metrics=metrics, autocast=autocast,
+            forward_and_loss=forward_and_loss, progress=progress, device=device)
+        if not resumed:
+            self._save(session)
+        self.log(f"setup took {time.perf_counter() - t_setup:.1f} s")
+        return session
+
+    def _log_run(self, mc, n_params: int, device: torch.device) -> None:
+        cfg = self.cfg
         experts = (f"{mc.n_routed_experts} routed experts top-{mc.num_experts_per_tok}" if mc.has_moe
                    else "dense: no MoE layer")
         self.log(f"model: preset {cfg.preset}, {n_params / 1e6:.2f} M parameters ({mc.num_hidden_layers} layers, "
                  f"d {mc.hidden_size}, {experts}, "
                  f"MTP depth {mc.num_nextn_predict_layers}, vocabulary {mc.vocab_size}); {device.type}, "
                  f"{DTYPE_NOTES[cfg.dtype]}, {torch.get_num_threads()} threads")
+        alpha = cfg.effective_balance_alpha
         self.log(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = "
-                 f"{cfg.tokens_per_step:,} tokens, lr {cfg.lr:g}, balance {cfg.balance} (alpha {alpha:g}"
-                 + (f", gamma {cfg.bias_gamma:g}" if cfg.balance == "bias" else "") + f"), MTP lambda {cfg.mtp_lambda:g}"
+                 f"{cfg.tokens_per_step:,} tokens" + batch_warmup_note(cfg) + f", lr {cfg.lr:g}, balance "
+                 f"{cfg.balance} (alpha {alpha:g}" + (f", gamma {cfg.bias_gamma:g}" if cfg.balance == "bias" else "")
+                 + f"), MTP lambda {cfg.mtp_lambda:g}"
                  + (f", time budget {cfg.time_budget:g} min" if cfg.time_budget else ""))
 
-        # ---- files of the run
-        if self.resume:
-            ckpt_io.prune(run, cfg.keep_checkpoints)  # leftovers of a save that was interrupted
-            metrics.truncate_after(step)
-            metrics.append({"type": "event", "step": step, "event": "resume", "message": f"resumed at step {step}"})
-            self.log(f"resumed {run} at step {step} ({tokens:,} tokens)")
-        else:
-            metrics.reset()
-            atomic_write_json(run / "data.json", data.summary)
-            metrics.append({"type": "event", "step": 0, "event": "start", "message": "training started",
-                            "params": n_params, "model": mc.to_hf()})
-        cfg.save(run / ckpt_io.CONFIG_FILE)
+    def _save(self, r: "_Session") -> None:
+        st = r.progress.state(self.cfg, r.batches.position, r.data_keys)
+        with r.masters.fp32_weights() if r.masters else contextlib.nullcontext():  # checkpoints hold fp32
+            ckpt_io.save_checkpoint(self.run_dir, r.model, r.optimizer, st, self.cfg.to_dict(),
+                                    keep=self.cfg.keep_checkpoints)
 
-        def save(step_now: int) -> None:
-            st = {"step": step_now, "tokens": tokens, "elapsed": elapsed, "data": batches.position,
-                  "data_keys": data.summary["cache"], "bad_streak": bad_streak,
-                  "lr": learning_rate(max(step_now - 1, 0), cfg), "seed": cfg.seed}
-            with masters.fp32_weights() if masters else contextlib.nullcontext():  # checkpoints hold fp32
-                ckpt_io.save_checkpoint(run, model, optimizer, st, cfg.to_dict(), keep=cfg.keep_checkpoints)
-
-        if not self.resume:
-            save(0)
-        self.log(f"setup took {time.perf_counter() - t_setup:.1f} s")
-
-        # ---- the loop
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        budget = cfg.time_budget * 60.0 if cfg.time_budget else None
-        t_run = time.perf_counter()
-        fit_at = step + FIT_PROBE_STEPS if cfg.fit_steps_to_budget and budget and cfg.steps > step + FIT_PROBE_STEPS else None
-        step_times: list[float] = []
-        last_fit: tuple[int, float] | None = None  # (step, time) of the last fit
-        self._fit_cap = cfg.steps  # fitting never goes above the configured steps
-        stopped_by = "steps"
-        last_val = None
-        self._open_bar(step)
+    # ------------------------------------------------------------------ one optimizer step
+    def _step(self, r: "_Session") -> dict[str, Any]:
+        """Forward and backward of the step's micro-batches, clip, AdamW and the bias update (skipped when the
+        loss or the gradient is NaN/inf); returns the step's metrics record (``finite``: whether it updated)."""
+        cfg, progress = self.cfg, r.progress
+        t0 = time.perf_counter()
+        step = progress.step
+        lr = learning_rate(step, cfg)
+        for g in r.optimizer.param_groups:
+            g["lr"] = lr
+        lam, gamma, alpha = mtp_lambda(step, cfg), bias_gamma(step, cfg), cfg.effective_balance_alpha
+        n_micro = micro_batches(progress.tokens, cfg)
+        tracker = ExpertLoadTracker()
+        sums: dict[str, Any] = {"loss": 0.0, "main": 0.0, "mtp": 0.0, "balance": 0.0, "depth": None}
         try:
-            while step < cfg.steps:
-                if budget is not None and time.perf_counter() - t_run >= budget:
-                    stopped_by = "time_budget"
-                    break
-                t0 = time.perf_counter()
-                lr = learning_rate(step, cfg)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                lam, gamma = mtp_lambda(step, cfg), bias_gamma(step, cfg)
-                tracker = ExpertLoadTracker()
-                sums: dict[str, Any] = {"loss": 0.0, "main": 0.0, "mtp": 0.0, "balance": 0.0, "depth": None}
-                try:
-                    for _ in range(cfg.grad_accum):
-                        batch = batches.next().to(device)
-                        out, terms = forward_and_loss(batch[:, :-1], batch[:, 1:], lam, alpha)
-                        (terms.total / cfg.grad_accum).backward()
-                        if out.routing:
-                            tracker.add(out.expert_counts)
-                        sums["loss"] += terms.total.item() / cfg.grad_accum
-                        sums["main"] += terms.main.item() / cfg.grad_accum
-                        sums["mtp"] += terms.mtp.item() / cfg.grad_accum
-                        sums["balance"] += terms.balance.item() / cfg.grad_accum
-                        depth = [t.item() / cfg.grad_accum for t in terms.mtp_per_depth]
-                        sums["depth"] = depth if sums["depth"] is None else [a + b for a, b in zip(sums["depth"], depth)]
-                        del out, terms
-                except (torch.OutOfMemoryError, MemoryError) as e:
-                    raise TrainingError(self._oom_message(e)) from None
-                except RuntimeError as e:
-                    if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
-                        raise TrainingError(self._oom_message(e)) from None
-                    raise
-                clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-                if masters:
-                    grad_norm = masters.clip_grad_norm(clip)  # the step scales the gradients
-                else:
-                    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-                counts = tracker.take() if mc.n_routed_experts and not tracker.empty else None
-                finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
-                if finite:
-                    if masters:
-                        masters.step(optimizer)  # AdamW on the masters, then the bf16 weights refreshed
-                    else:
-                        optimizer.step()
-                    if gamma and counts is not None:
-                        update_balance_bias(model, counts, gamma)
-                    bad_streak = 0
-                else:
-                    bad_streak += 1
-                if masters:
-                    masters.zero_grad()  # the pending bf16 gradients too
-                else:
-                    optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens += cfg.tokens_per_step
-                dt = time.perf_counter() - t0
-                elapsed += dt
-                rec: dict[str, Any] = {
-                    "type": "train", "step": step, "tokens": tokens, "loss": sums["loss"], "main_loss": sums["main"],
-                    "mtp_loss": sums["mtp"], "mtp_losses": sums["depth"] or [], "balance_loss": sums["balance"],
-                    "lr": lr, "mtp_lambda": lam, "bias_gamma": gamma, "balance_alpha": alpha, "grad_norm": grad_norm,
-                    "tokens_per_s": cfg.tokens_per_step / dt, "step_time": dt, "elapsed": elapsed,
-                    "skipped": not finite,
-                }
-                if counts is not None:
-                    mv = max_violation(counts)
-                    rec["maxvio_batch"] = [round(float(v), 5) for v in mv]
-                    rec["maxvio_batch_mean"] = float(mv.mean())
-                    rec["expert_counts"] = counts.tolist()
-                if step % cfg.log_every == 0 or not finite or step == cfg.steps:
-                    metrics.append(rec)
-                self._update_bar(rec)
-                if not finite:
-                    msg = (f"step {step}: the loss or gradient is not finite (loss {sums['loss']}, grad norm "
-                           f"{grad_norm}); the step was skipped ({bad_streak} in a row)")
-                    self.log(msg)
-                    metrics.append({"type": "event", "step": step, "event": "nonfinite", "message": msg})
-                    if bad_streak >= cfg.max_bad_steps:
-                        good = ckpt_io.current_checkpoint(run)
-                        stop = (f"stopped: the loss was NaN/inf in {bad_streak} consecutive steps (up to step {step}); "
-                                f"lower --lr or check the data; the last good checkpoint ({good.name if good else 'none'}) "
-                                f"is intact: resume with --resume {run}")
-                        metrics.append({"type": "event", "step": step, "event": "stopped", "message": stop})
-                        raise TrainingError(stop)
-                    continue
-                step_times.append(dt)
-                if val_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
-                    last_val = self.evaluate(model, val_batches, autocast, step, tokens, metrics)
-                if fit_at is not None and (step == fit_at or (step > fit_at and step % REFIT_EVERY == 0)):
-                    now = time.perf_counter()
-                    if last_fit is None:  # the first fit: the median step of the probe, plus an allowance
-                        per_step = sorted(step_times[1:])[len(step_times[1:]) // 2]
-                        per_step *= 1.0 + cfg.eval_batches / (3.0 * cfg.grad_accum * cfg.eval_every) + 0.02
-                    else:  # later fits: the wall time per step since the last fit, validation included
-                        per_step = (now - last_fit[1]) / max(1, step - last_fit[0])
-                    new = self._fit_steps(cfg, step, per_step, budget - (now - t_run), metrics)
-                    last_fit = (step, now)
-                    if new is None:
-                        fit_at = None  # the decay has begun: the schedule is fixed from here on
-                    elif new.steps != cfg.steps:
-                        cfg = self.cfg = new
-                        cfg.save(run / ckpt_io.CONFIG_FILE)
-                if step % cfg.save_every == 0 or step == cfg.steps:
-                    save(step)
-            if stopped_by == "time_budget":
-                msg = f"time budget of {cfg.time_budget:g} min reached at step {step}/{cfg.steps}"
-                self.log(msg)
-                metrics.append({"type": "event", "step": step, "event": "time_budget", "message": msg})
-                if val_batches and (last_val is None or last_val[0] != step):
-                    last_val = self.evaluate(model, val_batches, autocast, step, tokens, metrics)
-                if bad_streak == 0:
-                    save(step)
+            for _ in range(n_micro):
+                batch = r.batches.next().to(r.device)  # (batch_size, seq_len + 1)
+                out, terms = r.forward_and_loss(batch[:, :-1], batch[:, 1:], lam, alpha)
+                (terms.total / n_micro).backward()
+                if out.routing:
+                    tracker.add(out.expert_counts)
+                sums["loss"] += terms.total.item() / n_micro
+                sums["main"] += terms.main.item() / n_micro
+                sums["mtp"] += terms.mtp.item() / n_micro
+                sums["balance"] += terms.balance.item() / n_micro
+                depth = [t.item() / n_micro for t in terms.mtp_per_depth]
+                sums["depth"] = depth if sums["depth"] is None else [a + b for a, b in zip(sums["depth"], depth)]
+                del out, terms
+        except (torch.OutOfMemoryError, MemoryError) as e:
+            raise TrainingError(self._oom_message(e)) from None
+        except RuntimeError as e:
+            if "out of memory" in str(e).lower() or "can't allocate memory" in str(e).lower():
+                raise TrainingError(self._oom_message(e)) from None
+            raise
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        if r.masters:
+            grad_norm = r.masters.clip_grad_norm(clip)  # the step scales the gradients
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(r.params, clip))
+        counts = tracker.take() if r.mc.n_routed_experts and not tracker.empty else None
+        finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            if r.masters:
+                r.masters.step(r.optimizer)  # AdamW on the masters, then the bf16 weights refreshed
             else:
-                metrics.append({"type": "event", "step": step, "event": "done", "message": finished(run, bad_streak)})
-                if bad_streak:
-                    self.log(finished(run, bad_streak))
-        finally:
-            self._close_bar()
-        wall = time.perf_counter() - t_run
-        self.log(f"trained to step {step} ({tokens:,} tokens) in {wall:.0f} s"
-                 + (f"; validation loss {last_val[1]:.4f}" if last_val else "") + f"; checkpoint: {run}")
-        return TrainResult(run, step, tokens, stopped_by, last_val[1] if last_val else None, elapsed)
+                r.optimizer.step()
+            if gamma and counts is not None:
+                update_balance_bias(r.model, counts, gamma)
+        if r.masters:
+            r.masters.zero_grad()  # the pending bf16 gradients too
+        else:
+            r.optimizer.zero_grad(set_to_none=True)
+        step_tokens = n_micro * cfg.batch_size * cfg.seq_len
+        dt = time.perf_counter() - t0
+        progress.step += 1
+        progress.tokens += step_tokens
+        progress.elapsed += dt
+        progress.bad_streak = 0 if finite else progress.bad_streak + 1
+        rec: dict[str, Any] = {
+            "type": "train", "step": progress.step, "tokens": progress.tokens, "loss": sums["loss"],
+            "main_loss": sums["main"], "mtp_loss": sums["mtp"], "mtp_losses": sums["depth"] or [],
+            "balance_loss": sums["balance"], "lr": lr, "mtp_lambda": lam, "bias_gamma": gamma, "balance_alpha": alpha,
+            "grad_norm": grad_norm, "tokens_per_s": step_tokens / dt, "step_time": dt, "elapsed": progress.elapsed,
+            "skipped": not finite, "micro_batches": n_micro,
+        }
+        if counts is not None:
+            mv = max_violation(counts)
+            rec["maxvio_batch"] = [round(float(v), 5) for v in mv]
+            rec["maxvio_batch_mean"] = float(mv.mean())
+            rec["expert_counts"] = counts.tolist()
+        if progress.step % cfg.log_every == 0 or not finite or progress.step == cfg.steps:
+            r.metrics.append(rec)
+        self._update_bar(rec)
+        rec["finite"] = finite
+        return rec
+
+    def _skipped(self, r: "_Session", rec: dict[str, Any]) -> None:
+        """A NaN/inf step: neither validated nor saved (the last good checkpoint stays the current one); the run
+        stops after ``max_bad_steps`` of them in a row."""
+        step, streak = r.progress.step, r.progress.bad_streak
+        msg = nonfinite_message(step, rec["loss"], rec["grad_norm"], streak)
+        self.log(msg)
+        r.metrics.append({"type": "event", "step": step, "event": "nonfinite", "message": msg})
+        if streak >= self.cfg.max_bad_steps:
+            stop = streak_stop_message(self.run_dir, step, streak)
+            r.metrics.append({"type": "event", "step": step, "event": "stopped", "message": stop})
+            raise TrainingError(stop)
 
     def _fit_steps(self, cfg: TrainConfig, step: int, per_step: float, remaining: float,
                    metrics: MetricsLog) -> TrainConfig | None:

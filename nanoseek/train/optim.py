@@ -8,6 +8,8 @@ gamma, MTP weight lambda).
   constant to 10T tokens, cosine to 2.2e-5 at 14.3T, 2.2e-5 for 333B tokens, then 7.3e-6 for the last 167B).
 - lambda and gamma: a value, then a later value from a switch point on (V3: lambda 0.3 for the first 10T
   tokens then 0.1; gamma 0.001 for the first 14.3T tokens then 0).
+- Batch size: optionally warmed up, from a smaller number of sequences per step to the full batch over the
+  first tokens (V3: 3072 -> 15360 sequences over the first 469B tokens).
 """
 
 from __future__ import annotations
@@ -86,3 +88,14 @@ def bias_gamma(step: int, cfg) -> float:
     if cfg.balance != "bias":
         return 0.0
     return switched(step, cfg.steps, cfg.bias_gamma, cfg.bias_gamma_later, cfg.bias_gamma_switch)
+
+
+def micro_batches(tokens: int, cfg) -> int:
+    """Micro-batches in the optimizer step that starts after ``tokens`` trained tokens: ``grad_accum``, or during
+    the batch-size warmup (SPEC §6) the sequences per step grown linearly in tokens from ``batch_warmup_start``
+    to batch_size x grad_accum, in whole micro-batches (rounded down)."""
+    if cfg.batch_warmup_start is None or tokens >= cfg.batch_warmup_tokens:
+        return cfg.grad_accum
+    full = cfg.batch_size * cfg.grad_accum
+    sequences = cfg.batch_warmup_start + (full - cfg.batch_warmup_start) * tokens // cfg.batch_warmup_tokens
+    return sequences // cfg.batch_size
