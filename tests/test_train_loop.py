@@ -414,6 +414,11 @@ def test_batch_size_warmup_trains_fewer_sequences_first_and_resumes_exactly(tmp_
     # sequences before step s: 2 + 6 x tokens // 600 (tokens: 64 per micro-batch of 2 x 32)
     assert [r["micro_batches"] for r in records] == [1, 1, 1, 1, 2, 2, 3, 4]
     assert [r["tokens"] for r in records] == [64, 128, 192, 256, 384, 512, 704, 960]
+    from nanoseek.train.report import write_report
+
+    write_report(tmp_path / "warm", sample=False)
+    assert "960 (2 x 4 x 32 per step; batch-size warmup from 2 sequences over 600 tokens)" in \
+        (tmp_path / "warm" / "report.md").read_text()
     train(cfg.replace(grad_accum=1, batch_warmup_start=None, batch_warmup_tokens=None), tmp_path / "plain", log=quiet)
     assert losses(tmp_path / "warm")[:4] == losses(tmp_path / "plain")[:4]  # the same micro-batches, one per step
 

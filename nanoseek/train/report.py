@@ -241,7 +241,9 @@ def write_report(run_dir: str | Path, sample: bool = True, prompt: str | None = 
     rows = [
         ("steps", f"{s['steps']:,} of {s['planned_steps']:,} ({s['stopped_by'].replace('_', ' ')})"
          + (f"; {s['skipped_steps']} skipped (NaN/inf)" if s["skipped_steps"] else "")),
-        ("tokens", f"{s['tokens']:,} ({cfg.get('batch_size')} x {cfg.get('grad_accum')} x {cfg.get('seq_len')} per step)"),
+        ("tokens", f"{s['tokens']:,} ({cfg.get('batch_size')} x {cfg.get('grad_accum')} x {cfg.get('seq_len')} per step"
+                   + (f"; batch-size warmup from {cfg['batch_warmup_start']} sequences over "
+                      f"{cfg['batch_warmup_tokens']:,} tokens" if cfg.get("batch_warmup_start") else "") + ")"),
         ("training time", f"{s['elapsed_s'] / 60:.1f} min; median {_fmt(s['tokens_per_s'], ',.0f')} tokens/s"),
         ("model", f"preset `{cfg.get('preset')}`, {start.get('params', 0) / 1e6:.2f} M parameters; "
                   f"{model.get('num_hidden_layers')} layers, d {model.get('hidden_size')}, "
