@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-RANK0_GRACE_S = 10.0  # how long a silent rank waits for rank 0 to report the error they share (see report_error)
+RANK0_GRACE_S = 10.0  # how long another rank waits for rank 0 to report an error they share (see report_error)
 
 
 class CheckpointError(ValueError):
@@ -16,20 +16,21 @@ class CheckpointError(ValueError):
 
 def on_rank0() -> bool:
     """True in one process and on rank 0 of a torchrun job."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
 
 
 def report_error(command: str, error: BaseException) -> None:
-    """``nanoseek COMMAND: error: ...`` on stderr, once per job.
+    """``nanoseek COMMAND: error: ...`` on stderr, once per job where it can tell.
 
     Under torchrun every rank usually stops for the same reason (the same flags and files, rank 0's broadcast
-    error, a NaN streak): rank 0 alone says it. An error one rank hit on its own (``error.rank``, e.g. a
-    collective that failed as seen from there) is said by that rank, with its number."""
+    error, a NaN streak): rank 0 says it, and another rank first waits for rank 0 to end the job (torchrun stops
+    every rank once one has exited). An error one rank hit on its own (``error.rank``: a collective that failed as
+    seen from there, a file only it could not read), or one that rank 0 did not end the job with, is said by that
+    rank, with its number: never lost, at worst said twice."""
     rank = getattr(error, "rank", None)
-    if rank is not None:
-        print(f"nanoseek {command}: error: rank {rank}: {error}", file=sys.stderr)
-    elif on_rank0():
-        print(f"nanoseek {command}: error: {error}", file=sys.stderr)
-    elif "TORCHELASTIC_RUN_ID" in os.environ:
-        # torchrun stops every rank as soon as one exits: leave rank 0 the time to say it (it ends this wait)
-        time.sleep(RANK0_GRACE_S)
+    if rank is None and not on_rank0():
+        if "TORCHELASTIC_RUN_ID" in os.environ:
+            time.sleep(RANK0_GRACE_S)  # if rank 0 stops for the same reason, torchrun ends this process here
+        rank = int(os.environ["RANK"])
+    print(f"nanoseek {command}: error: " + (f"rank {rank}: " if rank is not None else "") + str(error),
+          file=sys.stderr)

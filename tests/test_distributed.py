@@ -410,8 +410,8 @@ def test_an_error_every_rank_shares_is_printed_once(tmp_path):
 
 
 def test_an_error_one_rank_hits_is_printed_by_that_rank(tmp_path, monkeypatch, capsys):
-    """Outside a torchrun agent (no wait for rank 0): rank 1 says an error of its own, prefixed by its rank, and
-    leaves a shared one to rank 0; both exit non-zero."""
+    """Outside a torchrun agent (no wait for rank 0): rank 1 says an error, prefixed by its rank; rank 0 without
+    one; both exit non-zero."""
     from nanoseek.cli import main
     from nanoseek.errors import report_error
     from nanoseek.train.loop import TrainingError
@@ -425,11 +425,16 @@ def test_an_error_one_rank_hits_is_printed_by_that_rank(tmp_path, monkeypatch, c
     own.rank = 1
     report_error("train", own)
     assert capsys.readouterr().err == "nanoseek train: error: rank 1: no tokenizer.json in /run\n"
+    # no torchrun agent to end this rank when rank 0 has said it: said again, with the rank (never lost)
     assert main(["train", "--preset", "tiny", "--ep", "4", "--out", str(tmp_path / "run")]) == 2
-    assert capsys.readouterr().err == ""
+    assert capsys.readouterr().err.startswith("nanoseek train: error: rank 1: --ep 4 x --pp 1 x --dp 1 = 4 ranks")
     monkeypatch.setenv("RANK", "0")
     assert main(["train", "--preset", "tiny", "--ep", "4", "--out", str(tmp_path / "run")]) == 2
     assert "--ep 4 x --pp 1 x --dp 1 = 4 ranks, but the job has 2" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a RANK left in the environment of one process
+    monkeypatch.setenv("RANK", "1")
+    report_error("generate", FileNotFoundError("no checkpoint at /x"))
+    assert capsys.readouterr().err == "nanoseek generate: error: no checkpoint at /x\n"
 
 
 def test_microbatches_that_do_not_split_the_batch_fail_before_training(reference):

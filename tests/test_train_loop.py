@@ -378,6 +378,16 @@ def test_steps_fitted_to_the_time_budget(tmp_path, cache):
         assert lr[-1] == pytest.approx(cfg.lr * cfg.min_lr_ratio)
 
 
+def test_steps_that_fit_the_time_budget_count_a_batch_size_warmup():
+    """A warmup step of m of the grad_accum micro-batches costs m / grad_accum of a full step (hand values:
+    64 tokens per micro-batch; sequences 2 + 6 x tokens // 600 -> micro-batches 1, 1, 1, 1, 2, 2, 3, then 4)."""
+    cfg = TrainConfig(batch_size=2, grad_accum=4, seq_len=32, batch_warmup_start=2, batch_warmup_tokens=600)
+    assert loop.affordable_steps(cfg, 0, 4.0, 10.0) == 6  # 1 + 1 + 1 + 1 + 2 + 2 s; the 3 s step does not fit
+    assert loop.affordable_steps(cfg, 512, 4.0, 13.0) == 3  # a 3 s step to 704 tokens, then two full 4 s steps
+    assert loop.affordable_steps(cfg, 600, 4.0, 10.0) == 2  # past the warmup: full steps
+    assert loop.affordable_steps(TrainConfig(grad_accum=4), 0, 4.0, 10.0) == 2  # no warmup
+
+
 @pytest.mark.parametrize("depth", [0, 2])
 def test_mtp_depth_is_configurable(tmp_path, cache, depth):
     run = tmp_path / f"d{depth}"

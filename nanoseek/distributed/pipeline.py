@@ -422,6 +422,9 @@ class PipelineRunner:
         key = (mb, T, n_mb)
         if key in self._schedules:
             return self._schedules[key]
+        # one schedule at a time: each holds its stages' receive buffers for all its micro-batches, and a
+        # batch-size warmup only ever grows n_mb
+        self._schedules.clear()
         d, V, S = self.config.hidden_size, self.config.vocab_size, self.layout.n_stages
         dev = self.device
         with self._autocast():  # the logits' dtype under autocast

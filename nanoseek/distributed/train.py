@@ -283,7 +283,8 @@ class DistributedTrainer:
             with self._own_errors():
                 data = prepare_data(cfg, tokenizer_path=tok, log=lambda _: None)
         if self.resume:
-            check_same_corpus(run, state, data.summary["cache"])
+            with self._own_errors():
+                check_same_corpus(run, state, data.summary["cache"])
         train_seqs = data.train_sequences(cfg.seq_len)
         if len(train_seqs) == 0:
             raise ValueError(f"the training split has fewer tokens than one sequence of --seq-len {cfg.seq_len} + 1")

@@ -89,6 +89,10 @@ def _model_override(text: str) -> tuple[str, Any]:
 def _count(text: str) -> int:
     """A whole number, also written as 2e6."""
     try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of tokens such as 2000000 or 2e6, got {text!r}") from None

@@ -112,6 +112,19 @@ class _Session:
     device: torch.device
 
 
+def affordable_steps(cfg: TrainConfig, tokens: int, per_full_step: float, seconds: float) -> int:
+    """How many steps from ``tokens`` trained tokens fit in ``seconds`` at ``per_full_step`` seconds per step of
+    grad_accum micro-batches; a step of a batch-size warmup costs its share of micro-batches."""
+    n = 0
+    while cfg.batch_warmup_start is not None and tokens < cfg.batch_warmup_tokens:
+        m = micro_batches(tokens, cfg)
+        cost = per_full_step * m / cfg.grad_accum
+        if cost > seconds:
+            return n
+        seconds, tokens, n = seconds - cost, tokens + m * cfg.batch_size * cfg.seq_len, n + 1
+    return n + int(seconds / per_full_step)
+
+
 class _BudgetFit:
     """Fits the number of steps to the time budget (``fit_steps_to_budget``): after FIT_PROBE_STEPS timed steps,
     then every REFIT_EVERY steps until the schedule can no longer change. Times are per full step: a step of the
@@ -132,8 +145,8 @@ class _BudgetFit:
         if rec["finite"]:
             self.step_times.append(rec["step_time"] * self.trainer.cfg.grad_accum / rec["micro_batches"])
 
-    def after_step(self, step: int, metrics: MetricsLog) -> None:
-        """After a finite step (and its validation): fit when it is time."""
+    def after_step(self, step: int, tokens: int, metrics: MetricsLog) -> None:
+        """After a finite step (and its validation), ``tokens`` trained so far: fit when it is time."""
         if self.fit_at is None or not (step == self.fit_at or (step > self.fit_at and step % REFIT_EVERY == 0)):
             return
         trainer, cfg = self.trainer, self.trainer.cfg
@@ -144,7 +157,7 @@ class _BudgetFit:
                                                  + 0.02)
         else:  # later fits: the wall time per full step since the last fit, validation included
             per_step = (now - self.last[1]) * cfg.grad_accum / max(1, self.micro)
-        new = trainer._fit_steps(cfg, step, per_step, self.budget - (now - self.t_run), metrics)
+        new = trainer._fit_steps(cfg, step, tokens, per_step, self.budget - (now - self.t_run), metrics)
         self.last, self.micro = (step, now), 0
         if new is None:
             self.fit_at = None  # the decay has begun: the schedule is fixed from here on
@@ -256,7 +269,7 @@ class Trainer:
                 if r.val_batches and (step % cfg.eval_every == 0 or step == self.cfg.steps):
                     last_val = self.evaluate(r.model, r.val_batches, r.autocast, step, progress.tokens, r.metrics)
                 if fit is not None:
-                    fit.after_step(step, r.metrics)
+                    fit.after_step(step, progress.tokens, r.metrics)
                 cfg = self.cfg  # the fit may have changed the number of steps
                 if step % cfg.save_every == 0 or step == cfg.steps:
                     self._save(r)
@@ -467,7 +480,7 @@ class Trainer:
             r.metrics.append({"type": "event", "step": step, "event": "stopped", "message": stop})
             raise TrainingError(stop)
 
-    def _fit_steps(self, cfg: TrainConfig, step: int, per_step: float, remaining: float,
+    def _fit_steps(self, cfg: TrainConfig, step: int, tokens: int, per_step: float, remaining: float,
                    metrics: MetricsLog) -> TrainConfig | None:
         """Fit the run's number of steps to the time budget left, while that changes no step already taken.
 
@@ -479,7 +492,7 @@ class Trainer:
         frac = min(cfg.decay_start, cfg.mtp_lambda_switch, cfg.bias_gamma_switch if cfg.balance == "bias" else 1.0)
         if frac <= 0 or step >= frac * cfg.steps - 1:
             return None
-        fit = step + int(0.97 * remaining / per_step)
+        fit = step + affordable_steps(cfg, tokens, per_step, 0.97 * remaining)
         cap = self._fit_cap or cfg.steps
         steps = max(min(cap, fit), math.floor(step / frac) + 2, 2 * FIT_PROBE_STEPS)
         if steps != cfg.steps:
