@@ -296,7 +296,7 @@ class DistributedTrainer:
             model = build_model(cfg, mc, device, ckpt_dir if self.resume else None, self.log, data.tokenizer)
         n_params = sum(p.numel() for p in model.parameters())
         stats = apply_expert_parallel(model, ctx.ep_group) if layout.ep > 1 else None
-        autocast = autocast_context(device, cfg.dtype)
+        autocast = autocast_context(device, cfg.dtype, model)  # after expert parallelism replaced the experts
         runner, per_accum = None, 1
         if layout.pp > 1:
             per_accum = self._microbatches(cfg, ctx)

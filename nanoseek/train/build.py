@@ -107,7 +107,14 @@ def build_model(cfg: TrainConfig, mc: ModelConfig, device: torch.device, resume_
 
 
 # ---------------------------------------------------------------------------------------------- runtime helpers
-def autocast_context(device: torch.device, dtype: str) -> Callable[[], contextlib.AbstractContextManager]:
+def autocast_context(device: torch.device, dtype: str,
+                     model: DeepSeekV3 | None = None) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context of the training forward: bf16 autocast, FP8 products of ``model``'s linear layers (fp8,
+    emulated: train/fp8_mixed.py) or nothing."""
+    if dtype == "fp8":
+        from .fp8_mixed import fp8_gemms
+
+        return fp8_gemms(model)
     if dtype != "bf16":
         return contextlib.nullcontext
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():

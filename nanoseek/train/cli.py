@@ -48,7 +48,9 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--bias-gamma-later", "bias_gamma_later", float, "bias speed after the switch (default 0)"),
     ("--bias-gamma-switch", "bias_gamma_switch", float, "fraction of the steps where gamma switches (default 0.97)"),
     ("--dtype", "dtype", str,
-     "bf16: autocast, fp32 weights (default); bf16-weights: bf16 weights and gradients, fp32 master copies; fp32"),
+     "bf16: autocast, fp32 weights (default); bf16-weights: bf16 weights and gradients, fp32 master copies; fp32; "
+     "fp8: DeepSeek-V3's FP8 products of the linear layers, emulated (e4m3 with 1 x 128 tiles and 128 x 128 weight "
+     "blocks; slower than fp32: for studying FP8 training)"),
     ("--device", "device", str, "cpu, cuda, cuda:1 (default: cuda if available)"),
     ("--seed", "seed", int, "seed of the initialization and the data order (default 0)"),
     ("--threads", "threads", int, "torch intra-op threads (default: torch's)"),

@@ -20,7 +20,7 @@ from typing import Any
 from ..atomic import atomic_write_json
 
 BALANCE_MODES = ("bias", "aux", "none")
-DTYPES = ("bf16", "bf16-weights", "fp32")
+DTYPES = ("bf16", "bf16-weights", "fp32", "fp8")
 MIN_VOCAB = 258  # 256 byte tokens + bos + eos
 MAX_VOCAB = 1 << 20
 MIN_SEQ_LEN = 8
@@ -89,7 +89,8 @@ class TrainConfig:
     bias_gamma_switch: float = 0.97  # fraction of the steps (V3: 14.3T of 14.8T tokens)
     # ---- runtime
     # bf16: autocast of the matrix products, fp32 weights and optimizer; bf16-weights: bf16 weights, fp32 master
-    # weights and optimizer (train/precision.py); fp32: fp32 throughout
+    # weights and optimizer (train/precision.py); fp32: fp32 throughout; fp8: V3's FP8 products of the linear
+    # layers emulated, fp32 elsewhere (train/fp8_mixed.py)
     dtype: str = "bf16"
     device: str | None = None  # None: cuda if available, else cpu
     compile: bool = False
@@ -147,6 +148,9 @@ class TrainConfig:
             raise ValueError(f"--balance must be one of {', '.join(BALANCE_MODES)}, got {self.balance!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "fp8" and (self.compile or self.activation_checkpointing):
+            raise ValueError("--dtype fp8 emulates FP8 products in eager mode, without recomputation: leave out "
+                             + ("--compile" if self.compile else "--activation-checkpointing"))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):

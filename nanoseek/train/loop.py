@@ -41,7 +41,8 @@ from .precision import MasterWeights
 
 
 DTYPE_NOTES = {"bf16": "bf16 autocast (fp32 weights)", "bf16-weights": "bf16 weights, fp32 master weights",
-               "fp32": "fp32"}
+               "fp32": "fp32", "fp8": "FP8 products of the linear layers (emulated: e4m3, 1 x 128 tiles, 128 x 128 "
+                                      "weight blocks), fp32 elsewhere"}
 FIT_PROBE_STEPS = 6  # steps timed before the number of steps is fitted to the time budget
 REFIT_EVERY = 10  # refit that often until the decay begins, so a slow start (a busy machine) is corrected
 
@@ -338,7 +339,7 @@ class Trainer:
             progress = Progress.from_state(resumed.state)
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
-        autocast = autocast_context(device, cfg.dtype)
+        autocast = autocast_context(device, cfg.dtype, model)
 
         def forward_and_loss(inputs: torch.Tensor, labels: torch.Tensor, lam: float, alpha: float):
             """One micro-batch: the forward (under autocast) and the V3 objective on its outputs."""
