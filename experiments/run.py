@@ -209,6 +209,13 @@ def command_line(argv: list[str]) -> str:
     return "python experiments/run.py " + " ".join(shlex.quote(a) for a in argv)
 
 
+def commands_section(command: str, arm_commands: list[str], shared: str = "") -> list[str]:
+    """The results.md lines naming the experiment's command and the training command of each arm."""
+    return ["## Commands", "", "```", command, "```", "",
+            f"which ran, in a scratch directory, with `OMP_WAIT_POLICY=PASSIVE`{shared}:", "",
+            "```", *arm_commands, "```"]
+
+
 # ------------------------------------------------------------------------------------------------ experiments
 def load_balance(args, runs_done: dict) -> None:
     out_dir = HERE / "load-balance"
@@ -275,17 +282,7 @@ def load_balance(args, runs_done: dict) -> None:
         "",
         "![load balance](load_balance.png)",
         "",
-        "## Commands",
-        "",
-        "```",
-        command_line(args.argv),
-        "```",
-        "",
-        "which ran, in a scratch directory, with `OMP_WAIT_POLICY=PASSIVE`:",
-        "",
-        "```",
-        *[cmds[a] for _, a in LB_ARMS],
-        "```",
+        *commands_section(command_line(args.argv), [cmds[a] for _, a in LB_ARMS]),
     ]
     atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
     atomic_write_json(out_dir / "results.json",
@@ -379,18 +376,8 @@ def mtp(args, runs_done: dict) -> None:
         "",
         "![MTP loss](mtp_loss.png)",
         "",
-        "## Commands",
-        "",
-        "```",
-        command_line(args.argv),
-        "```",
-        "",
-        "which ran, in a scratch directory, with `OMP_WAIT_POLICY=PASSIVE` (the D = 1 run is the load-balance "
-        "experiment's loss-free arm, shared):",
-        "",
-        "```",
-        *[cmds[a] for _, a, _ in rows],
-        "```",
+        *commands_section(command_line(args.argv), [cmds[a] for _, a, _ in rows],
+                          " (the D = 1 run is the load-balance experiment's loss-free arm, shared)"),
     ]
     atomic_write_text(out_dir / "results.md", "\n".join(lines) + "\n")
     atomic_write_json(out_dir / "results.json",
