@@ -46,15 +46,15 @@ def test_weight_blocks_are_the_checkpoint_format():
 
 
 def test_a_linear_layer_runs_fprop_dgrad_and_wgrad_in_fp8():
-    """V3 Figure 6: y = Q(x) Q(W)^T, dx = Q(dy) Q(W), dW = Q'(dy)^T Q'(x); Q: 1 x 128 tiles along the features,
-    Q': 128 x 1 tiles along the tokens, W in 128 x 128 blocks."""
+    """V3 Figure 6: y = Q(x) Q(W)^T, dx = Q(dy) Q(W), dW = Q'(dy)^T Q'(Q(x)); Q: 1 x 128 tiles along the
+    features, Q': 128 x 1 tiles along the tokens (of the cached FP8 activation Q(x)), W in 128 x 128 blocks."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 150, 200, generator=g, requires_grad=True)
     w = torch.randn(260, 200, generator=g, requires_grad=True)
     dy = torch.randn(2, 150, 260, generator=g)
     y = FP8Linear.apply(x, w)
     y.backward(dy)
-    w_q, x_MK, dy_MN = quantize_blocks(w.detach()), x.detach().reshape(300, 200), dy.reshape(300, 260)
+    w_q, x_MK, dy_MN = quantize_blocks(w.detach()), quantize_tiles(x.detach()).reshape(300, 200), dy.reshape(300, 260)
     torch.testing.assert_close(y, F.linear(quantize_tiles(x.detach()), w_q), rtol=0, atol=0)
     torch.testing.assert_close(x.grad, quantize_tiles(dy) @ w_q, rtol=0, atol=0)
     torch.testing.assert_close(w.grad, quantize_tiles(dy_MN, 0).T @ quantize_tiles(x_MK, 0), rtol=0, atol=0)
@@ -97,9 +97,13 @@ def test_the_context_quantizes_every_linear_layer_but_the_head_embedding_and_gat
     with fp8_gemms(model)():
         out = model.forward_train(ids)
     used = {names.get(id(w), names.get(id(w._base))) for w in seen}
-    assert used == set(fp8_mixed.fp8_weight_names(model))
-    assert not any(n.endswith(("lm_head.weight", "mlp.gate.weight", "embed_tokens.weight")) for n in used)
-    assert any(n.endswith("experts.gate_up_proj") for n in used) and "mtp.0.eh_proj.weight" in used
+    attention = [f"self_attn.{p}.weight" for p in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")]
+    ffn = [f"{p}.weight" for p in ("gate_proj", "up_proj", "down_proj")]
+    want = {f"layers.0.{n}" for n in attention + [f"mlp.{f}" for f in ffn]}  # the dense layer
+    for block in ("layers.1", "layers.2", "mtp.0.block"):  # the MoE layers, the MTP module's block
+        want |= {f"{block}.{n}" for n in attention + [f"mlp.shared_experts.{f}" for f in ffn]}
+        want |= {f"{block}.mlp.experts.gate_up_proj", f"{block}.mlp.experts.down_proj"}
+    assert used == want | {"mtp.0.eh_proj.weight"} == set(fp8_mixed.fp8_weight_names(model))
     # FP8's rounding (a few routing choices flip with it), not a different model
     assert 0 < (out.logits - plain.logits).norm() < 0.1 * plain.logits.norm()
     torch.testing.assert_close(model.forward_train(ids).logits, plain.logits)  # nothing left behind

@@ -2,17 +2,20 @@
 
 V3 runs the matrix products (GEMMs) of its linear layers in FP8 (e4m3) with fine-grained scaling: one scale per
 1 x 128 tile of an activation or a gradient (128 consecutive elements along the product's reduction), one per
-128 x 128 block of a weight, each the tile's absolute maximum over e4m3's largest value (448), and accumulation
-in fp32. Each linear layer has three such products (V3 Figure 6):
+128 x 128 block of a weight, each the tile's absolute maximum over e4m3's largest value (448), with partial sums
+promoted to fp32 every 128 elements. Each linear layer has three such products (V3 Figure 6):
 - Fprop  y = x W^T:       x in 1 x 128 tiles along its features, W in 128 x 128 blocks;
 - Dgrad  dx = dy W:       dy in 1 x 128 tiles along its features, W in the same blocks;
-- Wgrad  dW = dy^T x:     dy and x in 128 x 1 tiles, along the tokens (the reduction of this product).
+- Wgrad  dW = dy^T x:     dy and x in 128 x 1 tiles, along the tokens (the reduction of this product); x is the
+                          FP8 activation the forward cached (1 x 128), quantized again (V3 §3.3.3).
 The embedding, the output head, the MoE gate, the norms and attention itself stay in higher precision.
 
-Here every operand is rounded to e4m3 exactly as V3 scales it and the product runs in fp32 on the rounded
-values: the numbers an FP8 GEMM with fp32 accumulation multiplies, on any device (no FP8 speed, a slower step:
-it shows what FP8 does to training, not what it saves). Everything else stays fp32 (V3 also keeps activations
-and AdamW moments in bf16: not emulated).
+Here every operand is rounded to e4m3 with V3's tile and block scales and the product runs in fp32 on the
+rounded values, on any device (no FP8 speed, a slower step: it shows what FP8 rounding of the products does to
+training, not what FP8 saves). Not emulated: the accumulation in 14-bit partial sums (here exact fp32), the
+special cases of V3 §3.3.3 (the input of the attention output projection in E5M6, power-of-2 scales around the
+MoE up- and down-projections), bf16 elsewhere (here fp32: activations, AdamW moments). The routed experts' gate
+and up weights are one (E, 2F, D) tensor here, so with F not a multiple of 128 a block spans both.
 
 :func:`fp8_gemms` returns a context (a TorchFunctionMode, used like autocast) in which the model's ``F.linear``
 and ``torch._grouped_mm`` (the routed experts) calls on the chosen weights run as FP8 products; the model
@@ -64,16 +67,18 @@ class FP8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w)  # the weight itself, rounded again in the backward: no second copy kept
-        return F.linear(quantize_tiles(x), quantize_blocks(w)).to(x.dtype)  # Fprop
+        x_q = quantize_tiles(x)  # the FP8 activation (1 x 128 tiles) the backward reads again
+        ctx.save_for_backward(x_q, w)  # the weight itself, rounded again in the backward: no second copy kept
+        ctx.dtype = x.dtype
+        return F.linear(x_q, quantize_blocks(w)).to(x.dtype)  # Fprop
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, w = ctx.saved_tensors
+        x_q, w = ctx.saved_tensors
         dx = quantize_tiles(dy) @ quantize_blocks(w)  # Dgrad (..., K)
-        x_MK, dy_MN = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])  # tokens flattened
+        x_MK, dy_MN = x_q.reshape(-1, x_q.shape[-1]), dy.reshape(-1, dy.shape[-1])  # tokens flattened
         dw = quantize_tiles(dy_MN, 0).T @ quantize_tiles(x_MK, 0)  # Wgrad (N, K): tiles along the tokens
-        return dx.to(x.dtype), dw.to(w.dtype)
+        return dx.to(ctx.dtype), dw.to(w.dtype)
 
 
 class FP8GroupedMM(torch.autograd.Function):
@@ -82,24 +87,26 @@ class FP8GroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w, offs)
+        x_q = quantize_tiles(x)  # the FP8 activation the backward reads again
+        ctx.save_for_backward(x_q, w, offs)
+        ctx.dtype = x.dtype
         # square blocks: the same numbers as blocks of each W_e (N, K)
-        return torch._grouped_mm(quantize_tiles(x), quantize_blocks(w), offs=offs).to(x.dtype)  # Fprop (S, N)
+        return torch._grouped_mm(x_q, quantize_blocks(w), offs=offs).to(x.dtype)  # Fprop (S, N)
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        x, w, offs = ctx.saved_tensors
+        x_q, w, offs = ctx.saved_tensors
         w_q = quantize_blocks(w)
         dy_q = quantize_tiles(dy)  # 1 x 128 tiles along the features: the same for every grouping of the rows
-        dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        dx = torch.zeros(x_q.shape, dtype=torch.float32, device=x_q.device)
         dw = torch.zeros(w_q.shape, dtype=torch.float32, device=w_q.device)
         start = 0
         for e, end in enumerate(offs.tolist()):
             if end > start:
                 dx[start:end] = dy_q[start:end] @ w_q[e].T  # Dgrad (rows_e, K)
-                dw[e] = quantize_tiles(x[start:end], 0).T @ quantize_tiles(dy[start:end], 0)  # Wgrad (K, N)
+                dw[e] = quantize_tiles(x_q[start:end], 0).T @ quantize_tiles(dy[start:end], 0)  # Wgrad (K, N)
             start = end
-        return dx.to(x.dtype), dw.to(w.dtype), None
+        return dx.to(ctx.dtype), dw.to(w.dtype), None
 
 
 # ---------------------------------------------------------------------------------------------- the context
@@ -111,17 +118,18 @@ def fp8_weight_names(model: nn.Module) -> list[str]:
 
 
 class _FP8GEMMs(TorchFunctionMode):
-    def __init__(self, weights: set[int]):
+    def __init__(self, weights: dict[int, torch.Tensor]):
         super().__init__()
-        self.weights = weights  # ids of the FP8 weights
+        self.weights = weights  # the FP8 weights by id (held, so that no other tensor can take an id)
 
     def _chosen(self, w) -> bool:
         return isinstance(w, torch.Tensor) and (id(w) in self.weights or id(w._base) in self.weights)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is F.linear and len(args) == 2 and kwargs.get("bias") is None and self._chosen(args[1]):
-            return FP8Linear.apply(*args)
+        if (func is F.linear and len(args) in (2, 3) and (len(args) == 2 or args[2] is None)
+                and kwargs.get("bias") is None and self._chosen(args[1])):
+            return FP8Linear.apply(args[0], args[1])
         if func is torch._grouped_mm and len(args) == 2 and set(kwargs) == {"offs"} and self._chosen(args[1]):
             return FP8GroupedMM.apply(args[0], args[1], kwargs["offs"])
         return func(*args, **kwargs)
@@ -131,5 +139,5 @@ def fp8_gemms(model: nn.Module) -> Callable[[], contextlib.AbstractContextManage
     """A factory of contexts (as autocast) that run the products of ``model``'s FP8 weights as FP8 products.
     Call it after the model's parameters are final (expert parallelism replaces the experts')."""
     names = set(fp8_weight_names(model))
-    weights = {id(p) for name, p in model.named_parameters() if name in names}
+    weights = {id(p): p for name, p in model.named_parameters() if name in names}
     return lambda: _FP8GEMMs(weights)
