@@ -38,9 +38,8 @@ from ..train.build import autocast_context, build_model, init_from_tokenizer, mo
 from ..train.loop import TrainResult, Trainer, pick_device
 from ..train.metrics import MetricsLog
 from ..train.optim import bias_gamma, learning_rate, micro_batches, mtp_lambda
-from ..train.run_state import (Progress, TrainingError, batch_warmup_note, check_same_corpus, finished,
-                               nonfinite_message, open_metrics, resume_point, resumed_tokenizer, streak_stop_message,
-                               time_budget_message)
+from ..train.run_state import (Progress, TrainingError, batch_warmup_note, check_same_corpus, end_event,
+                               nonfinite_message, open_metrics, resume_point, resumed_tokenizer, streak_stop_message)
 from .expert_parallel import apply_expert_parallel, moe_modules, node_limit_note, use_microbatch_groups
 from .mesh import DEFAULT_TIMEOUT_S, Layout, ParallelContext, init_parallel, world_from_env
 from .state import DistributedOptimizer, full_model, gather_full_state
@@ -230,19 +229,13 @@ class DistributedTrainer:
             if step % cfg.save_every == 0 or step == cfg.steps:
                 self._save(s)
         step = progress.step
-        if stopped_by == "time_budget":
-            msg = time_budget_message(cfg, step)
-            self.log(msg)
-            if ctx.is_main:
-                s.metrics.append({"type": "event", "step": step, "event": "time_budget", "message": msg})
-            if progress.bad_streak == 0:  # not in the middle of a NaN/inf streak
-                self._save(s)
-        else:
-            if ctx.is_main:
-                s.metrics.append({"type": "event", "step": step, "event": "done",
-                                  "message": finished(run, progress.bad_streak)})
-            if progress.bad_streak:
-                self.log(finished(run, progress.bad_streak))
+        end = end_event(run, cfg, stopped_by, progress)
+        if stopped_by == "time_budget" or progress.bad_streak:
+            self.log(end["message"])
+        if ctx.is_main:
+            s.metrics.append(end)
+        if stopped_by == "time_budget" and progress.bad_streak == 0:  # not in the middle of a NaN/inf streak
+            self._save(s)
         self._close_bar()
         self.log(f"trained to step {step} ({progress.tokens:,} tokens) in {time.perf_counter() - t_run:.0f} s"
                  + (f"; validation loss {last_val:.4f}" if last_val is not None else "") + f"; checkpoint: {run}")

@@ -28,13 +28,12 @@ from ..devices import pick_device
 from ..hf import CheckpointError
 from ..objectives import ExpertLoadTracker, cross_entropy_sums, max_violation, training_loss, update_balance_bias
 from . import checkpoint as ckpt_io
-from .config import RESUMABLE_CHANGES, TrainConfig
+from .config import TrainConfig
 from .data import BatchStream, prepare_data, validation_batches
 from .metrics import MetricsLog
 from .optim import bias_gamma, build_optimizer, learning_rate, micro_batches, mtp_lambda
-from .run_state import (Progress, TrainingError, batch_warmup_note, check_same_corpus, finished, nonfinite_message,
-                        open_metrics, resume_mismatches, resume_point, resumed_tokenizer, streak_stop_message,
-                        time_budget_message)
+from .run_state import (Progress, TrainingError, batch_warmup_note, check_resumable, check_same_corpus, end_event,
+                        nonfinite_message, open_metrics, resume_point, resumed_tokenizer, streak_stop_message)
 from .build import autocast_context, build_model, enable_activation_checkpointing, init_from_tokenizer, model_config
 from .memory import check_memory
 from .precision import MasterWeights
@@ -83,10 +82,7 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> Tra
         raise CheckpointError(f"{run_dir}: the checkpoint's training configuration is invalid: {e}") from None
     if overrides:
         cfg = cfg.replace(**overrides)
-    bad = resume_mismatches(saved, cfg)
-    if bad:
-        raise ValueError(f"cannot resume {run_dir} with a different configuration: {'; '.join(bad)} "
-                         f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+    check_resumable(run_dir, saved, cfg)
     if cfg.steps < state["step"]:
         raise ValueError(f"--steps {cfg.steps} is below the step of {run_dir}'s checkpoint ({state['step']}): "
                          "a resumed run can only go on to more steps")
@@ -138,12 +134,12 @@ class _BudgetFit:
         self.step_times: list[float] = []  # of the finite steps, per full step
         self.last: tuple[int, float] | None = None  # (step, time) of the last fit
         self.micro = 0  # micro-batches since the last fit
-        trainer._fit_cap = steps  # fitting never goes above the configured steps
+        self.cap = steps  # fitting never goes above the configured steps
 
     def count(self, rec: dict[str, Any]) -> None:
         """Every step's record, skipped ones included."""
         self.micro += rec["micro_batches"]
-        if rec["finite"]:
+        if not rec["skipped"]:
             self.step_times.append(rec["step_time"] * self.trainer.cfg.grad_accum / rec["micro_batches"])
 
     def after_step(self, step: int, tokens: int, metrics: MetricsLog) -> None:
@@ -158,7 +154,7 @@ class _BudgetFit:
                                                  + 0.02)
         else:  # later fits: the wall time per full step since the last fit, validation included
             per_step = (now - self.last[1]) * cfg.grad_accum / max(1, self.micro)
-        new = trainer._fit_steps(cfg, step, tokens, per_step, self.budget - (now - self.t_run), metrics)
+        new = trainer._fit_steps(cfg, step, tokens, per_step, self.budget - (now - self.t_run), self.cap, metrics)
         self.last, self.micro = (step, now), 0
         if new is None:
             self.fit_at = None  # the decay has begun: the schedule is fixed from here on
@@ -177,7 +173,6 @@ class Trainer:
         self.overwrite = overwrite
         self._print = log or (lambda s: print(s, file=sys.stderr, flush=True))
         self._bar = None
-        self._fit_cap: int | None = None
 
     def log(self, msg: str) -> None:
         if self._bar is not None:
@@ -264,7 +259,7 @@ class Trainer:
                 step = progress.step
                 if fit is not None:
                     fit.count(rec)
-                if not rec["finite"]:
+                if rec["skipped"]:
                     self._skipped(r, rec)
                     continue
                 if r.val_batches and (step % cfg.eval_every == 0 or step == self.cfg.steps):
@@ -274,20 +269,16 @@ class Trainer:
                 cfg = self.cfg  # the fit may have changed the number of steps
                 if step % cfg.save_every == 0 or step == cfg.steps:
                     self._save(r)
-            step = progress.step
+            end = end_event(self.run_dir, cfg, stopped_by, progress)
+            if stopped_by == "time_budget" or progress.bad_streak:
+                self.log(end["message"])
+            r.metrics.append(end)
             if stopped_by == "time_budget":
-                msg = time_budget_message(cfg, step)
-                self.log(msg)
-                r.metrics.append({"type": "event", "step": step, "event": "time_budget", "message": msg})
+                step = progress.step
                 if r.val_batches and (last_val is None or last_val[0] != step):
                     last_val = self.evaluate(r.model, r.val_batches, r.autocast, step, progress.tokens, r.metrics)
-                if progress.bad_streak == 0:
+                if progress.bad_streak == 0:  # not in the middle of a NaN/inf streak
                     self._save(r)
-            else:
-                r.metrics.append({"type": "event", "step": step, "event": "done",
-                                  "message": finished(self.run_dir, progress.bad_streak)})
-                if progress.bad_streak:
-                    self.log(finished(self.run_dir, progress.bad_streak))
         finally:
             self._close_bar()
         wall = time.perf_counter() - t_run
@@ -396,7 +387,7 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def _step(self, r: "_Session") -> dict[str, Any]:
         """Forward and backward of the step's micro-batches, clip, AdamW and the bias update (skipped when the
-        loss or the gradient is NaN/inf); returns the step's metrics record (``finite``: whether it updated)."""
+        loss or the gradient is NaN/inf); returns the step's metrics record (``skipped``: it did not update)."""
         cfg, progress = self.cfg, r.progress
         t0 = time.perf_counter()
         step = progress.step
@@ -466,7 +457,6 @@ class Trainer:
         if progress.step % cfg.log_every == 0 or not finite or progress.step == cfg.steps:
             r.metrics.append(rec)
         self._update_bar(rec)
-        rec["finite"] = finite
         return rec
 
     def _skipped(self, r: "_Session", rec: dict[str, Any]) -> None:
@@ -481,7 +471,7 @@ class Trainer:
             r.metrics.append({"type": "event", "step": step, "event": "stopped", "message": stop})
             raise TrainingError(stop)
 
-    def _fit_steps(self, cfg: TrainConfig, step: int, tokens: int, per_step: float, remaining: float,
+    def _fit_steps(self, cfg: TrainConfig, step: int, tokens: int, per_step: float, remaining: float, cap: int,
                    metrics: MetricsLog) -> TrainConfig | None:
         """Fit the run's number of steps to the time budget left, while that changes no step already taken.
 
@@ -494,7 +484,6 @@ class Trainer:
         if frac <= 0 or step >= frac * cfg.steps - 1:
             return None
         fit = step + affordable_steps(cfg, tokens, per_step, 0.97 * remaining)
-        cap = self._fit_cap or cfg.steps
         steps = max(min(cap, fit), math.floor(step / frac) + 2, 2 * FIT_PROBE_STEPS)
         if steps != cfg.steps:
             msg = (f"time budget: {per_step:.2f} s per step, {remaining / 60:.1f} min left: training {steps} "

@@ -72,12 +72,18 @@ def resume_mismatches(saved: dict[str, Any], cfg: TrainConfig) -> list[str]:
     return out
 
 
+def check_resumable(run: Path, saved: dict[str, Any], cfg: TrainConfig) -> None:
+    """A ValueError naming the settings of ``cfg`` that would not continue the run the checkpoint saved."""
+    bad = resume_mismatches(saved, cfg)
+    if bad:
+        raise ValueError(f"cannot resume {run} with a different configuration: {'; '.join(bad)} "
+                         f"(only {', '.join(sorted(RESUMABLE_CHANGES))} may change)")
+
+
 def resume_point(run: Path, cfg: TrainConfig) -> ResumePoint:
     """The checkpoint ``run`` continues from; a ValueError naming the settings that would not continue it."""
     ckpt_dir, state, saved = ckpt_io.read_checkpoint_config(run)
-    bad = resume_mismatches(saved, cfg)
-    if bad:
-        raise ValueError(f"cannot resume {run} with a different configuration: {'; '.join(bad)}")
+    check_resumable(run, saved, cfg)
     return ResumePoint(ckpt_dir, state, saved)
 
 
@@ -134,8 +140,13 @@ def streak_stop_message(run: Path, step: int, bad_streak: int, resume_flags: str
             f"--resume {run}" + (f" {resume_flags}" if resume_flags else ""))
 
 
-def time_budget_message(cfg: TrainConfig, step: int) -> str:
-    return f"time budget of {cfg.time_budget:g} min reached at step {step}/{cfg.steps}"
+def end_event(run: Path, cfg: TrainConfig, stopped_by: str, progress: Progress) -> dict[str, Any]:
+    """The run's last metrics event: ``time_budget`` for a stop on the budget, else ``done``."""
+    if stopped_by == "time_budget":
+        event, msg = "time_budget", f"time budget of {cfg.time_budget:g} min reached at step {progress.step}/{cfg.steps}"
+    else:
+        event, msg = "done", finished(run, progress.bad_streak)
+    return {"type": "event", "step": progress.step, "event": event, "message": msg}
 
 
 def finished(run: Path, bad_streak: int) -> str:
