@@ -124,3 +124,42 @@ def test_train_with_fp8_products(tmp_path):
         TrainConfig(dtype="fp8", compile=True).validate()
     with pytest.raises(ValueError, match="leave out --activation-checkpointing"):
         TrainConfig(dtype="fp8", activation_checkpointing=True).validate()
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_split_backward_runs_each_product_once(grouped, monkeypatch):
+    """DualPipeV splits the backward: the input gradients first (stage_backward_input), the weight gradients
+    later (stage_backward_weight), each running the FP8 node. Each part computes only its own products: one
+    Dgrad and one Wgrad in all, as in one backward, and the same gradients."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+
+    g = torch.Generator().manual_seed(5)
+    if grouped:
+        x0, w = torch.randn(40, 64, generator=g), torch.randn(3, 64, 48, generator=g)
+        offs = torch.tensor([10, 10, 40], dtype=torch.int32)
+        product = lambda x, w: fp8_mixed.fp8_grouped_mm(x, w, offs)  # noqa: E731
+    else:
+        x0, w = torch.randn(2, 20, 64, generator=g), torch.randn(48, 64, generator=g)
+        product = fp8_mixed.fp8_linear
+    w = torch.nn.Parameter(w)
+    counts = {"dgrad": 0, "wgrad": 0}
+    real_tiles = fp8_mixed.quantize_tiles
+
+    def tiles(t, dim=-1):  # in a backward: Dgrad's dy tiled along the features, Wgrad's operands along the tokens
+        if torch._C._current_graph_task_id() != -1:
+            counts["wgrad" if dim == 0 else "dgrad"] += 1
+        return real_tiles(t, dim)
+
+    monkeypatch.setattr(fp8_mixed, "quantize_tiles", tiles)
+    x = x0.clone().requires_grad_()  # a stage input: a leaf
+    (product(x, w) ** 2).sum().backward()
+    whole, dx, dw = dict(counts), x.grad, w.grad
+    counts.update(dgrad=0, wgrad=0)
+    w.grad = None
+    x = x0.clone().requires_grad_()
+    dinputs, groups = stage_backward_input([(product(x, w) ** 2).sum()], None, [x], [w])
+    assert counts["wgrad"] == 0  # the input gradients' part ran no Wgrad
+    stage_backward_weight([w], groups)
+    assert whole == {"dgrad": 1, "wgrad": 4 if grouped else 2}  # Wgrad: two operands (per expert with rows)
+    assert counts == whole
+    assert torch.equal(dinputs[0], dx) and torch.equal(w.grad, dw)

@@ -62,6 +62,25 @@ def quantize_blocks(w: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- products
+def _wanted(ctx, i: int) -> bool:
+    """Whether this backward pass wants the gradient of the node's input ``i``. A pipeline schedule that splits
+    the backward (DualPipeV: the input gradients first, the weight gradients later) runs the node once per part;
+    each part then computes only its own products. The inputs are passed as views (:func:`fp8_linear`), so that
+    the engine can answer for each: it cannot for a leaf tensor under ``torch.autograd.grad``."""
+    node = ctx.next_functions[i][0]
+    return ctx.needs_input_grad[i] and node is not None and torch._C._will_engine_execute_node(node)
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` as FP8 products (:class:`FP8Linear`)."""
+    return FP8Linear.apply(x.view_as(x), w.view_as(w))
+
+
+def fp8_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm(x, w, offs=offs)`` as FP8 products (:class:`FP8GroupedMM`)."""
+    return FP8GroupedMM.apply(x.view_as(x), w.view_as(w), offs)
+
+
 class FP8Linear(torch.autograd.Function):
     """y = x W^T (x (..., K), W (N, K)) with its Fprop, Dgrad and Wgrad as FP8 products (module docstring)."""
 
@@ -75,10 +94,13 @@ class FP8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x_q, w = ctx.saved_tensors
-        dx = quantize_tiles(dy) @ quantize_blocks(w)  # Dgrad (..., K)
-        x_MK, dy_MN = x_q.reshape(-1, x_q.shape[-1]), dy.reshape(-1, dy.shape[-1])  # tokens flattened
-        dw = quantize_tiles(dy_MN, 0).T @ quantize_tiles(x_MK, 0)  # Wgrad (N, K): tiles along the tokens
-        return dx.to(ctx.dtype), dw.to(w.dtype)
+        dx = dw = None
+        if _wanted(ctx, 0):
+            dx = (quantize_tiles(dy) @ quantize_blocks(w)).to(ctx.dtype)  # Dgrad (..., K)
+        if _wanted(ctx, 1):
+            x_MK, dy_MN = x_q.reshape(-1, x_q.shape[-1]), dy.reshape(-1, dy.shape[-1])  # tokens flattened
+            dw = (quantize_tiles(dy_MN, 0).T @ quantize_tiles(x_MK, 0)).to(w.dtype)  # Wgrad (N, K): along tokens
+        return dx, dw
 
 
 class FP8GroupedMM(torch.autograd.Function):
@@ -96,17 +118,20 @@ class FP8GroupedMM(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x_q, w, offs = ctx.saved_tensors
-        w_q = quantize_blocks(w)
-        dy_q = quantize_tiles(dy)  # 1 x 128 tiles along the features: the same for every grouping of the rows
-        dx = torch.zeros(x_q.shape, dtype=torch.float32, device=x_q.device)
-        dw = torch.zeros(w_q.shape, dtype=torch.float32, device=w_q.device)
+        want_dx, want_dw = _wanted(ctx, 0), _wanted(ctx, 1)
+        w_q = quantize_blocks(w) if want_dx else None
+        dy_q = quantize_tiles(dy) if want_dx else None  # 1 x 128 tiles along the features: any grouping of rows
+        dx = torch.zeros(x_q.shape, dtype=torch.float32, device=x_q.device) if want_dx else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if want_dw else None
         start = 0
         for e, end in enumerate(offs.tolist()):
             if end > start:
-                dx[start:end] = dy_q[start:end] @ w_q[e].T  # Dgrad (rows_e, K)
-                dw[e] = quantize_tiles(x_q[start:end], 0).T @ quantize_tiles(dy[start:end], 0)  # Wgrad (K, N)
+                if want_dx:
+                    dx[start:end] = dy_q[start:end] @ w_q[e].T  # Dgrad (rows_e, K)
+                if want_dw:
+                    dw[e] = quantize_tiles(x_q[start:end], 0).T @ quantize_tiles(dy[start:end], 0)  # Wgrad (K, N)
             start = end
-        return dx.to(ctx.dtype), dw.to(w.dtype), None
+        return (dx.to(ctx.dtype) if want_dx else None), (dw.to(w.dtype) if want_dw else None), None
 
 
 # ---------------------------------------------------------------------------------------------- the context
@@ -129,9 +154,9 @@ class _FP8GEMMs(TorchFunctionMode):
         kwargs = kwargs or {}
         if (func is F.linear and len(args) in (2, 3) and (len(args) == 2 or args[2] is None)
                 and kwargs.get("bias") is None and self._chosen(args[1])):
-            return FP8Linear.apply(args[0], args[1])
+            return fp8_linear(args[0], args[1])
         if func is torch._grouped_mm and len(args) == 2 and set(kwargs) == {"offs"} and self._chosen(args[1]):
-            return FP8GroupedMM.apply(args[0], args[1], kwargs["offs"])
+            return fp8_grouped_mm(args[0], args[1], kwargs["offs"])
         return func(*args, **kwargs)
 
 
