@@ -51,6 +51,10 @@ def losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["main_loss"]) for r in of_type(read_metrics(run / "metrics.jsonl"), "train")]
 
 
+def grad_norms(run: Path) -> list[float]:
+    return [r["grad_norm"] for r in of_type(read_metrics(run / "metrics.jsonl"), "train")]
+
+
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoint" / "model.safetensors"))
 
@@ -62,6 +66,8 @@ def assert_same_run(run: Path, ref: Path, from_step: int = 1) -> None:
     for (s, loss, main), (_, loss_ref, main_ref) in zip(got, want):
         assert loss == pytest.approx(loss_ref, rel=1e-5), f"step {s}"
         assert main == pytest.approx(main_ref, rel=1e-5), f"step {s}"
+    # the gradient itself (before clipping): AdamW and the clip hide a wrong scale from the losses and weights
+    assert grad_norms(run)[from_step - 1:] == pytest.approx(grad_norms(ref)[from_step - 1:], rel=1e-4)
     w, w_ref = weights(run), weights(ref)
     assert w.keys() == w_ref.keys()
     for name in w_ref:
@@ -185,15 +191,17 @@ def test_a_collective_failure_is_found_behind_the_pipeline_wrapper():
 
 
 def test_grad_accum_becomes_pipeline_microbatches(reference):
-    """--grad-accum 2 under PP=2: the accumulated micro-batches run as pipeline micro-batches, same run."""
+    """--grad-accum 2 (2 micro-batches of 4 sequences) is the run of one batch of 8: in one process, under PP=2
+    (the accumulated micro-batches run as pipeline micro-batches) and under EP=2 (accumulated on each rank)."""
     from nanoseek.train.loop import train
 
     root, cache = reference
     cfg = base_config(cache, batch_size=4, grad_accum=2)
     train(cfg, root / "single_accum", log=quiet)
-    run_spawned(_train_worker, 2, cfg.to_dict(), str(root / "pp2_accum"), (1, 2, 1), "dualpipev", False,
-                timeout_s=120)
-    assert_same_run(root / "pp2_accum", root / "single_accum")
+    assert_same_run(root / "single_accum", root / "single")
+    for name, layout in (("pp2_accum", (1, 2, 1)), ("ep2_accum", (2, 1, 1))):
+        run_spawned(_train_worker, 2, cfg.to_dict(), str(root / name), layout, "dualpipev", False, timeout_s=120)
+        assert_same_run(root / name, root / "single")
 
 
 def test_resume_under_another_layout(reference):

@@ -272,6 +272,15 @@ def test_training_loss_backward_tiny(tiny):
         grad = mtp.get_parameter(name).grad
         assert grad is not None and grad.abs().sum() > 0, name
 
+    # the MTP loss alone trains the main model too (V3 §2.2: h^0 is the main model's output, not detached) and the
+    # shared embedding and output head
+    model.zero_grad(set_to_none=True)
+    training_loss(model.forward_train(x), y).mtp.backward()
+    for name in ("layers.0.self_attn.q_a_proj.weight", "layers.2.mlp.shared_experts.down_proj.weight",
+                 "layers.2.mlp.experts.down_proj", "norm.weight", "embed_tokens.weight", "lm_head.weight"):
+        grad = model.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
     # the balance loss alone reaches every router's centroids
     model.zero_grad(set_to_none=True)
     out = model.forward_train(x)
