@@ -285,24 +285,71 @@ def test_bad_input_is_a_one_line_error(tmp_path, cache, capsys):
         assert err[-1].startswith("nanoseek train: error:") and message in err[-1], (args, err[-1])
 
 
-def test_a_start_that_stopped_before_its_first_checkpoint_starts_again(tmp_path, cache, capsys):
-    """A start that failed after its data step (here --seq-len above the model's context) leaves its
-    train_config.json and tokenizer: the directory cannot be resumed (one line saying why), and the next start
-    there begins again without --overwrite."""
+def test_a_failed_start_leaves_the_directory_as_it_was(tmp_path, cache, capsys):
+    """A start that fails in its set-up (here after its data step wrote the tokenizer: --seq-len above the model's
+    context) removes its files; with --overwrite the run it was to replace is put back, intact and resumable.
+    A start killed before its first checkpoint (its files left, simulated) starts again without --overwrite."""
     run = tmp_path / "run"
     args = ["train", "--preset", "tiny", "--vocab-size", "300", "--cache-dir", cache, "--out", str(run),
             "--no-progress", "--no-report", "--threads", "1", "--data", STDLIB_JSON, "--batch-size", "2"]
     assert main([*args, "--seq-len", "1024", "--steps", "1"]) == 2
-    assert {p.name for p in run.iterdir()} >= {"train_config.json", "tokenizer.json"}
-    capsys.readouterr()
+    assert "exceeds the model's max_position_embeddings" in capsys.readouterr().err
+    assert [p.name for p in run.iterdir()] == [".lock"]
     assert main(["train", "--resume", str(run)]) == 2
+    assert "holds no checkpoint" in capsys.readouterr().err
+
+    assert main([*args, "--seq-len", "32", "--steps", "2", "--save-every", "1"]) == 0
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    for bad in (["--seq-len", "1024"], ["--seq-len", "32", "--data", str(tmp_path / "missing")]):
+        assert main([*args, "--steps", "1", "--overwrite", *bad]) == 2
+        capsys.readouterr()
+        after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+        assert after == before and ckpt_io.current_checkpoint(run).name == "step-00000002"
+    assert main([*args, "--seq-len", "32", "--steps", "3", "--save-every", "1", "--resume", str(run)]) == 0
+    assert ckpt_io.current_checkpoint(run).name == "step-00000003"
+
+    killed = tmp_path / "killed"  # what a start killed after its data step leaves
+    killed.mkdir()
+    for name in ("train_config.json", "tokenizer.json"):
+        shutil.copy(run / name, killed / name)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(killed)]) == 2
     assert "stopped before the first save; start it again" in capsys.readouterr().err
-    assert main(["train", "--resume", str(run / "tokenizer.json")]) == 2
+    assert main(["train", "--resume", str(killed / "tokenizer.json")]) == 2
     assert "is a file, not a run directory" in capsys.readouterr().err
-    assert main([*args, "--seq-len", "32", "--steps", "1"]) == 0
-    assert ckpt_io.current_checkpoint(run).name == "step-00000001"
-    assert main([*args, "--seq-len", "32", "--steps", "1"]) == 2  # now a run with a checkpoint: kept
+    killed_args = [a if a != str(run) else str(killed) for a in args]
+    assert main([*killed_args, "--seq-len", "32", "--steps", "1"]) == 0
+    assert ckpt_io.current_checkpoint(killed).name == "step-00000001"
+    assert main([*killed_args, "--seq-len", "32", "--steps", "1"]) == 2  # now a run with a checkpoint: kept
     assert "already holds a training run (step 1)" in capsys.readouterr().err
+
+
+def test_an_overwrite_killed_before_its_first_checkpoint_gives_the_old_run_back(tmp_path, cache):
+    """Ctrl-C in the set-up of an --overwrite start puts the old run back at once; a start killed outright (its
+    files and the set-aside old run left, simulated) is undone by the next command on the directory."""
+    run = tmp_path / "run"
+    train(tiny(cache, steps=2, save_every=2, eval_every=2), run, log=quiet)
+    want = losses(run)
+    real = loop.build_model
+
+    def interrupt(*a, **kw):
+        raise KeyboardInterrupt
+
+    loop.build_model = interrupt
+    try:
+        with pytest.raises(loop.StartInterrupted):
+            train(tiny(cache, steps=1, eval_every=1), run, overwrite=True, log=quiet)
+    finally:
+        loop.build_model = real
+    assert losses(run) == want and not (run / loop.OLD_RUN_DIR).exists()
+    aside = run / loop.OLD_RUN_DIR  # a kill in the set-up of another --overwrite start
+    aside.mkdir()
+    for item in list(run.iterdir()):
+        if item.name not in (".lock", loop.OLD_RUN_DIR):
+            item.rename(aside / item.name)
+    tiny(cache, steps=1).save(run / "train_config.json")
+    train(resume_config(run, {"steps": 3}), run, resume=True, log=quiet)
+    assert losses(run)[:2] == want and len(losses(run)) == 3 and not aside.exists()
 
 
 def test_a_run_copied_with_its_links_followed_resumes(tmp_path, cache):

@@ -179,7 +179,7 @@ class DistributedTrainer:
         try:
             self.ctx = init_parallel(self.parallel.layout, device, self.parallel.timeout_s)
             lock = ckpt_io.run_lock if self.ctx.is_main else (lambda d: contextlib.nullcontext())
-            single = Trainer(self.cfg, self.run_dir, self.resume, self.overwrite)
+            self._single = single = Trainer(self.cfg, self.run_dir, self.resume, self.overwrite)
             self._on_main(single._prepare_run_dir)
             with lock(self.run_dir):
                 if not self.resume:
@@ -206,7 +206,8 @@ class DistributedTrainer:
                 dist.destroy_process_group()
 
     def _run(self, device: torch.device) -> TrainResult:
-        s = self._setup(device)
+        with self._single.starting() if self.ctx.is_main else contextlib.nullcontext():  # the files: rank 0's
+            s = self._setup(device)
         cfg, ctx, run, progress = self.cfg, self.ctx, self.run_dir, s.progress
         budget = cfg.time_budget * 60.0 if cfg.time_budget else None
         t_run = time.perf_counter()

@@ -239,14 +239,17 @@ def _train(args: argparse.Namespace, cmd: str, cfg: TrainConfig, out: Path, resu
     except TrainingError as e:
         report_error(cmd, e)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         from .checkpoint import current_checkpoint
+        from .loop import StartInterrupted
 
         try:
             saved = current_checkpoint(out) is not None
         except ValueError:  # a dangling pointer: resuming will say what is wrong
             saved = True
-        if not saved:
+        if isinstance(e, StartInterrupted):
+            how = f"it stopped before its first checkpoint and left {out} as it was; run the same command again"
+        elif not saved:
             how = "it stopped before its first checkpoint; run the same command again to start over"
         else:
             how = "continue with: " + ("nanoseek demo" if cmd == "demo" else f"nanoseek train --resume {out}")

@@ -25,6 +25,7 @@ import torch
 
 from ..allocator import keep_freed_memory
 from ..devices import pick_device
+from ..errors import on_rank0
 from ..hf import CheckpointError
 from ..objectives import ExpertLoadTracker, cross_entropy_sums, max_violation, training_loss, update_balance_bias
 from . import checkpoint as ckpt_io
@@ -59,6 +60,43 @@ class TrainResult:
 # What a run directory holds before its first checkpoint (train_config.json first, see Trainer._start_files)
 START_FILES = {ckpt_io.CONFIG_FILE, *ckpt_io.TOKENIZER_FILES, "data.json", "metrics.jsonl", ".lock",
                ckpt_io.CHECKPOINTS}
+OLD_RUN_DIR = ".old-run"  # with --overwrite: the replaced run's files until the new run's first checkpoint
+
+
+class StartInterrupted(KeyboardInterrupt):
+    """Ctrl-C before a new run's first checkpoint: the run directory was left as it was before the start."""
+
+
+def _discard_start_files(d: Path) -> None:
+    """A start's files (all but the lock and a set-aside old run)."""
+    for item in d.iterdir():
+        if item.name in (".lock", OLD_RUN_DIR):
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
+
+
+def _put_back_old_run(d: Path) -> None:
+    """A start's files removed; the old run that --overwrite set aside, if any, moved back in place."""
+    _discard_start_files(d)
+    aside = d / OLD_RUN_DIR
+    if aside.is_dir():
+        for item in aside.iterdir():
+            item.rename(d / item.name)
+        aside.rmdir()
+
+
+def recover_killed_overwrite(d: Path) -> None:
+    """Before any command on run directory d: an --overwrite start killed before its first checkpoint left the
+    run it was replacing in OLD_RUN_DIR; that run is put back in place."""
+    if (d / OLD_RUN_DIR).is_dir():
+        with ckpt_io.run_lock(d):  # never under a start still running
+            _put_back_old_run(d)
+        if on_rank0():
+            print(f"{d}: a start with --overwrite stopped before its first checkpoint; the run it was to replace "
+                  "is back in place", file=sys.stderr)
 
 
 def _interrupted_start(d: Path) -> bool:
@@ -75,6 +113,7 @@ def _interrupted_start(d: Path) -> bool:
 def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The run's own TrainConfig with ``overrides`` applied; a change that would not continue the same
     run (model, data, batch, optimizer, objectives) is a ValueError naming it."""
+    recover_killed_overwrite(Path(run_dir))
     _, state, saved = ckpt_io.read_checkpoint_config(run_dir)
     try:
         cfg = TrainConfig.from_dict(saved)
@@ -183,6 +222,7 @@ class Trainer:
     # ------------------------------------------------------------------ run directory
     def _prepare_run_dir(self) -> None:
         d = self.run_dir
+        recover_killed_overwrite(d)
         if self.resume:
             if d.exists() and not d.is_dir():
                 raise ValueError(f"--resume {d} is a file, not a run directory")
@@ -211,21 +251,34 @@ class Trainer:
         d.mkdir(parents=True, exist_ok=True)
 
     def _start_files(self) -> None:
-        """A new run's first file, under the lock: its train_config.json, which marks the directory as a run
-        (an old run's files deleted first with --overwrite)."""
+        """A new run's first file, under the lock: its train_config.json, which marks the directory as a run.
+        With --overwrite the old run's files are first set aside (in OLD_RUN_DIR), not deleted: see starting()."""
         if self.overwrite:
-            self._clear_for_overwrite()
+            aside = self.run_dir / OLD_RUN_DIR
+            aside.mkdir()
+            for item in self.run_dir.iterdir():
+                if item.name not in (".lock", OLD_RUN_DIR):
+                    item.rename(aside / item.name)
         self.cfg.save(self.run_dir / ckpt_io.CONFIG_FILE)
 
-    def _clear_for_overwrite(self) -> None:
-        """Delete an old run's files (under the lock, so never those of a run still training)."""
-        for item in self.run_dir.iterdir():
-            if item.name == ".lock":
-                continue
-            if item.is_dir() and not item.is_symlink():
-                shutil.rmtree(item)
-            else:
-                item.unlink()
+    @contextlib.contextmanager
+    def starting(self):
+        """Around a new run's set-up, which ends with its first checkpoint. If the set-up fails (a bad corpus, a
+        setting the model rejects, Ctrl-C), the directory is left as it was: this start's files are removed and,
+        with --overwrite, the old run is put back. Once it succeeds, the old run's files are deleted."""
+        if self.resume:
+            yield
+            return
+        try:
+            yield
+        except KeyboardInterrupt:
+            _put_back_old_run(self.run_dir)
+            raise StartInterrupted from None
+        except BaseException:
+            _put_back_old_run(self.run_dir)
+            raise
+        if (self.run_dir / OLD_RUN_DIR).is_dir():
+            shutil.rmtree(self.run_dir / OLD_RUN_DIR)
 
     # ------------------------------------------------------------------ main
     def run(self) -> TrainResult:
@@ -242,7 +295,8 @@ class Trainer:
             torch.set_num_threads(threads)
 
     def _run(self) -> TrainResult:
-        r = self._setup()
+        with self.starting():
+            r = self._setup()
         cfg, progress = self.cfg, r.progress
         budget = cfg.time_budget * 60.0 if cfg.time_budget else None
         t_run = time.perf_counter()
