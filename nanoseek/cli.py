@@ -37,7 +37,10 @@ def model_summary(config: ModelConfig, dtype_bytes: int = 2) -> dict:
 
 def cmd_info(args: argparse.Namespace) -> int:
     if args.checkpoint:
-        config = ModelConfig.from_hf(args.checkpoint)
+        try:
+            config = ModelConfig.from_hf(args.checkpoint)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{args.checkpoint}: {e}") from None
         name = args.checkpoint
     else:
         config = ModelConfig.preset(args.preset)
@@ -85,9 +88,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 in PyTorch")
+    parser.add_argument("--version", action="version", version=f"nanoseek {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="parameter counts and KV-cache size of a preset or checkpoint")
+    info = sub.add_parser("info", help="parameter counts and KV-cache size of a preset or checkpoint",
+                          description="Parameter counts (total, MTP, activated per token) and the KV cache per token "
+                                      "(MLA's latent against an MHA cache of the same heads) of a preset or of a "
+                                      "checkpoint's config.json.")
     source = info.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", choices=sorted(PRESETS), help="a built-in architecture")
     source.add_argument("--checkpoint", metavar="DIR", help="a Hugging Face checkpoint directory (config.json)")
@@ -97,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
     for register in _subcommand_registrars():
         register(sub)
+    parser.subcommands = sub.choices  # each subcommand's parser reports its own unrecognized arguments
     return parser
 
 
@@ -113,7 +123,9 @@ def _subcommand_registrars():
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # "nanoseek train: error: ...", with the subcommand's usage
+        parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return args.func(args)
     except BrokenPipeError:  # e.g. piped into `head`

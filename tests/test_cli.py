@@ -61,6 +61,42 @@ def test_info_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_info_names_the_checkpoint_of_a_bad_config(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": "x"}))
+    assert main(["info", "--checkpoint", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith(f"nanoseek info: error: {tmp_path}: ")
+
+
+def test_version_and_a_subcommands_unknown_flag(capsys):
+    from nanoseek import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"nanoseek {__version__}"
+    with pytest.raises(SystemExit) as done:
+        main(["train", "--bogus"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and err[0].startswith("usage: nanoseek train")  # the subcommand's usage
+    assert err[-1] == "nanoseek train: error: unrecognized arguments: --bogus"
+
+
+def test_demo_checks_its_own_options_first(capsys):
+    assert main(["demo", "--max-new-tokens", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "nanoseek demo: error: --max-new-tokens must be a positive integer, got 0"
+
+
+def test_demo_help_shows_the_demos_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # help lines re-wrapped
+    assert "optimizer steps (default 760, lowered to fit" in text
+    assert "bias update speed (default 0.01)" in text and "(default 8.5)" in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "optimizer steps (default 360)" in text and "bias update speed (default 0.001)" in text
+
+
 def test_console_entry_point_runs_as_module():
     result = subprocess.run([sys.executable, "-m", "nanoseek", "info", "--preset", "tiny", "--json"],
                             capture_output=True, text=True, timeout=120)

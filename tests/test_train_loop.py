@@ -220,6 +220,13 @@ def test_resume_rejects_an_incompatible_configuration(tmp_path, cache, capsys):
     assert json.loads((run / "checkpoint" / "trainer_state.json").read_text())["step"] == 1
     with pytest.raises(ValueError, match="holds no checkpoint"):
         resume_config(tmp_path)
+    with pytest.raises(ValueError, match=f"is a checkpoint of the run {run}, not a run: resume the run with"):
+        resume_config(run / "checkpoint")
+    saved = run / "checkpoint" / "train_config.json"  # damaged: the flag its message names was not given
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "lr": "x"}))
+    with pytest.raises(ValueError, match="step-00000001/train_config.json: the run's training configuration is "
+                                         "invalid: --lr must be positive, got x"):
+        resume_config(run)
 
 
 def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, cache, monkeypatch):
@@ -258,6 +265,15 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, cache, monkeypatch):
     assert "(step-00000000)" in done["message"]
 
 
+def small_corpus(tmp_path: Path) -> Path:
+    """Five one-line Python files: ~100 tokens, fewer than one sequence of 512."""
+    d = tmp_path / "small"
+    d.mkdir(exist_ok=True)
+    for i in range(5):
+        (d / f"m{i}.py").write_text(f"def f{i}(x):\n    return x + {i}\n")
+    return d
+
+
 def test_bad_input_is_a_one_line_error(tmp_path, cache, capsys):
     (tmp_path / "empty").mkdir()
     cases = [
@@ -267,7 +283,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, cache, capsys):
         (["--data", STDLIB_JSON, "--seq-len", "1024"], "exceeds the model's max_position_embeddings"),
         (["--data", STDLIB_JSON, "--seq-len", "4"], "--seq-len must be an integer in"),
         (["--data", STDLIB_JSON, "--batch-size", "100000", "--seq-len", "512"], "GiB available"),
-        (["--data", STDLIB_JSON, "--seq-len", "100000"], "fewer than one sequence"),
+        (["--data", str(small_corpus(tmp_path)), "--seq-len", "512"], "fewer than one sequence"),
         (["--data", STDLIB_JSON, "--model", "vocab_size=abc"], "--model vocab_size must be an integer, got 'abc'"),
         (["--data", STDLIB_JSON, "--max-corpus-mb", "inf"], "--max-corpus-mb must be a finite number, got inf"),
         (["--data", STDLIB_JSON, "--lr", "nan"], "--lr must be a finite number, got nan"),
@@ -276,6 +292,18 @@ def test_bad_input_is_a_one_line_error(tmp_path, cache, capsys):
         (["--data", STDLIB_JSON, "--pp", "0"], "--pp must be a positive integer, got 0"),
         (["--data", STDLIB_JSON, "--microbatches", "3"], "--microbatches and --pp-schedule set up a pipeline"),
         (["--data", STDLIB_JSON, "--pp-schedule", "1f1b"], "give --pp 2 or more"),
+        (["--data", STDLIB_JSON, "--seed", "-1"], "--seed must be an integer in [0, 2^63), got -1"),
+        (["--data", STDLIB_JSON, "--seed", "99999999999999999999"], "--seed must be an integer in [0, 2^63)"),
+        (["--data", ""], "--data names a file, directory, glob or hf: dataset, got ''"),
+        (["--data", STDLIB_JSON, "--balance", "none", "--balance-alpha", "0.1"], "--balance none trains without"),
+        (["--data", STDLIB_JSON, "--balance", "aux", "--bias-gamma", "0.5"], "leave out --bias-gamma"),
+        (["--data", STDLIB_JSON, "--mtp-depth", "0", "--mtp-lambda", "0.5"], "--mtp-depth 0 has no MTP loss"),
+        (["--data", STDLIB_JSON, "--tokenizer", str(tmp_path / "empty"), "--vocab-size", "300"], "leave out one"),
+        (["--data", STDLIB_JSON, "--tokenizer", str(tmp_path / "missing")], "--tokenizer "),
+        (["--data", STDLIB_JSON, "--init-from", str(tmp_path / "missing")], "--init-from "),
+        (["--data", STDLIB_JSON, "--preset", "nope"], "unknown preset 'nope'"),
+        (["--data", STDLIB_JSON, "--model", "foo=1"], "unknown model settings: foo"),
+        (["--data", STDLIB_JSON, "--preset", "deepseek-v3"], "choose a smaller --preset"),
     ]
     for i, (args, message) in enumerate(cases):
         code = main(["train", "--preset", "tiny", "--vocab-size", "300", "--cache-dir", cache, "--out",
@@ -283,29 +311,34 @@ def test_bad_input_is_a_one_line_error(tmp_path, cache, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2, args
         assert err[-1].startswith("nanoseek train: error:") and message in err[-1], (args, err[-1])
+        if "--data" in message or args[-2:-1] in (["--seed"], ["--preset"], ["--model"], ["--tokenizer"],
+                                                   ["--init-from"], ["--mtp-lambda"], ["--bias-gamma"]):
+            assert not any(line.startswith(("corpus", "tokenizer:")) for line in err), args  # before the data
 
 
 def test_a_failed_start_leaves_the_directory_as_it_was(tmp_path, cache, capsys):
-    """A start that fails in its set-up (here after its data step wrote the tokenizer: --seq-len above the model's
-    context) removes its files; with --overwrite the run it was to replace is put back, intact and resumable.
+    """A start that fails in its set-up (here after its data step wrote the tokenizer: a corpus shorter than one
+    sequence) removes its files; with --overwrite the run it was to replace is put back, intact and resumable.
     A start killed before its first checkpoint (its files left, simulated) starts again without --overwrite."""
     run = tmp_path / "run"
     args = ["train", "--preset", "tiny", "--vocab-size", "300", "--cache-dir", cache, "--out", str(run),
-            "--no-progress", "--no-report", "--threads", "1", "--data", STDLIB_JSON, "--batch-size", "2"]
-    assert main([*args, "--seq-len", "1024", "--steps", "1"]) == 2
-    assert "exceeds the model's max_position_embeddings" in capsys.readouterr().err
+            "--no-progress", "--no-report", "--threads", "1", "--batch-size", "2"]
+    after_data = ["--seq-len", "512", "--data", str(small_corpus(tmp_path))]  # fewer tokens than one sequence
+    assert main([*args, *after_data, "--steps", "1"]) == 2
+    assert "fewer than one sequence" in capsys.readouterr().err
     assert [p.name for p in run.iterdir()] == [".lock"]
     assert main(["train", "--resume", str(run)]) == 2
     assert "holds no checkpoint" in capsys.readouterr().err
 
-    assert main([*args, "--seq-len", "32", "--steps", "2", "--save-every", "1"]) == 0
+    stdlib = ["--data", STDLIB_JSON]
+    assert main([*args, *stdlib, "--seq-len", "32", "--steps", "2", "--save-every", "1"]) == 0
     before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
-    for bad in (["--seq-len", "1024"], ["--seq-len", "32", "--data", str(tmp_path / "missing")]):
+    for bad in (after_data, [*stdlib, "--seq-len", "1024"], ["--seq-len", "32", "--data", str(tmp_path / "missing")]):
         assert main([*args, "--steps", "1", "--overwrite", *bad]) == 2
         capsys.readouterr()
         after = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
         assert after == before and ckpt_io.current_checkpoint(run).name == "step-00000002"
-    assert main([*args, "--seq-len", "32", "--steps", "3", "--save-every", "1", "--resume", str(run)]) == 0
+    assert main([*args, *stdlib, "--seq-len", "32", "--steps", "3", "--save-every", "1", "--resume", str(run)]) == 0
     assert ckpt_io.current_checkpoint(run).name == "step-00000003"
 
     killed = tmp_path / "killed"  # what a start killed after its data step leaves
@@ -317,7 +350,7 @@ def test_a_failed_start_leaves_the_directory_as_it_was(tmp_path, cache, capsys):
     assert "stopped before the first save; start it again" in capsys.readouterr().err
     assert main(["train", "--resume", str(killed / "tokenizer.json")]) == 2
     assert "is a file, not a run directory" in capsys.readouterr().err
-    killed_args = [a if a != str(run) else str(killed) for a in args]
+    killed_args = [a if a != str(run) else str(killed) for a in args] + stdlib
     assert main([*killed_args, "--seq-len", "32", "--steps", "1"]) == 0
     assert ckpt_io.current_checkpoint(killed).name == "step-00000001"
     assert main([*killed_args, "--seq-len", "32", "--steps", "1"]) == 2  # now a run with a checkpoint: kept
@@ -442,10 +475,18 @@ def test_steps_that_fit_the_time_budget_count_a_batch_size_warmup():
 @pytest.mark.parametrize("depth", [0, 2])
 def test_mtp_depth_is_configurable(tmp_path, cache, depth):
     run = tmp_path / f"d{depth}"
-    train(tiny(cache, steps=1, mtp_depth=depth, eval_every=1), run, log=quiet)
+    logged = []
+    train(tiny(cache, steps=1, mtp_depth=depth, eval_every=1), run, log=logged.append)
     rec = of_type(read_metrics(run / "metrics.jsonl"), "train")[0]
     assert len(rec["mtp_losses"]) == depth and len(rec["expert_counts"]) == 2 + depth
     assert len(load_pretrained(run).mtp) == depth
+    # and a 1-step run with its 2 warmup steps says that its learning rate never reaches --lr
+    assert "warning: --warmup-steps 2 is not below --steps 1: the learning rate never reaches --lr 0.003 and never " \
+           "decays" in logged
+    from nanoseek.train.report import write_report
+
+    text = write_report(run, sample=False).read_text()
+    assert ("no MTP loss (depth 0)" in text) == (depth == 0) and ("MTP lambda 0.3 then 0.1" in text) == (depth > 0)
 
 
 def test_training_with_deepseek_v3s_tokenizer(tmp_path, cache):

@@ -34,12 +34,13 @@ from ..objectives import cross_entropy_sums, max_violation, training_loss
 from ..train import checkpoint as ckpt_io
 from ..train.config import TrainConfig
 from ..train.data import BatchStream, prepare_data, validation_batches
-from ..train.build import autocast_context, build_model, init_from_tokenizer, model_config
+from ..train.build import autocast_context, build_model, check_model_settings, init_from_tokenizer, model_config
 from ..train.loop import TrainResult, Trainer, pick_device
 from ..train.metrics import MetricsLog
 from ..train.optim import bias_gamma, learning_rate, micro_batches, mtp_lambda
 from ..train.run_state import (Progress, TrainingError, batch_warmup_note, check_same_corpus, end_event,
-                               nonfinite_message, open_metrics, resume_point, resumed_tokenizer, streak_stop_message)
+                               nonfinite_message, open_metrics, resume_point, resumed_tokenizer, streak_stop_message,
+                               warmup_warning)
 from .expert_parallel import apply_expert_parallel, moe_modules, node_limit_note, use_microbatch_groups
 from .mesh import DEFAULT_TIMEOUT_S, Layout, ParallelContext, init_parallel, world_from_env
 from .state import DistributedOptimizer, full_model, gather_full_state
@@ -259,6 +260,7 @@ class DistributedTrainer:
                              f"ranks (--dp {layout.dp} x --ep {layout.ep})")
         if self.resume and not self.overwrite:
             self._on_main(lambda: resume_point(run, cfg))
+        self._on_main(lambda: check_model_settings(cfg))  # before the data
 
         # ---- data: rank 0 prepares (tokenizer, token cache), then the others read the same
         state: dict[str, Any] | None = None
@@ -366,6 +368,8 @@ class DistributedTrainer:
         self.log(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = "
                  f"{cfg.tokens_per_step:,} tokens ({cfg.batch_size // self.ctx.data_size} sequences per data rank)"
                  + batch_warmup_note(cfg))
+        if warmup_warning(cfg):
+            self.log(warmup_warning(cfg))
 
     def _save(self, s: "_Session") -> None:
         """A checkpoint of the full model and optimizer, gathered from every rank and written by rank 0."""

@@ -16,7 +16,7 @@ from ..config import ModelConfig
 from ..hf import load_pretrained
 from ..model import DeepSeekV3
 from . import checkpoint as ckpt_io
-from .config import TrainConfig
+from .config import MIN_VOCAB, TrainConfig
 
 
 # ---------------------------------------------------------------------------------------------- model config
@@ -41,6 +41,16 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int) ->
     if mc.num_nextn_predict_layers >= cfg.seq_len:
         raise ValueError(f"MTP depth {mc.num_nextn_predict_layers} needs --seq-len above it, got {cfg.seq_len}")
     return mc
+
+
+def check_model_settings(cfg: TrainConfig) -> ModelConfig:
+    """Before the data is read (a typo then fails in a second, not after the corpus and the tokenizer): the
+    preset, the --model settings, --mtp-depth and --seq-len as model_config checks them, with the vocabulary the
+    tokenizer will have when it is trained here (else the smallest); --init-from and --tokenizer must exist."""
+    for flag, path in (("--init-from", cfg.init_from), ("--tokenizer", cfg.tokenizer)):
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"{flag} {path}: no such file or directory")
+    return model_config(cfg, cfg.vocab_size if cfg.tokenizer is None else MIN_VOCAB, 0, 1)
 
 
 # ---------------------------------------------------------------------------------------------- init_from

@@ -301,6 +301,10 @@ def read_checkpoint_config(run_dir: Path) -> tuple[Path, dict[str, Any], dict[st
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     ckpt = current_checkpoint(run_dir)
     if ckpt is None:
+        if (run_dir / STATE_FILE).is_file():  # a checkpoint itself: runs/x/checkpoint, runs/x/checkpoints/step-N
+            run = run_dir.parent.parent if run_dir.parent.name == CHECKPOINTS else run_dir.parent
+            raise CheckpointError(f"{run_dir} is a checkpoint of the run {run}, not a run: resume the run with "
+                                  f"--resume {run}")
         if (run_dir / CONFIG_FILE).is_file():
             raise CheckpointError(f"{run_dir} holds no checkpoint to resume: its training stopped before the first "
                                   "save; start it again (the same command without --resume)")

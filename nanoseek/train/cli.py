@@ -6,12 +6,13 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from ..errors import on_rank0, report_error
-from .config import BALANCE_MODES, DTYPES, TrainConfig
+from .config import BALANCE_MODES, DEMO, DTYPES, TrainConfig
 
 # (flag, TrainConfig field, type, help); every default is None so that only the flags given override.
 _OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -103,11 +104,20 @@ def _count(text: str) -> int:
     return int(value)
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
+def _demo_help(dest: str, help_: str) -> str:
+    """A training option's help under `nanoseek demo`, with the demo's own default where it differs."""
+    if dest not in DEMO:
+        return help_
+    default = "760, lowered to fit --time-budget" if dest == "steps" else f"{DEMO[dest]:g}"
+    return re.sub(r" ?\(default [^)]*\)", "", help_) + f" (default {default})"
+
+
+def _add_train_options(p: argparse.ArgumentParser, demo: bool = False) -> None:
     p.add_argument("--preset", help="model preset (default demo)")
     p.add_argument("--model", action="append", type=_model_override, metavar="KEY=VALUE",
                    help="override a ModelConfig field of the preset, e.g. --model hidden_size=192 (repeatable)")
     for flag, dest, typ, help_ in _OPTIONS:
+        help_ = _demo_help(dest, help_) if demo else help_
         kw: dict[str, Any] = dict(dest=dest, type=_count if typ == "count" else typ, default=None, help=help_)
         if dest == "data":
             kw.update(nargs="+", action="extend", metavar="SPEC")
@@ -126,10 +136,34 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
                    help="show a progress bar (default)")
 
 
+def _check_conflicts(given: dict[str, Any], args: argparse.Namespace) -> None:
+    """Flags given together that contradict each other: one line each, rather than one of them ignored."""
+    balance, depth = given.get("balance"), given.get("mtp_depth")
+    if balance == "none" and given.get("balance_alpha"):
+        raise ValueError("--balance none trains without balancing: leave out --balance-alpha (or use --balance aux "
+                         "for the balance loss alone)")
+    gamma = [f for f in ("bias_gamma", "bias_gamma_later") if given.get(f)]
+    if balance in ("aux", "none") and gamma:
+        raise ValueError(f"--balance {balance} has no routing bias to update: leave out --{gamma[0].replace('_', '-')}")
+    lam = [f for f in ("mtp_lambda", "mtp_lambda_later") if given.get(f)]
+    if depth == 0 and lam:
+        raise ValueError(f"--mtp-depth 0 has no MTP loss: leave out --{lam[0].replace('_', '-')}")
+    if "vocab_size" in given and given.get("tokenizer"):
+        raise ValueError("--vocab-size sizes a tokenizer trained here; with --tokenizer the vocabulary is the given "
+                         "tokenizer's: leave out one of them")
+    if "vocab_size" in given and given.get("init_from") and not given.get("tokenizer") \
+            and (Path(given["init_from"]) / "tokenizer.json").is_file():
+        raise ValueError("--init-from trains with its source's tokenizer (its weights mean its token ids): leave out "
+                         "--vocab-size")
+    if getattr(args, "resume", None) and getattr(args, "overwrite", False):
+        raise ValueError("--resume continues a run and --overwrite starts one over: give one of them")
+
+
 def given_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The TrainConfig fields set on the command line."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     out = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    _check_conflicts(out, args)
     if out.get("data"):  # files and directories by absolute path, so a run resumes from any directory
         out["data"] = [_absolute_data_path(spec) for spec in out["data"]]
         if any(not os.path.isabs(os.path.expanduser(spec)) and not spec.startswith("hf:") for spec in out["data"]):
@@ -178,8 +212,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="seconds before a collective that waits on a dead or hung rank fails the job (default 300)")
     train.set_defaults(func=cmd_train)
 
-    report = subparsers.add_parser("report", help="write a training run's report (Markdown + PNG plots + sample)")
-    report.add_argument("run_dir", metavar="RUN_DIR")
+    report = subparsers.add_parser(
+        "report", help="write a training run's report (Markdown + PNG plots + sample)",
+        description="Write RUN_DIR/report.md from the run's metrics.jsonl: losses against the unigram baseline, "
+                    "validation perplexity, MTP loss, expert load and MaxVio, with PNG plots under RUN_DIR/plots "
+                    "and a generated sample. Prints the report's path.")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of nanoseek train (or demo)")
     report.add_argument("--no-sample", action="store_true", help="no generated sample")
     report.add_argument("--prompt", help="prompt of the sample (default: the run's)")
     report.add_argument("--max-new-tokens", type=int, help="tokens of the sample (default: the run's)")
@@ -194,7 +232,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--prompt", default="import os\n\n\ndef", help="the prompt to complete (default "
                       "'import os\\n\\n\\ndef')")
     demo.add_argument("--max-new-tokens", type=int, default=96, help="tokens of the completion (default 96)")
-    _add_train_options(demo)
+    _add_train_options(demo, demo=True)
     demo.set_defaults(func=cmd_demo)
 
 
@@ -280,20 +318,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(out: Path, **kw) -> Path:
+def _report(out: Path, announce: bool = True, **kw) -> Path:
     from .report import write_report
 
     path = write_report(out, log=lambda s: print(s, file=sys.stderr), **kw)
-    print(f"report: {path}", file=sys.stderr)
+    if announce:
+        print(f"report: {path}", file=sys.stderr)
     return path
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
-    path = _report(Path(args.run_dir), sample=not args.no_sample, prompt=args.prompt,
+    path = _report(Path(args.run_dir), announce=False, sample=not args.no_sample, prompt=args.prompt,
                    max_new_tokens=args.max_new_tokens)
-    print(path)
+    print(path)  # on stdout, once: for scripts
     return 0
 
 
@@ -301,6 +340,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .checkpoint import current_checkpoint
     from .loop import resume_config
 
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be a positive integer, got {args.max_new_tokens}")
     out = Path(args.out)
     settings = given_settings(args)
     resume = out.is_dir() and current_checkpoint(out) is not None

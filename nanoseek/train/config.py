@@ -185,6 +185,11 @@ class TrainConfig:
             raise ValueError(f"--threads must be positive, got {self.threads}")
         if self.sample_tokens < 0:
             raise ValueError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63:
+            raise ValueError(f"--seed must be an integer in [0, 2^63), got {self.seed!r}")
+        for spec in self.data:
+            if not isinstance(spec, str) or not spec.strip():
+                raise ValueError(f"--data names a file, directory, glob or hf: dataset, got {spec!r}")
 
     def _validate_batch_warmup(self) -> None:
         start, tokens, full = self.batch_warmup_start, self.batch_warmup_tokens, self.batch_size * self.grad_accum

@@ -34,8 +34,10 @@ from .data import BatchStream, prepare_data, validation_batches
 from .metrics import MetricsLog
 from .optim import bias_gamma, build_optimizer, learning_rate, micro_batches, mtp_lambda
 from .run_state import (Progress, TrainingError, batch_warmup_note, check_resumable, check_same_corpus, end_event,
-                        nonfinite_message, open_metrics, resume_point, resumed_tokenizer, streak_stop_message)
-from .build import autocast_context, build_model, enable_activation_checkpointing, init_from_tokenizer, model_config
+                        nonfinite_message, open_metrics, resume_point, resumed_tokenizer, streak_stop_message,
+                        warmup_warning)
+from .build import (autocast_context, build_model, check_model_settings, enable_activation_checkpointing,
+                    init_from_tokenizer, model_config)
 from .memory import check_memory
 from .precision import MasterWeights
 
@@ -114,11 +116,13 @@ def resume_config(run_dir: Path, overrides: dict[str, Any] | None = None) -> Tra
     """The run's own TrainConfig with ``overrides`` applied; a change that would not continue the same
     run (model, data, batch, optimizer, objectives) is a ValueError naming it."""
     recover_killed_overwrite(Path(run_dir))
-    _, state, saved = ckpt_io.read_checkpoint_config(run_dir)
+    ckpt, state, saved = ckpt_io.read_checkpoint_config(run_dir)
     try:
         cfg = TrainConfig.from_dict(saved)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{run_dir}: the checkpoint's training configuration is invalid: {e}") from None
+        cfg.validate()
+    except (TypeError, ValueError) as e:  # a damaged file: the flags its messages name were not given now
+        raise CheckpointError(f"{ckpt / ckpt_io.CONFIG_FILE}: the run's training configuration is invalid: {e}") \
+            from None
     if overrides:
         cfg = cfg.replace(**overrides)
     check_resumable(run_dir, saved, cfg)
@@ -349,6 +353,7 @@ class Trainer:
         keep_freed_memory(device)  # no page faults for the same activations every step (see allocator.py)
         t_setup = time.perf_counter()
         resumed = resume_point(run, cfg) if self.resume else None  # read before anything is written
+        check_memory(check_model_settings(cfg), cfg, device)  # before the data, with the vocabulary's least
 
         # ---- data and tokenizer
         if resumed:
@@ -431,6 +436,8 @@ class Trainer:
                  f"{cfg.balance} (alpha {alpha:g}" + (f", gamma {cfg.bias_gamma:g}" if cfg.balance == "bias" else "")
                  + f"), MTP lambda {cfg.mtp_lambda:g}"
                  + (f", time budget {cfg.time_budget:g} min" if cfg.time_budget else ""))
+        if warmup_warning(cfg):
+            self.log(warmup_warning(cfg))
 
     def _save(self, r: "_Session") -> None:
         st = r.progress.state(self.cfg, r.batches.position, r.data_keys)

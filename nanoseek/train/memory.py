@@ -56,8 +56,12 @@ def estimate_memory(mc: ModelConfig, cfg: TrainConfig) -> dict[str, int]:
 def check_memory(mc: ModelConfig, cfg: TrainConfig, device: torch.device) -> dict[str, int]:
     est = estimate_memory(mc, cfg)
     avail = available_memory(device)
+    gib = 2 ** 30
+    if avail is not None and est["state"] > avail:
+        raise ValueError(f"the model's {est['params'] / 1e9:.2f}B parameters need about {est['state'] / gib:.1f} "
+                         f"GiB for their weights, gradients and AdamW state alone, more than the {avail / gib:.1f} "
+                         f"GiB available on {device.type}: choose a smaller --preset or --model sizes")
     if avail is not None and est["total"] > avail:
-        gib = 2 ** 30
         raise ValueError(
             f"a micro-batch of {cfg.batch_size} x {cfg.seq_len} tokens needs about {est['total'] / gib:.1f} GiB "
             f"({est['state'] / gib:.1f} GiB weights, gradients and AdamW state + {est['activations'] / gib:.1f} GiB "

@@ -249,8 +249,10 @@ def write_report(run_dir: str | Path, sample: bool = True, prompt: str | None = 
                   f"{model.get('num_hidden_layers')} layers, d {model.get('hidden_size')}, "
                   f"{model.get('n_routed_experts')} routed experts top-{model.get('num_experts_per_tok')}, "
                   f"MTP depth {model.get('num_nextn_predict_layers')}, vocabulary {model.get('vocab_size')}"),
-        ("objectives", f"balance `{cfg.get('balance')}`, MTP lambda {cfg.get('mtp_lambda')} then "
-                       f"{cfg.get('mtp_lambda_later')}, {cfg.get('dtype')}, lr {cfg.get('lr')}"),
+        ("objectives", f"balance `{cfg.get('balance')}`, "
+                       + (f"MTP lambda {cfg.get('mtp_lambda')} then {cfg.get('mtp_lambda_later')}"
+                          if model.get("num_nextn_predict_layers") else "no MTP loss (depth 0)")
+                       + f", {cfg.get('dtype')}, lr {cfg.get('lr')}"),
         ("data", f"{', '.join(data.get('sources', []))}: {data.get('documents', {}).get('train', '?')} train / "
                  f"{data.get('documents', {}).get('val', '?')} validation documents, "
                  f"{data.get('tokens', {}).get('train', 0):,} / {data.get('tokens', {}).get('val', 0):,} tokens"

@@ -128,6 +128,14 @@ def batch_warmup_note(cfg: TrainConfig) -> str:
             f"{cfg.batch_size * cfg.grad_accum} over {cfg.batch_warmup_tokens:,} tokens)")
 
 
+def warmup_warning(cfg: TrainConfig) -> str | None:
+    """A learning-rate warmup as long as the run (e.g. the default 30 steps in a 20-step run)."""
+    if cfg.warmup_steps < cfg.steps:
+        return None
+    return (f"warning: --warmup-steps {cfg.warmup_steps} is not below --steps {cfg.steps}: the learning rate never "
+            f"reaches --lr {cfg.lr:g} and never decays")
+
+
 def nonfinite_message(step: int, loss: float, grad_norm: float, bad_streak: int) -> str:
     return (f"step {step}: the loss or gradient is not finite (loss {loss}, grad norm {grad_norm}); the step was "
             f"skipped ({bad_streak} in a row)")
