@@ -260,7 +260,7 @@ class DistributedTrainer:
                              f"ranks (--dp {layout.dp} x --ep {layout.ep})")
         if self.resume and not self.overwrite:
             self._on_main(lambda: resume_point(run, cfg))
-        self._on_main(lambda: check_model_settings(cfg))  # before the data
+        self._on_main(lambda: check_model_settings(cfg, not self.resume))  # before the data
 
         # ---- data: rank 0 prepares (tokenizer, token cache), then the others read the same
         state: dict[str, Any] | None = None

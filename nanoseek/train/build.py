@@ -43,12 +43,13 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int) ->
     return mc
 
 
-def check_model_settings(cfg: TrainConfig) -> ModelConfig:
+def check_model_settings(cfg: TrainConfig, new_run: bool = True) -> ModelConfig:
     """Before the data is read (a typo then fails in a second, not after the corpus and the tokenizer): the
     preset, the --model settings, --mtp-depth and --seq-len as model_config checks them, with the vocabulary the
-    tokenizer will have when it is trained here (else the smallest); --init-from and --tokenizer must exist."""
+    tokenizer will have when it is trained here (else the smallest); a new run's --init-from and --tokenizer must
+    exist (a resumed run reads neither)."""
     for flag, path in (("--init-from", cfg.init_from), ("--tokenizer", cfg.tokenizer)):
-        if path and not Path(path).exists():
+        if new_run and path and not Path(path).exists():
             raise FileNotFoundError(f"{flag} {path}: no such file or directory")
     return model_config(cfg, cfg.vocab_size if cfg.tokenizer is None else MIN_VOCAB, 0, 1)
 

@@ -353,7 +353,7 @@ class Trainer:
         keep_freed_memory(device)  # no page faults for the same activations every step (see allocator.py)
         t_setup = time.perf_counter()
         resumed = resume_point(run, cfg) if self.resume else None  # read before anything is written
-        check_memory(check_model_settings(cfg), cfg, device)  # before the data, with the vocabulary's least
+        check_memory(check_model_settings(cfg, not self.resume), cfg, device)  # before the data
 
         # ---- data and tokenizer
         if resumed:
