@@ -401,13 +401,14 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, flag: str) -> list[int]:
+    """The comma-separated positive integers of ``text``; a ValueError naming ``flag`` otherwise."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+        values = []
     if not values or any(v <= 0 for v in values):
-        raise ValueError(f"expected positive integers, got {text!r}")
+        raise ValueError(f"{flag}: expected comma-separated positive integers, got {text!r}")
     return values
 
 
@@ -442,6 +443,8 @@ def cmd_eval_long(args) -> int:
             raise ValueError(f"--depths: expected comma-separated numbers, got {args.depths!r}") from None
         if not depths or not all(0.0 <= d <= 1.0 for d in depths):
             raise ValueError(f"--depths must lie in [0, 1], got {args.depths!r}")
+    lengths = _int_list(args.lengths, "--lengths") if args.lengths else None
+    passkey_lengths = _int_list(args.passkey_lengths, "--passkey-lengths") if args.passkey_lengths else None
     for name in ("windows", "batch_size"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -459,9 +462,8 @@ def cmd_eval_long(args) -> int:
     out = Path(args.out or Path(args.directory) / "eval-long")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    results = evaluate(args.directory, lengths=_int_list(args.lengths) if args.lengths else None,
-                       passkey_lengths=_int_list(args.passkey_lengths) if args.passkey_lengths else None,
-                       depths=depths, windows=args.windows, passkey_samples=args.passkey_samples, chunk=args.chunk,
+    results = evaluate(args.directory, lengths=lengths, passkey_lengths=passkey_lengths, depths=depths,
+                       windows=args.windows, passkey_samples=args.passkey_samples, chunk=args.chunk,
                        batch_size=args.batch_size, device=device, progress=not args.no_progress)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results, indent=1)

@@ -280,6 +280,14 @@ def test_extend_bad_input_is_one_line(tmp_path, capsys):
         assert message in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag", ["--lengths", "--passkey-lengths"])
+@pytest.mark.parametrize("value", ["abc", "0", "64,-1", ","])
+def test_eval_long_bad_length_list_names_the_flag(tmp_path, capsys, flag, value):
+    assert main(["eval-long", str(tmp_path), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: expected comma-separated positive integers, got {value!r}" in err and err.count("\n") == 1
+
+
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def extended(tmp_path_factory):
