@@ -18,6 +18,10 @@ EVAL_DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # held out: none is a training dep
 EVAL_SEED = 1_000_003  # keys and filler phases of evaluation examples (training uses the run's seed)
 
 
+class PasskeyTooShort(ValueError):
+    """A length below the fewest tokens a passkey example takes with this tokenizer."""
+
+
 @dataclass
 class PasskeyExample:
     """One passkey document: ``ids`` (without bos / eos; len(ids) + 2 == length), whose last ``answer_len``
@@ -69,9 +73,9 @@ class PasskeyMaker:
             return len(self._encode(self._text(key, depth, words, pad, phase)))
 
         if count(0) > target:
-            raise ValueError(f"a passkey example needs at least {count(0) + 2} tokens with this tokenizer, "
-                             f"got length {length} (leave passkeys out with `extend --passkey-fraction 0` or "
-                             f"`eval-long --passkey-samples 0`)")
+            raise PasskeyTooShort(f"a passkey example needs at least {count(0) + 2} tokens with this tokenizer, "
+                                  f"got length {length} (leave passkeys out with `extend --passkey-fraction 0` or "
+                                  f"`eval-long --passkey-samples 0`)")
         hi = 1
         while count(hi) <= target:  # the filler grows by at least one token per word
             hi *= 2
@@ -95,13 +99,17 @@ class PasskeyMaker:
         raise ValueError("the tokenizer merges the pass key with the text before it: cannot locate the answer")
 
 
-def passkey_examples(tokenizer, lengths: list[int], depths: list[float], n: int, seed: int) -> list[PasskeyExample]:
-    """n examples per (length, depth), keys uniform in [10000, 99999] and filler phases from ``seed``."""
+def passkey_examples(tokenizer, lengths: list[int], depths: list[float], n: int, seed: int,
+                     skip_short: bool = False) -> list[PasskeyExample]:
+    """n examples per (length, depth), keys uniform in [10000, 99999] and filler phases from ``seed``. With
+    ``skip_short``, a length too short for any of its examples (PasskeyTooShort) is left out altogether."""
     maker, rng = PasskeyMaker(tokenizer), random.Random(seed)
     out = []
     for length in lengths:
-        for depth in depths:
-            for _ in range(n):
-                key = str(rng.randrange(10000, 100000))
-                out.append(maker.make(length, depth, key, phase=rng.randrange(len(maker.words))))
+        try:
+            out += [maker.make(length, depth, str(rng.randrange(10000, 100000)), phase=rng.randrange(len(maker.words)))
+                    for depth in depths for _ in range(n)]
+        except PasskeyTooShort:
+            if not skip_short:
+                raise
     return out

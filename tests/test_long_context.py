@@ -18,10 +18,10 @@ import torch
 
 from nanoseek import ModelConfig
 from nanoseek.cli import main
-from nanoseek.eval_long import cache_report, passkey_correct, position_losses, prefill_hidden
+from nanoseek.eval_long import cache_report, markdown_tables, passkey_correct, position_losses, prefill_hidden
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.rope import RotaryEmbedding, rope_attention_factor, rope_frequencies, yarn_correction_range
-from nanoseek.passkey import EVAL_DEPTHS, TRAIN_DEPTHS, PasskeyExample, PasskeyMaker
+from nanoseek.passkey import EVAL_DEPTHS, TRAIN_DEPTHS, PasskeyExample, PasskeyMaker, PasskeyTooShort, passkey_examples
 from nanoseek.train import TrainConfig, train
 from nanoseek.train.extend import plan_stages, stage_batch, write_split_jsonl
 from nanoseek.train.optim import learning_rate
@@ -173,6 +173,13 @@ def test_passkey_examples_have_the_exact_length_and_the_key_last(bpe):
     assert not set(TRAIN_DEPTHS) & set(EVAL_DEPTHS)
     with pytest.raises(ValueError, match="needs at least"):
         maker.make(12, 0.5, "40719")
+
+
+def test_passkey_examples_leave_out_a_length_too_short_only_when_asked(bpe):
+    with pytest.raises(PasskeyTooShort, match="needs at least"):
+        passkey_examples(bpe, [12, 64], [0.5], 2, seed=0)
+    examples = passkey_examples(bpe, [12, 64], [0.0, 0.5], 2, seed=0, skip_short=True)
+    assert [e.length for e in examples] == [64] * 4
 
 
 @torch.no_grad()
@@ -378,6 +385,23 @@ def test_eval_long_base_length_is_the_same_for_a_run_its_extension_and_a_stage(e
     shutil.copy(root / "base" / "train_config.json", run)
     (run / "config.json").write_text(json.dumps(ModelConfig.preset("tiny").to_hf()))
     assert ModelConfig.from_hf(run).original_max_position_embeddings == 128 and subjects_of(run)[2] == 32
+
+
+def test_eval_long_skips_default_passkey_lengths_too_short_but_not_given_ones(extended, capsys):
+    root, _ = extended
+    flags = ["--windows", "1", "--passkey-samples", "1", "--lengths", "32", "--depths", "0.5", "--threads", "1",
+             "--no-progress", "--out", str(root / "eval-defaults")]
+    assert main(["eval-long", str(root / "base"), *flags]) == 0  # defaults: L = 32, 64, ..., 16L = 512
+    err = capsys.readouterr().err
+    assert "note: passkey lengths 32" in err and "skipped: too short for a passkey example" in err
+    results = json.loads((root / "eval-defaults" / "results.json").read_text())
+    assert 32 not in results["passkey_lengths"] and results["passkey_lengths"][-1] == 512
+    assert list(results["models"][0]["passkey"]) == [str(n) for n in results["passkey_lengths"]]
+    results["passkey_lengths"], results["models"][0]["passkey"] = [], {}  # every default length skipped
+    assert "Passkey accuracy" not in markdown_tables(results)
+    assert main(["eval-long", str(root / "base"), *flags, "--passkey-lengths", "32,512"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the data's log lines
+    assert last.startswith("nanoseek eval-long: error: --passkey-lengths: a passkey example needs at least")
 
 
 def test_eval_long_end_to_end(extended, capsys):
