@@ -84,10 +84,14 @@ class PasskeyMaker:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if count(mid) <= target else (lo, mid)
         for words in range(lo, max(-1, lo - 8), -1):  # pad the remainder with single tokens
-            pad = target - count(words)
-            if count(words, pad) == target:
-                text = self._text(key, depth, words, pad, phase)
-                return self._example(text, key, length, depth)
+            rest = target - count(words)
+            for pad in (rest, rest - 1):  # a pad word that starts its line (no space before it) can take 2 tokens
+                if pad >= 0 and count(words, pad) == target:
+                    text = self._text(key, depth, words, pad, phase)
+                    return self._example(text, key, length, depth)
+        if lo == 0:  # pad words alone miss the length and one filler word is too many: only a longer one will do
+            raise PasskeyTooShort(f"a passkey example of exactly {length} tokens cannot be built with this tokenizer "
+                                  f"(too short for one filler word: {count(1) + 2} tokens would do)")
         raise ValueError(f"could not build a passkey example of exactly {length} tokens")
 
     def _example(self, text: str, key: str, length: int, depth: float) -> PasskeyExample:

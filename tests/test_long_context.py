@@ -182,6 +182,21 @@ def test_passkey_examples_leave_out_a_length_too_short_only_when_asked(bpe):
     assert [e.length for e in examples] == [64] * 4
 
 
+def test_passkey_lengths_just_above_the_minimum_are_met_or_too_short(bpe):
+    """Near the minimum the filler is pad words alone, and the first one starts its line (no space before it:
+    two tokens here): each length is met exactly, or is PasskeyTooShort, never another error."""
+    maker = PasskeyMaker(bpe)
+    for length in range(30, 70):
+        for depth in (0.0, 0.5, 1.0):
+            for key in ("40719", "60200"):
+                try:
+                    e = maker.make(length, depth, key, phase=length)
+                except PasskeyTooShort:
+                    assert length < 60
+                    continue
+                assert len(e.ids) + 2 == length
+
+
 @torch.no_grad()
 def test_passkey_scoring_is_teacher_forced_greedy():
     """An example whose 'key' is the model's own greedy continuation scores True; one wrong token, False."""
