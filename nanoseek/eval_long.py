@@ -37,7 +37,7 @@ import torch
 from .allocator import keep_freed_memory
 from .atomic import atomic_savefig, atomic_write_json
 from .config import ModelConfig, read_json_object
-from .passkey import EVAL_DEPTHS, EVAL_SEED, PasskeyExample, passkey_examples
+from .passkey import EVAL_DEPTHS, EVAL_SEED, PasskeyExample, PasskeyTooShort, passkey_examples
 
 
 # ---------------------------------------------------------------------------------------------- chunked prefill
@@ -214,6 +214,23 @@ def validation_windows(run_dir: Path, length: int, n: int, log: Callable[[str], 
 
 
 # ---------------------------------------------------------------------------------------------- the evaluation
+def evaluation_passkeys(tokenizer, lengths: list[int], depths: list[float], n: int, given: bool,
+                        log: Callable[[str], None]) -> tuple[list[int], list[PasskeyExample]]:
+    """(lengths, n examples per length and depth). A length too short for a passkey example is an error naming
+    --passkey-lengths when ``given``; of the default lengths, it is left out with a note."""
+    if not n:
+        return lengths, []
+    try:
+        examples = passkey_examples(tokenizer, lengths, depths, n, EVAL_SEED, skip_short=not given)
+    except PasskeyTooShort as e:
+        raise ValueError(f"--passkey-lengths: {e}") from None
+    skipped = [length for length in lengths if not any(e.length == length for e in examples)]
+    if skipped:
+        log(f"note: passkey lengths {', '.join(map(str, skipped))} skipped: too short for a passkey example with "
+            "this tokenizer (--passkey-lengths sets the lengths)")
+    return [length for length in lengths if length not in skipped], examples
+
+
 def bucket_edges(base_length: int, max_length: int) -> list[int]:
     """0, L, 2L, 4L, ... up to max_length: the position buckets."""
     edges, e = [0], base_length
@@ -233,6 +250,7 @@ def evaluate(directory: str | Path, *, lengths: list[int] | None = None, passkey
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     subjects, base, L = subjects_of(Path(directory))
     lengths = sorted(lengths or [L * k for k in (1, 2, 4, 8, 16)])
+    given_passkey_lengths = bool(passkey_lengths)
     passkey_lengths = sorted(passkey_lengths or [L * k for k in (1, 2, 3, 4, 6, 8, 12, 16)])
     depths = list(EVAL_DEPTHS if depths is None else depths)
     if any(n <= 0 for n in lengths + passkey_lengths):
@@ -242,8 +260,8 @@ def evaluate(directory: str | Path, *, lengths: list[int] | None = None, passkey
     keep_freed_memory(dev)
     val, data = validation_windows(base, T, windows, log)
     tokenizer = load_tokenizer(base / "tokenizer.json")
-    examples = (passkey_examples(tokenizer, passkey_lengths, depths, passkey_samples, EVAL_SEED)
-                if passkey_samples else [])
+    passkey_lengths, examples = evaluation_passkeys(tokenizer, passkey_lengths, depths, passkey_samples,
+                                                    given_passkey_lengths, log)
     edges = bucket_edges(L, T)
     log(f"eval-long: {len(subjects)} model(s); loss on {len(val)} validation windows of {T} tokens; passkey: "
         f"{len(examples)} examples ({len(passkey_lengths)} lengths x {len(depths)} depths x {passkey_samples})")
@@ -312,7 +330,7 @@ def markdown_tables(results: dict[str, Any]) -> str:
     lines.append("|---|" + "---|" * len(names))
     for m in results["models"]:
         lines.append(f"| {m['label']} | " + " | ".join(f"{m['loss_by_bucket'][k]:.3f}" for k in names) + " |")
-    if results["passkey_samples"]:
+    if results["passkey_samples"] and results["passkey_lengths"]:
         pl = results["passkey_lengths"]
         depths = ", ".join(f"{d:g}" for d in results["depths"])
         lines.append(f"\nPasskey accuracy by length (mean over depths {depths}; {results['passkey_samples']} "
@@ -371,7 +389,7 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
     atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     paths.append(path)
-    if results["passkey_samples"]:
+    if results["passkey_samples"] and results["passkey_lengths"]:
         models = results["models"]
         pl, depths = results["passkey_lengths"], results["depths"]
         fig, axes = plt.subplots(1, len(models), figsize=(4.0 * len(models) + 1, 3.8), squeeze=False)
@@ -401,13 +419,14 @@ def plot(results: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- command line
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, flag: str) -> list[int]:
+    """The comma-separated positive integers of ``text``; a ValueError naming ``flag`` otherwise."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
+        values = []
     if not values or any(v <= 0 for v in values):
-        raise ValueError(f"expected positive integers, got {text!r}")
+        raise ValueError(f"{flag}: expected comma-separated positive integers, got {text!r}")
     return values
 
 
@@ -419,7 +438,8 @@ def register(subparsers) -> None:
                     "(heatmap), and the latent cache's size.")
     p.add_argument("directory", metavar="DIR", help="a `nanoseek extend` output directory or a training run")
     p.add_argument("--lengths", help="loss lengths, comma-separated (default L,2L,4L,8L,16L; L: the base length)")
-    p.add_argument("--passkey-lengths", help="passkey lengths (default L,2L,3L,4L,6L,8L,12L,16L)")
+    p.add_argument("--passkey-lengths", help="passkey lengths (default L,2L,3L,4L,6L,8L,12L,16L, less those too short "
+                                             "for a passkey example)")
     p.add_argument("--depths", help="passkey depths in [0, 1], comma-separated (default 0,0.2,...,1)")
     p.add_argument("--windows", type=int, default=16, help="validation windows of the longest length (default 16)")
     p.add_argument("--passkey-samples", type=int, default=10,
@@ -442,6 +462,8 @@ def cmd_eval_long(args) -> int:
             raise ValueError(f"--depths: expected comma-separated numbers, got {args.depths!r}") from None
         if not depths or not all(0.0 <= d <= 1.0 for d in depths):
             raise ValueError(f"--depths must lie in [0, 1], got {args.depths!r}")
+    lengths = _int_list(args.lengths, "--lengths") if args.lengths else None
+    passkey_lengths = _int_list(args.passkey_lengths, "--passkey-lengths") if args.passkey_lengths else None
     for name in ("windows", "batch_size"):
         if getattr(args, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -459,9 +481,8 @@ def cmd_eval_long(args) -> int:
     out = Path(args.out or Path(args.directory) / "eval-long")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
-    results = evaluate(args.directory, lengths=_int_list(args.lengths) if args.lengths else None,
-                       passkey_lengths=_int_list(args.passkey_lengths) if args.passkey_lengths else None,
-                       depths=depths, windows=args.windows, passkey_samples=args.passkey_samples, chunk=args.chunk,
+    results = evaluate(args.directory, lengths=lengths, passkey_lengths=passkey_lengths, depths=depths,
+                       windows=args.windows, passkey_samples=args.passkey_samples, chunk=args.chunk,
                        batch_size=args.batch_size, device=device, progress=not args.no_progress)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results, indent=1)

@@ -18,6 +18,10 @@ EVAL_DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # held out: none is a training dep
 EVAL_SEED = 1_000_003  # keys and filler phases of evaluation examples (training uses the run's seed)
 
 
+class PasskeyTooShort(ValueError):
+    """A length below the fewest tokens a passkey example takes with this tokenizer."""
+
+
 @dataclass
 class PasskeyExample:
     """One passkey document: ``ids`` (without bos / eos; len(ids) + 2 == length), whose last ``answer_len``
@@ -69,9 +73,9 @@ class PasskeyMaker:
             return len(self._encode(self._text(key, depth, words, pad, phase)))
 
         if count(0) > target:
-            raise ValueError(f"a passkey example needs at least {count(0) + 2} tokens with this tokenizer, "
-                             f"got length {length} (leave passkeys out with `extend --passkey-fraction 0` or "
-                             f"`eval-long --passkey-samples 0`)")
+            raise PasskeyTooShort(f"a passkey example needs at least {count(0) + 2} tokens with this tokenizer, "
+                                  f"got length {length} (leave passkeys out with `extend --passkey-fraction 0` or "
+                                  f"`eval-long --passkey-samples 0`)")
         hi = 1
         while count(hi) <= target:  # the filler grows by at least one token per word
             hi *= 2
@@ -80,10 +84,14 @@ class PasskeyMaker:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if count(mid) <= target else (lo, mid)
         for words in range(lo, max(-1, lo - 8), -1):  # pad the remainder with single tokens
-            pad = target - count(words)
-            if count(words, pad) == target:
-                text = self._text(key, depth, words, pad, phase)
-                return self._example(text, key, length, depth)
+            rest = target - count(words)
+            for pad in (rest, rest - 1):  # a pad word that starts its line (no space before it) can take 2 tokens
+                if pad >= 0 and count(words, pad) == target:
+                    text = self._text(key, depth, words, pad, phase)
+                    return self._example(text, key, length, depth)
+        if lo == 0:  # pad words alone miss the length and one filler word is too many: only a longer one will do
+            raise PasskeyTooShort(f"a passkey example of exactly {length} tokens cannot be built with this tokenizer "
+                                  f"(too short for one filler word: {count(1) + 2} tokens would do)")
         raise ValueError(f"could not build a passkey example of exactly {length} tokens")
 
     def _example(self, text: str, key: str, length: int, depth: float) -> PasskeyExample:
@@ -95,13 +103,17 @@ class PasskeyMaker:
         raise ValueError("the tokenizer merges the pass key with the text before it: cannot locate the answer")
 
 
-def passkey_examples(tokenizer, lengths: list[int], depths: list[float], n: int, seed: int) -> list[PasskeyExample]:
-    """n examples per (length, depth), keys uniform in [10000, 99999] and filler phases from ``seed``."""
+def passkey_examples(tokenizer, lengths: list[int], depths: list[float], n: int, seed: int,
+                     skip_short: bool = False) -> list[PasskeyExample]:
+    """n examples per (length, depth), keys uniform in [10000, 99999] and filler phases from ``seed``. With
+    ``skip_short``, a length too short for any of its examples (PasskeyTooShort) is left out altogether."""
     maker, rng = PasskeyMaker(tokenizer), random.Random(seed)
     out = []
     for length in lengths:
-        for depth in depths:
-            for _ in range(n):
-                key = str(rng.randrange(10000, 100000))
-                out.append(maker.make(length, depth, key, phase=rng.randrange(len(maker.words))))
+        try:
+            out += [maker.make(length, depth, str(rng.randrange(10000, 100000)), phase=rng.randrange(len(maker.words)))
+                    for depth in depths for _ in range(n)]
+        except PasskeyTooShort:
+            if not skip_short:
+                raise
     return out

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -274,6 +275,19 @@ def test_missing_checkpoint_or_tokenizer_is_one_line(ckpt_no_tokenizer, tmp_path
     assert main([command, "--checkpoint", ckpt_no_tokenizer, *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"nanoseek {command}: error:" in err and "no tokenizer.json" in err
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_missing_tokenizer_config_is_one_line(ckpt, tmp_path, capsys, command, monkeypatch):
+    """Without tokenizer_config.json the tokenizer would load with no bos token and no chat template: refused."""
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (tmp_path / name).write_bytes((Path(ckpt) / name).read_bytes())
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    assert main([command, "--checkpoint", str(tmp_path), *extra]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"nanoseek {command}: error: {tmp_path} has no tokenizer_config.json")
 
 
 def test_validate_sampling_and_prompt_length():

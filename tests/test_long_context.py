@@ -18,10 +18,10 @@ import torch
 
 from nanoseek import ModelConfig
 from nanoseek.cli import main
-from nanoseek.eval_long import cache_report, passkey_correct, position_losses, prefill_hidden
+from nanoseek.eval_long import cache_report, markdown_tables, passkey_correct, position_losses, prefill_hidden
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.rope import RotaryEmbedding, rope_attention_factor, rope_frequencies, yarn_correction_range
-from nanoseek.passkey import EVAL_DEPTHS, TRAIN_DEPTHS, PasskeyExample, PasskeyMaker
+from nanoseek.passkey import EVAL_DEPTHS, TRAIN_DEPTHS, PasskeyExample, PasskeyMaker, PasskeyTooShort, passkey_examples
 from nanoseek.train import TrainConfig, train
 from nanoseek.train.extend import plan_stages, stage_batch, write_split_jsonl
 from nanoseek.train.optim import learning_rate
@@ -175,6 +175,28 @@ def test_passkey_examples_have_the_exact_length_and_the_key_last(bpe):
         maker.make(12, 0.5, "40719")
 
 
+def test_passkey_examples_leave_out_a_length_too_short_only_when_asked(bpe):
+    with pytest.raises(PasskeyTooShort, match="needs at least"):
+        passkey_examples(bpe, [12, 64], [0.5], 2, seed=0)
+    examples = passkey_examples(bpe, [12, 64], [0.0, 0.5], 2, seed=0, skip_short=True)
+    assert [e.length for e in examples] == [64] * 4
+
+
+def test_passkey_lengths_just_above_the_minimum_are_met_or_too_short(bpe):
+    """Near the minimum the filler is pad words alone, and the first one starts its line (no space before it:
+    two tokens here): each length is met exactly, or is PasskeyTooShort, never another error."""
+    maker = PasskeyMaker(bpe)
+    for length in range(30, 70):
+        for depth in (0.0, 0.5, 1.0):
+            for key in ("40719", "60200"):
+                try:
+                    e = maker.make(length, depth, key, phase=length)
+                except PasskeyTooShort:
+                    assert length < 60
+                    continue
+                assert len(e.ids) + 2 == length
+
+
 @torch.no_grad()
 def test_passkey_scoring_is_teacher_forced_greedy():
     """An example whose 'key' is the model's own greedy continuation scores True; one wrong token, False."""
@@ -280,6 +302,14 @@ def test_extend_bad_input_is_one_line(tmp_path, capsys):
         assert message in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flag", ["--lengths", "--passkey-lengths"])
+@pytest.mark.parametrize("value", ["abc", "0", "64,-1", ","])
+def test_eval_long_bad_length_list_names_the_flag(tmp_path, capsys, flag, value):
+    assert main(["eval-long", str(tmp_path), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"{flag}: expected comma-separated positive integers, got {value!r}" in err and err.count("\n") == 1
+
+
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def extended(tmp_path_factory):
@@ -370,6 +400,23 @@ def test_eval_long_base_length_is_the_same_for_a_run_its_extension_and_a_stage(e
     shutil.copy(root / "base" / "train_config.json", run)
     (run / "config.json").write_text(json.dumps(ModelConfig.preset("tiny").to_hf()))
     assert ModelConfig.from_hf(run).original_max_position_embeddings == 128 and subjects_of(run)[2] == 32
+
+
+def test_eval_long_skips_default_passkey_lengths_too_short_but_not_given_ones(extended, capsys):
+    root, _ = extended
+    flags = ["--windows", "1", "--passkey-samples", "1", "--lengths", "32", "--depths", "0.5", "--threads", "1",
+             "--no-progress", "--out", str(root / "eval-defaults")]
+    assert main(["eval-long", str(root / "base"), *flags]) == 0  # defaults: L = 32, 64, ..., 16L = 512
+    err = capsys.readouterr().err
+    assert "note: passkey lengths 32" in err and "skipped: too short for a passkey example" in err
+    results = json.loads((root / "eval-defaults" / "results.json").read_text())
+    assert 32 not in results["passkey_lengths"] and results["passkey_lengths"][-1] == 512
+    assert list(results["models"][0]["passkey"]) == [str(n) for n in results["passkey_lengths"]]
+    results["passkey_lengths"], results["models"][0]["passkey"] = [], {}  # every default length skipped
+    assert "Passkey accuracy" not in markdown_tables(results)
+    assert main(["eval-long", str(root / "base"), *flags, "--passkey-lengths", "32,512"]) == 2
+    last = capsys.readouterr().err.splitlines()[-1]  # after the data's log lines
+    assert last.startswith("nanoseek eval-long: error: --passkey-lengths: a passkey example needs at least")
 
 
 def test_eval_long_end_to_end(extended, capsys):

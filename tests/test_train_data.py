@@ -196,6 +196,20 @@ def test_tokenizer_errors(tmp_path):
             TrainConfig(seq_len=bad).validate()
 
 
+def test_unusable_cache_directory_is_named_before_the_corpus_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "load_corpus", lambda *a, **k: pytest.fail("the corpus was read first"))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for configured, env, problem in ((str(a_file), None, "it is not a directory"),
+                                     (None, str(a_file / "sub"), "Not a directory")):
+        monkeypatch.setenv("NANOSEEK_CACHE", env or str(tmp_path / "unused"))
+        with pytest.raises(ValueError) as e:
+            D.prepare_data(TrainConfig(cache_dir=configured))
+        assert str(e.value) == (f"cache directory {configured or env} (--cache-dir / $NANOSEEK_CACHE) is not usable: "
+                                f"{problem}")
+    assert D.cache_dir(str(tmp_path / "new" / "cache")).is_dir()  # created
+
+
 def test_token_cache_packing_and_unigram(tmp_path, monkeypatch):
     tok = tt.train_bpe([CODE] * 20, 300)
     docs = [D.Document("a", CODE), D.Document("b", "x = 1\n")]

@@ -18,7 +18,8 @@ only the text after ``</think>`` (the template drops the rest). ``/reset`` start
 end of input) quits.
 
 Bad input (empty prompt, prompt past the model's context, bad sampling parameters, a checkpoint directory
-that is missing or has no tokenizer) is one ``nanoseek CMD: error: ...`` line on stderr and exit status 2.
+that is missing or lacks tokenizer.json or tokenizer_config.json) is one ``nanoseek CMD: error: ...`` line on
+stderr and exit status 2.
 Asking a model without MTP module for speculative decoding warns and decodes plainly.
 :func:`validate_sampling` holds the sampling-parameter checks for other callers.
 """
@@ -145,7 +146,7 @@ def load_for_inference(args: argparse.Namespace):
     from ..allocator import keep_freed_memory
     from ..devices import pick_device
     from ..hf import load_pretrained
-    from ..tokenizer import Tokenizer
+    from ..tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer, TokenizerError
 
     validate_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens)
@@ -155,6 +156,9 @@ def load_for_inference(args: argparse.Namespace):
     if not path.is_dir():
         raise ValueError(f"checkpoint path {path} is not a directory")
     tokenizer = Tokenizer.from_pretrained(path)  # before the (large) model: fail fast without tokenizer files
+    if not (path / TOKENIZER_CONFIG_FILE).is_file():  # the tokenizer loads without it, but then no bos is added
+        raise TokenizerError(f"{path} has no {TOKENIZER_CONFIG_FILE} (the bos and eos tokens, the chat template): copy "
+                             "it from the checkpoint's model next to its tokenizer.json")
     device = pick_device(args.device)
     keep_freed_memory(device)  # prefill reuses its chunk buffers instead of faulting them in (1.35x here)
     if args.threads is not None:

@@ -283,12 +283,33 @@ def corpus_key(docs: list[Document]) -> str:
 
 # ---------------------------------------------------------------------------------------------- cache
 def cache_dir(configured: str | None = None) -> Path:
+    """The tokenizer and token cache, created: ``configured`` (--cache-dir), else $NANOSEEK_CACHE, else
+    $XDG_CACHE_HOME/nanoseek or ~/.cache/nanoseek. A one-line ValueError naming it when it cannot be used."""
+    root = _cache_path(configured)
+    problem = _unusable(root)
+    if problem:
+        raise ValueError(f"cache directory {root} (--cache-dir / $NANOSEEK_CACHE) is not usable: {problem}")
+    return root
+
+
+def _cache_path(configured: str | None) -> Path:
     if configured:
         return Path(configured).expanduser()
     env = os.environ.get("NANOSEEK_CACHE")
     if env:
         return Path(env).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoseek"
+
+
+def _unusable(directory: Path) -> str | None:
+    """Why ``directory`` cannot be created or written in, or None."""
+    if directory.exists() and not directory.is_dir():
+        return "it is not a directory"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return e.strerror or str(e)
+    return None if os.access(directory, os.W_OK | os.X_OK) else "no permission to write in it"
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
