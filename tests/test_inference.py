@@ -332,3 +332,47 @@ def test_generate_bf16_model():
     result = generate(model, _random_seqs([4, 6]), 5, temperature=0.8, seed=0)
     assert [len(t) for t in result.tokens] == [5, 5]
     assert result.stats.cache_bytes == 2 * (6 + 5) * 32 * 3 * 2
+
+
+# ------------------------------------------------------------------------------ sampled generate, statistically
+def _softmax_nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """softmax(logits / T) (fp64) restricted to its top-p nucleus and renormalized, written out independently of
+    logits_to_probs: the most likely tokens, in order, while the mass strictly ahead of a token is below top_p."""
+    probs = (logits.double() / temperature).softmax(-1)
+    sorted_probs, order = probs.sort(descending=True)
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+    out = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+    return out / out.sum()
+
+
+def test_plain_sampled_generate_follows_temperature_and_top_p():
+    """Plain (non-speculative) sampling end to end: N copies of one prompt in a batch, one seeded call. The first
+    new token (sampled from the prefill's logits) follows softmax(logits / T) restricted to the top-p nucleus, and
+    the second (sampled by the decoding step), grouped by the first, follows the same law on the prompt + first
+    token's logits: chi-square at the 0.999 level and a total-variation bound, and no token outside the nucleus
+    ever appears. At T = 1, or without top_p, the nucleus holds about twice as many tokens: both would fail."""
+    from test_speculative import _chi2_ok, _tv
+
+    model = tiny_model(seed=0)
+    prompt = _random_seqs([5], seed=1)[0]
+    T, top_p, N = 0.5, 0.5, 20000
+    result = generate(model, [prompt] * N, 2, temperature=T, top_p=top_p, seed=11)
+    got = torch.tensor(result.tokens)  # (N, 2)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt]))[0, -1]  # (V,)
+    expected = _softmax_nucleus(logits, T, top_p)
+    nucleus = expected > 0
+    assert 3 <= int(nucleus.sum()) <= VOCAB // 4  # the nucleus excludes most tokens (~10 of 64 here)
+    assert int(nucleus.sum()) < int((_softmax_nucleus(logits, 1.0, top_p) > 0).sum())  # and T matters
+    assert bool(nucleus[got[:, 0]].all()), "a token outside the top-p nucleus was sampled first"
+    assert _chi2_ok(got[:, 0], expected.float()) and _tv(got[:, 0], expected.float()) < 0.02
+    # the decoding step: the second token given the first
+    firsts, counts = got[:, 0].unique(return_counts=True)
+    with torch.no_grad():
+        second_logits = model(torch.cat((torch.tensor([prompt]).expand(len(firsts), -1), firsts[:, None]), 1))[:, -1]
+    for first, count, row in zip(firsts, counts, second_logits):
+        seconds = got[got[:, 0] == first, 1]
+        expected = _softmax_nucleus(row, T, top_p)
+        assert bool((expected[seconds] > 0).all()), "a token outside the top-p nucleus was sampled second"
+        if count >= 1000:
+            assert _chi2_ok(seconds, expected.float()) and _tv(seconds, expected.float()) < 0.06

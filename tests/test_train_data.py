@@ -249,3 +249,34 @@ def test_batch_stream_resumes_exactly():
     seen = np.concatenate([x[:, 0].numpy() for x in first[:25]])  # first epoch: every window once
     assert len(set(seen[:124].tolist())) == 124
     assert not (D.BatchStream(seqs, 5, seed=4).next() == first[0]).all()
+
+
+def test_batch_stream_reshuffles_every_epoch():
+    """Each epoch visits every window exactly once, in its own seeded order: epoch 1's order is not epoch 0's
+    (124 windows, 4 per batch: an epoch is exactly 31 batches)."""
+    seqs = D.PackedSequences(np.arange(1000), 8)  # window i starts with token 8 i
+    stream = D.BatchStream(seqs, 4, seed=3)
+    epochs = []
+    for epoch in range(3):
+        assert stream.position == {"epoch": epoch, "cursor": 0}
+        order = np.concatenate([stream.next()[:, 0].numpy() // 8 for _ in range(31)])
+        assert sorted(order.tolist()) == list(range(124))  # a permutation: every window once
+        epochs.append(order.tolist())
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
+    again = D.BatchStream(seqs, 4, seed=3, epoch=1)  # an epoch's order depends on (seed, epoch) only
+    assert np.concatenate([again.next()[:, 0].numpy() // 8 for _ in range(31)]).tolist() == epochs[1]
+
+
+def test_token_cache_key_covers_the_special_ids(tmp_path):
+    """The same tokenizer (same hash) and documents with other bos / eos ids: another cache entry, holding the new
+    ids (were the ids left out of the key, the cached stream with the old ones would be read back)."""
+    tok = tt.train_bpe([CODE] * 20, 300)
+    docs = [D.Document("a", CODE), D.Document("b", "x = 1\n")]
+    a = D.tokenize_split(docs, tok, "h1", 0, 1, tmp_path)
+    b = D.tokenize_split(docs, tok, "h1", 2, 3, tmp_path)
+    swapped = D.tokenize_split(docs, tok, "h1", 1, 0, tmp_path)
+    assert len({a.key, b.key, swapped.key}) == 3
+    n = len(tok.encode(CODE, add_special_tokens=False).ids)
+    for f, (bos, eos) in ((a, (0, 1)), (b, (2, 3)), (swapped, (1, 0))):
+        arr = f.tokens()
+        assert (arr[0], arr[n + 1], arr[n + 2], arr[-1]) == (bos, eos, bos, eos)

@@ -1,0 +1,160 @@
+"""What a training run writes, checked against values computed independently: the validation loss on the held-out
+split, the checkpoints --keep-checkpoints keeps (and that an older one resumes), the global RNG state a resume
+restores, and the report's summary.json against metrics.jsonl."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.hf import load_pretrained
+from nanoseek.train import TrainConfig, resume_config, train
+from nanoseek.train import checkpoint as ckpt_io
+from nanoseek.train import loop
+from nanoseek.train.data import PackedSequences, prepare_data, validation_batches
+from nanoseek.train.metrics import of_type, read_metrics
+from nanoseek.train.report import write_report
+
+from test_train_loop import cache, interrupted_at, losses, quiet, tiny  # noqa: F401  (cache: a fixture)
+
+
+@pytest.fixture(scope="module")
+def run24(tmp_path_factory, cache):  # noqa: F811
+    """A finished 24-step run validated at steps 8, 16 and 24 (more than the report's 20-step tail)."""
+    run = tmp_path_factory.mktemp("run24") / "run"
+    train(tiny(cache, steps=24, eval_every=8, save_every=12), run, log=quiet)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------- validation
+def test_validation_loss_is_the_loss_on_the_held_out_split(run24):
+    """The logged val_loss at step 24 is the main head's mean cross-entropy, computed here with the step-24
+    checkpoint, on the validation split's windows (contiguous slices of the val token stream, never the train
+    stream); val_tokens and the depth-1 MTP loss agree too."""
+    cfg = TrainConfig.from_dict(json.loads((run24 / ckpt_io.CONFIG_FILE).read_text()))
+    data = prepare_data(cfg, tokenizer_path=run24 / "tokenizer.json", log=quiet)
+    val_tokens = np.asarray(data.val.tokens(), dtype=np.int64)
+    seqs = PackedSequences(val_tokens, cfg.seq_len)
+    batches = validation_batches(seqs, cfg.batch_size, cfg.eval_batches)
+    windows = torch.cat(batches)  # (n, seq_len + 1)
+    assert len(windows) == cfg.batch_size * cfg.eval_batches
+    train_tokens = np.asarray(data.train.tokens(), dtype=np.int64)
+    for w in windows.numpy():
+        starts = np.flatnonzero(val_tokens[: len(val_tokens) - cfg.seq_len] == w[0])
+        assert any((val_tokens[s: s + cfg.seq_len + 1] == w).all() for s in starts)
+        assert not any((train_tokens[s: s + cfg.seq_len + 1] == w).all()
+                       for s in np.flatnonzero(train_tokens[: len(train_tokens) - cfg.seq_len] == w[0]))
+
+    assert ckpt_io.current_checkpoint(run24).name == "step-00000024"
+    model = load_pretrained(run24).eval()
+    inputs, labels = windows[:, :-1], windows[:, 1:]
+    with torch.no_grad():
+        out = model.forward_train(inputs)
+        main = F.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), reduction="mean").item()
+        depth1 = F.cross_entropy(out.mtp_logits[0].flatten(0, 1), labels[:, 1:].flatten(), reduction="mean").item()
+    val = of_type(read_metrics(run24 / "metrics.jsonl"), "val")
+    last = val[-1]
+    assert [v["step"] for v in val] == [8, 16, 24]
+    assert last["val_tokens"] == labels.numel()
+    assert last["val_loss"] == pytest.approx(main, rel=1e-5)
+    assert last["val_mtp_losses"][0] == pytest.approx(depth1, rel=1e-5)
+    # the same model on training windows scores differently: the check above can tell the splits apart
+    train_batch = validation_batches(data.train_sequences(cfg.seq_len), cfg.batch_size, cfg.eval_batches)
+    with torch.no_grad():
+        tw = torch.cat(train_batch)
+        other = F.cross_entropy(model(tw[:, :-1]).flatten(0, 1), tw[:, 1:].flatten()).item()
+    assert abs(other - main) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def test_summary_json_is_computed_from_metrics_jsonl(run24):
+    """Every computed field of summary.json, recomputed by hand from metrics.jsonl: the train-loss, MTP and
+    MaxVio_batch means over the last 20 logged steps (24 were logged), the median throughput (first step left
+    out), the last and best validation records, how the run ended."""
+    write_report(run24, sample=False, log=quiet)
+    s = json.loads((run24 / "summary.json").read_text())
+    records = read_metrics(run24 / "metrics.jsonl")
+    tr, val = of_type(records, "train"), of_type(records, "val")
+    assert len(tr) == 24
+    tail = tr[4:]  # the last 20
+    assert s["steps"] == 24 and s["planned_steps"] == 24 and s["tokens"] == 24 * 4 * 32
+    assert s["elapsed_s"] == tr[-1]["elapsed"] and s["skipped_steps"] == 0
+    assert s["train_loss"] == pytest.approx(sum(r["main_loss"] for r in tail) / 20, rel=1e-12)
+    assert s["train_loss"] != pytest.approx(sum(r["main_loss"] for r in tr[:20]) / 20, rel=1e-6)  # tail matters
+    assert s["train_mtp_losses"] == [pytest.approx(sum(r["mtp_losses"][0] for r in tail) / 20, rel=1e-12)]
+    assert s["maxvio_batch_mean"] == pytest.approx(sum(r["maxvio_batch_mean"] for r in tail) / 20, rel=1e-12)
+    speeds = sorted(r["tokens_per_s"] for r in tr[1:])  # 23 values: the median is the 12th
+    assert s["tokens_per_s"] == pytest.approx(speeds[11], rel=1e-12)
+    assert s["val_step"] == 24 and s["val_loss"] == val[-1]["val_loss"] and s["val_ppl"] == val[-1]["val_ppl"]
+    assert s["val_mtp_losses"] == val[-1]["val_mtp_losses"]
+    assert s["maxvio_global"] == val[-1]["maxvio_global"]
+    assert s["maxvio_global_mean"] == val[-1]["maxvio_global_mean"]
+    assert s["best_val_loss"] == min(v["val_loss"] for v in val)
+    assert s["unigram_val_loss"] == json.loads((run24 / "data.json").read_text())["unigram_val_loss"]
+    assert s["stopped_by"] == "done"
+
+
+# ---------------------------------------------------------------------------------------------- --keep-checkpoints
+def test_keep_checkpoints_keeps_the_newest_and_an_older_one_resumes(tmp_path, cache):  # noqa: F811
+    """keep_checkpoints=2 with saves at steps 0, 2, 4, 6: exactly step-4 and step-6 remain (the current one is
+    step 6). step-4 loads (with its own weights), and a copy of the run pointed at it resumes and logs the losses
+    of the uninterrupted run for steps 5 and 6."""
+    run = tmp_path / "run"
+    cfg = tiny(cache, steps=6, save_every=2, eval_every=6, keep_checkpoints=2)
+    train(cfg, run, log=quiet)
+    assert sorted(d.name for d in (run / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    assert ckpt_io.current_checkpoint(run).name == "step-00000006"
+    older, newest = load_pretrained(run / "checkpoints" / "step-00000004"), load_pretrained(run)
+    assert not torch.equal(older.lm_head.weight, newest.lm_head.weight)
+    assert json.loads((run / "checkpoints" / "step-00000004" / ckpt_io.STATE_FILE).read_text())["step"] == 4
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, symlinks=True)
+    os.remove(copy / ckpt_io.POINTER)
+    os.symlink(f"{ckpt_io.CHECKPOINTS}/step-00000004", copy / ckpt_io.POINTER)
+    assert ckpt_io.current_checkpoint(copy).name == "step-00000004"
+    train(resume_config(copy), copy, resume=True, log=quiet)
+    assert losses(copy) == losses(run) and [s for s, _ in losses(copy)] == [1, 2, 3, 4, 5, 6]
+    assert sorted(d.name for d in (copy / "checkpoints").iterdir()) == ["step-00000004", "step-00000006"]
+    assert torch.equal(load_pretrained(copy).lm_head.weight, newest.lm_head.weight)
+
+
+# ---------------------------------------------------------------------------------------------- RNG on resume
+def test_resume_restores_the_global_rng_state_saved_with_the_checkpoint(tmp_path, cache, monkeypatch):  # noqa: F811
+    """Training draws nothing from torch's global RNG, so no loss shows whether a resume restored it: check the
+    state itself. A run interrupted after its step-2 checkpoint, the global RNG then reseeded; at the first
+    step of the resumed run, torch's global RNG state is the checkpoint's rng.torch_cpu (and draws the same
+    numbers). The checkpoint saves only torch's RNG (no Python or numpy state): nothing in training uses them."""
+    run = tmp_path / "run"
+    cfg = tiny(cache, steps=4, save_every=2, eval_every=4)
+    with interrupted_at(3), pytest.raises(KeyboardInterrupt):
+        train(cfg, run, log=quiet)
+    ckpt = ckpt_io.current_checkpoint(run)
+    assert ckpt.name == "step-00000002"
+    tensors = ckpt_io.load_training_tensors(ckpt)
+    assert sorted(k for k in tensors if k.startswith("rng.")) == ["rng.torch_cpu"]
+    saved = tensors["rng.torch_cpu"]
+    expected_draw = torch.rand(8, generator=torch.Generator().set_state(saved))
+
+    seen = []
+    real_step = loop.Trainer._step
+
+    def step(self, r):
+        if not seen:
+            state = torch.get_rng_state()
+            seen.append((state, torch.rand(8)))
+            torch.set_rng_state(state)  # the run goes on as it would have
+        return real_step(self, r)
+
+    monkeypatch.setattr(loop.Trainer, "_step", step)
+    torch.manual_seed(12345)
+    assert not torch.equal(torch.get_rng_state(), saved)
+    train(resume_config(run), run, resume=True, log=quiet)
+    assert len(seen) == 1
+    state, draw = seen[0]
+    assert torch.equal(state, saved)
+    assert torch.equal(draw, expected_draw)
