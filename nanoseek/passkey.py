@@ -83,12 +83,15 @@ class PasskeyMaker:
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if count(mid) <= target else (lo, mid)
-        for words in range(lo, max(-1, lo - 8), -1):  # pad the remainder with single tokens
-            rest = target - count(words)
-            for pad in (rest, rest - 1):  # a pad word that starts its line (no space before it) can take 2 tokens
-                if pad >= 0 and count(words, pad) == target:
-                    text = self._text(key, depth, words, pad, phase)
-                    return self._example(text, key, length, depth)
+        # a pad word that starts its line (no space before it) can take 2 tokens, and 3 when it opens an empty part
+        # (its line break too): the second pass, tried only when the first fails, allows for that
+        for slack in ((0, 1), (2,)):
+            for words in range(lo, max(-1, lo - 8), -1):  # pad the remainder with single tokens
+                rest = target - count(words)
+                for pad in (rest - s for s in slack):
+                    if pad >= 0 and count(words, pad) == target:
+                        text = self._text(key, depth, words, pad, phase)
+                        return self._example(text, key, length, depth)
         if lo == 0:  # pad words alone miss the length and one filler word is too many: only a longer one will do
             raise PasskeyTooShort(f"a passkey example of exactly {length} tokens cannot be built with this tokenizer "
                                   f"(too short for one filler word: {count(1) + 2} tokens would do)")

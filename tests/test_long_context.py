@@ -419,6 +419,26 @@ def test_eval_long_skips_default_passkey_lengths_too_short_but_not_given_ones(ex
     assert last.startswith("nanoseek eval-long: error: --passkey-lengths: a passkey example needs at least")
 
 
+def test_passkey_lengths_met_when_pad_words_open_an_empty_part(extended):
+    """With the tiny run's tokenizer, a depth-0.5 example a few tokens above the minimum has at most one filler
+    word, so its head is empty and the pad words open it: the first pad takes 3 tokens (a word with no space
+    before it, 2 tokens, and a line break of its own). Such lengths are met, not a ValueError (eval-long with 2
+    examples per cell used to stop at 96 tokens: "could not build a passkey example of exactly 96 tokens")."""
+    from nanoseek.train.tokenizer_train import load_tokenizer
+
+    root, _ = extended
+    maker = PasskeyMaker(load_tokenizer(root / "base" / "tokenizer.json"))
+    e = maker.make(96, 0.5, "70458", phase=18)  # what eval-long met first (EVAL_SEED's 4th example at 96)
+    assert len(e.ids) + 2 == 96 and e.text.split("\n")[0].split() == [maker.pad] * 5
+    for length in range(88, 101):
+        for phase in range(0, 19, 3):
+            try:
+                e = maker.make(length, 0.5, "40719", phase=phase)
+            except PasskeyTooShort:
+                continue
+            assert len(e.ids) + 2 == length
+
+
 def test_eval_long_end_to_end(extended, capsys):
     root, _ = extended
     out = root / "eval"
