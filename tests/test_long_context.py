@@ -21,7 +21,8 @@ from nanoseek.cli import main
 from nanoseek.eval_long import cache_report, markdown_tables, passkey_correct, position_losses, prefill_hidden
 from nanoseek.model import DeepSeekV3
 from nanoseek.model.rope import RotaryEmbedding, rope_attention_factor, rope_frequencies, yarn_correction_range
-from nanoseek.passkey import EVAL_DEPTHS, TRAIN_DEPTHS, PasskeyExample, PasskeyMaker, PasskeyTooShort, passkey_examples
+from nanoseek.passkey import (EVAL_DEPTHS, PASSKEY_NEEDLE, PASSKEY_QUESTION, TRAIN_DEPTHS, PasskeyExample, PasskeyMaker,
+                              PasskeyTooShort, passkey_examples)
 from nanoseek.train import TrainConfig, train
 from nanoseek.train.extend import plan_stages, stage_batch, write_split_jsonl
 from nanoseek.train.optim import learning_rate
@@ -173,6 +174,24 @@ def test_passkey_examples_have_the_exact_length_and_the_key_last(bpe):
     assert not set(TRAIN_DEPTHS) & set(EVAL_DEPTHS)
     with pytest.raises(ValueError, match="needs at least"):
         maker.make(12, 0.5, "40719")
+
+
+def test_passkey_needle_sits_at_its_depth_of_the_filler(bpe):
+    """The needle starts at token depth x F of the example's ids, within 4 tokens, F being the ids left once the
+    needle's and the question's tokens are taken out (the filler and its line breaks): both counted here from
+    the text by encoding it, not from the maker's word counts. 4 tokens cover a filler word cut at the needle,
+    its line break and the pad words; at 513 tokens, a needle at half its depth is 44 to 236 tokens off."""
+    maker = PasskeyMaker(bpe)
+    encode = lambda text: bpe.encode(text, add_special_tokens=False).ids  # noqa: E731
+    for length in (97, 200, 513):
+        for depth in (0.2, 0.5, 0.8, 1.0):
+            for phase, key in ((0, "40719"), (7, "83512")):
+                e = maker.make(length, depth, key, phase=phase)
+                needle, question = encode(PASSKEY_NEEDLE.format(key=key)), encode(PASSKEY_QUESTION.format(key=key))
+                start = len(encode(e.text[: e.text.index(PASSKEY_NEEDLE.format(key=key))]))
+                assert e.ids[start: start + len(needle)] == needle  # the needle's own tokens start there
+                filler = len(e.ids) - len(needle) - len(question)
+                assert abs(start - depth * filler) <= 4, (length, depth, phase, start, filler)
 
 
 def test_passkey_examples_leave_out_a_length_too_short_only_when_asked(bpe):
@@ -439,19 +458,56 @@ def test_passkey_lengths_met_when_pad_words_open_an_empty_part(extended):
             assert len(e.ids) + 2 == length
 
 
-def test_eval_long_end_to_end(extended, capsys):
+def test_eval_long_end_to_end(extended, capsys, monkeypatch):
+    """Every model of an extension is evaluated and the outputs are written; the results' numbers are their
+    raw data's: each loss at length n is the mean of loss_by_position over positions < n and each bucket [a, b)
+    the mean over positions a..b-1 (recomputed here from the results' own 5-decimal curve, hence 1e-5), and each
+    passkey cell the fraction of that (length, depth)'s examples scored correct. The tiny models get every key
+    wrong, which any filter would average to 0, so the scorer's verdicts (still computed) are replaced by a
+    pattern that differs by depth, length and model, and the cells are recomputed from that pattern."""
+    from nanoseek import eval_long
+
+    calls: list[tuple[list[PasskeyExample], list[bool]]] = []  # per model, in order: its examples and verdicts
+
+    def scorer(model, examples, *args, **kwargs):
+        real = passkey_correct(model, examples, *args, **kwargs)
+        assert len(real) == len(examples) and all(isinstance(c, bool) for c in real)
+        k = len(calls)  # (a), (b), (c1), (c2): each flips its own example
+        verdicts = [(e.depth == 1.0 or (e.length == 128 and i % 2 == 0)) != (i == k) for i, e in enumerate(examples)]
+        calls.append((examples, verdicts))
+        return verdicts
+
+    monkeypatch.setattr(eval_long, "passkey_correct", scorer)
     root, _ = extended
     out = root / "eval"
-    assert main(["eval-long", str(root / "ext"), "--windows", "2", "--passkey-samples", "1", "--lengths",
+    assert main(["eval-long", str(root / "ext"), "--windows", "2", "--passkey-samples", "2", "--lengths",
                  "32,64,256", "--passkey-lengths", "96,128", "--depths", "0,0.5,1", "--threads", "1",
                  "--no-progress", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     labels = [m["label"] for m in results["models"]]
     assert len(labels) == 4 and labels[1].startswith("(b) base + YaRN s=8")
-    for m in results["models"]:
+    assert len(calls) == 4
+    for m, (examples, verdicts) in zip(results["models"], calls):
         assert len(m["loss_by_position"]) == 256 and set(m["loss_at_length"]) == {"32", "64", "256"}
         assert list(m["loss_by_bucket"]) == ["0-32", "32-64", "64-128", "128-256"]
         assert set(m["passkey"]) == {"96", "128"} and set(m["passkey"]["96"]) == {"0", "0.5", "1"}
+        curve = m["loss_by_position"]
+        for n in (32, 64, 256):
+            assert m["loss_at_length"][str(n)] == pytest.approx(sum(curve[:n]) / n, abs=1e-5, rel=0)
+        for a, b in ((0, 32), (32, 64), (64, 128), (128, 256)):
+            assert m["loss_by_bucket"][f"{a}-{b}"] == pytest.approx(sum(curve[a:b]) / (b - a), abs=1e-5, rel=0)
+        cells: dict[tuple[str, str], list[bool]] = {}
+        for e, v in zip(examples, verdicts):
+            cells.setdefault((str(e.length), f"{e.depth:g}"), []).append(v)
+        assert sorted(cells) == sorted((n, d) for n in ("96", "128") for d in ("0", "0.5", "1"))
+        assert all(len(v) == 2 for v in cells.values())  # --passkey-samples 2 per (length, depth)
+        assert m["passkey"] == {
+            n: {d: sum(v) / len(v) for (n2, d), v in cells.items() if n2 == n} for n in ("96", "128")}
+        assert m["passkey_overall"] == sum(verdicts) / len(verdicts)
+    # the pattern tells depths and lengths apart: (a) flips example 0 (length 96, depth 0), (c2) example 3
+    assert results["models"][0]["passkey"] == {"96": {"0": 0.5, "0.5": 0.0, "1": 1.0},
+                                               "128": {"0": 0.5, "0.5": 0.5, "1": 1.0}}
+    assert results["models"][3]["passkey"]["96"] == {"0": 0.0, "0.5": 0.5, "1": 1.0}
     assert results["models"][1]["rope"]["rope_scaling_type"] == "yarn"
     assert results["models"][0]["rope"]["rope_scaling_type"] is None
     for png in ("loss_by_position.png", "passkey.png"):
