@@ -1,6 +1,7 @@
 """Distributed training on 2-4 gloo CPU processes equals single-process training: the per-step losses of
-5 steps (1e-5 relative) and the final checkpoint's weights, for EP=2, DP=2 (ZeRO-1), EP=2 x DP=2 and
-PP=2 (DualPipeV); a run resumes under another layout; a dead or hung rank fails the job within the timeout."""
+5 steps (1e-5 relative) and the final checkpoint's weights and AdamW state, for EP=2, DP=2 (ZeRO-1: each DP
+rank holds its share of the moments only), EP=2 x DP=2 and PP=2 (DualPipeV); a run resumes under another
+layout; a dead or hung rank fails the job within the timeout."""
 
 from __future__ import annotations
 
@@ -47,6 +48,27 @@ def _train_worker(rank: int, world: int, cfg_dict: dict, out: str, layout: tuple
     return result.step if result is not None else -1
 
 
+def _layout_worker(rank: int, world: int, cfg_dict: dict, out: str, layout: tuple[int, int, int], schedule: str,
+                   resume: bool) -> tuple[int, dict]:
+    """``_train_worker``, and where this rank stands in ZeRO-1: the AdamW moments it holds after the run
+    (elements of ``exp_avg`` per parameter name) and all the parameters it trains."""
+    import nanoseek.distributed.train as dist_train
+
+    held = []
+
+    class Recorded(dist_train.DistributedOptimizer):
+        def __init__(self, named_params, cfg, ctx):
+            super().__init__(named_params, cfg, ctx)
+            held.append((self, named_params, ctx))
+
+    dist_train.DistributedOptimizer = Recorded
+    step = _train_worker(rank, world, cfg_dict, out, layout, schedule, resume)
+    opt, named, ctx = held[-1]
+    moments = {opt.names[id(p)]: s["exp_avg"].numel() for p, s in opt.local.state.items()}
+    return step, {"coords": (ctx.pp_rank, ctx.ep_rank), "dp_rank": ctx.dp_rank, "moments": moments,
+                  "params": {n: p.numel() for n, p in named}}
+
+
 def losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["main_loss"]) for r in of_type(read_metrics(run / "metrics.jsonl"), "train")]
 
@@ -57,6 +79,22 @@ def grad_norms(run: Path) -> list[float]:
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "checkpoint" / "model.safetensors"))
+
+
+def optim_state(run: Path) -> dict[str, torch.Tensor]:
+    """The AdamW state of the run's checkpoint, keyed ``optim.{parameter}.{step|exp_avg|exp_avg_sq}``."""
+    return {k: v for k, v in load_file(str(run / "checkpoint" / "training_state.safetensors")).items()
+            if k.startswith("optim.")}
+
+
+def assert_same_optim_state(run: Path, ref: Path) -> None:
+    """Every parameter's AdamW step and moments, as one process has them after the same steps: a moment lost
+    or taken from the wrong ZeRO share, EP rank or stage fails (the losses would only show it on resume)."""
+    got, want = optim_state(run), optim_state(ref)
+    assert sorted(got) == sorted(want)
+    for key, t in want.items():
+        tol = 1e-4 * t.abs().max().item()  # measured: up to 2e-5 of the largest entry (summation order)
+        torch.testing.assert_close(got[key], t, rtol=1e-4, atol=tol, msg=lambda m: f"{key}: {m}")
 
 
 def assert_same_run(run: Path, ref: Path, from_step: int = 1) -> None:
@@ -97,14 +135,20 @@ LAYOUTS = {  # name: ((ep, pp, dp), schedule)
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_equals_single_process(reference, name):
+    """The 5-step run under each layout: one process's losses, gradient norms, weights, AdamW state (gathered
+    into the checkpoint from every rank), validation and expert counts; ZeRO-1's shares of the moments; the
+    all-to-all rows of one dispatch per (token, EP rank)."""
     root, cache = reference
     layout, schedule = LAYOUTS[name]
     world = layout[0] * layout[1] * layout[2]
     out = root / name
-    steps = run_spawned(_train_worker, world, base_config(cache).to_dict(), str(out), layout, schedule, False,
-                        timeout_s=120)
+    results = run_spawned(_layout_worker, world, base_config(cache).to_dict(), str(out), layout, schedule, False,
+                          timeout_s=120)
+    steps = [step for step, _ in results]
     assert steps[0] == STEPS and all(s == -1 for s in steps[1:])
+    assert_zero_shares([zero for _, zero in results], layout[2])
     assert_same_run(out, root / "single")
+    assert_same_optim_state(out, root / "single")
     metrics = read_metrics(out / "metrics.jsonl")
     assert of_type(metrics, "val"), "validation ran"
     val, val_ref = of_type(metrics, "val")[-1], of_type(read_metrics(root / "single" / "metrics.jsonl"), "val")[-1]
@@ -115,10 +159,34 @@ def test_layout_equals_single_process(reference, name):
     assert of_type(metrics, "train")[-1]["expert_counts"] == single[-1]["expert_counts"]  # every layer, all ranks
     rec = of_type(metrics, "train")[-1]
     if layout[0] > 1:
-        assert 0 < rec["a2a_remote_rows"] <= rec["a2a_rows"] <= rec["a2a_slots"]
+        # each token goes once to each EP rank holding one of its 4 experts, and the tiny preset's routing (top-2
+        # of 4 expert groups, 2 groups per rank) reaches at most 2 ranks: never one row per expert
+        tokens = rec["a2a_tokens"]
+        assert rec["a2a_slots"] == 4 * tokens
+        assert 0 < rec["a2a_remote_rows"] < rec["a2a_rows"] and tokens < rec["a2a_rows"] <= 2 * tokens
     if layout[1] > 1 and schedule == "dualpipev":  # F&B pairs ran (in two threads when EP all-to-alls can overlap)
         assert rec["pp_fb_early_sends"] > 0
         assert (rec["pp_fb_threaded"] > 0) == (layout[0] > 1)
+
+
+def assert_zero_shares(ranks: list[dict], dp: int) -> None:
+    """ZeRO-1: the DP ranks of one (stage, EP rank) each hold the AdamW moments of their own parameters only,
+    about 1/dp of the elements, the shares disjoint and together all the parameters; with DP=1 a rank holds
+    them all."""
+    places: dict[tuple, list[dict]] = {}
+    for r in ranks:
+        places.setdefault(r["coords"], []).append(r)
+    for coords, peers in places.items():
+        assert sorted(r["dp_rank"] for r in peers) == list(range(dp))
+        params = peers[0]["params"]
+        assert all(r["params"] == params for r in peers)
+        held: dict[str, int] = {}
+        for r in peers:
+            assert not held.keys() & r["moments"].keys(), f"{coords}: a moment kept on two DP ranks"
+            held.update(r["moments"])
+            share = sum(r["moments"].values()) / sum(params.values())
+            assert abs(share - 1 / dp) < 0.1 / dp, f"{coords} DP rank {r['dp_rank']} holds {share:.1%}"
+        assert held == params, coords  # every parameter's moments, each of its full size
 
 
 def _nan_worker(rank: int, world: int, cfg_dict: dict, out: str) -> str:
@@ -235,14 +303,20 @@ def test_torchrun_cli_equals_single_process(reference):
 
 
 def test_resume_from_a_pipeline_run_under_expert_and_zero_parallelism(reference):
-    """3 steps with PP=2 (1F1B: the last rank holds a copy of the embedding), then 2 more with EP=2 x DP=2
-    (ZeRO-1 shards the loaded AdamW moments): the 5-step single-process run."""
+    """3 steps with PP=2 (1F1B: the last rank holds a copy of the embedding), a 4th with EP=2 x DP=2 (ZeRO-1
+    shards the loaded AdamW moments), then the 5th in one process (from the moments gathered from the ZeRO
+    shares of every EP rank): the 5-step single-process run, its AdamW state included."""
+    from nanoseek.train.loop import train
+
     root, cache = reference
     out = root / "pp2_then_ep2_dp2"
     run_spawned(_train_worker, 2, base_config(cache, steps=3, save_every=3).to_dict(), str(out), (1, 2, 1), "1f1b",
                 False, timeout_s=120)
-    run_spawned(_train_worker, 4, base_config(cache).to_dict(), str(out), (2, 1, 2), "dualpipev", True, timeout_s=120)
+    run_spawned(_train_worker, 4, base_config(cache, steps=4, save_every=4).to_dict(), str(out), (2, 1, 2),
+                "dualpipev", True, timeout_s=120)
+    train(base_config(cache), out, resume=True, log=quiet)
     assert_same_run(out, root / "single")
+    assert_same_optim_state(out, root / "single")
 
 
 def _dying_worker(rank: int, world: int, cfg_dict: dict, out: str, mode: str) -> None:
@@ -277,12 +351,18 @@ def _moe_worker(rank: int, world: int) -> dict:
     from nanoseek.distributed.expert_parallel import apply_expert_parallel
 
     moe, x = _moe_and_input()
-    apply_expert_parallel(moe, torch.distributed.group.WORLD)
+    stats = apply_expert_parallel(moe, torch.distributed.group.WORLD)
     mine = x.detach()[rank::world].clone().requires_grad_(True)
     y, routing = moe(mine)
     (y.square().sum() + routing.scores.sum()).backward()
-    return {"y": y.detach(), "x_grad": mine.grad, "gate_up_grad": moe.experts.gate_up_proj.grad,
-            "router_grad": moe.gate.weight.grad, "counts": routing.counts}
+    out = {"y": y.detach(), "x_grad": mine.grad, "gate_up_grad": moe.experts.gate_up_proj.grad,
+           "router_grad": moe.gate.weight.grad, "counts": routing.counts, "stats": stats.as_dict()}
+    stats.reset()
+    moe.gate.e_score_correction_bias.zero_()  # the router's own choice: tokens spread over both ranks
+    with torch.no_grad():
+        out["spread_idx"] = moe(mine)[1].topk_idx
+    out["spread_stats"] = stats.as_dict()
+    return out
 
 
 def _moe_and_input():
@@ -298,10 +378,16 @@ def _moe_and_input():
     return moe, torch.randn(4, 6, cfg.hidden_size, requires_grad=True)
 
 
-def test_expert_parallel_layer_when_a_rank_receives_no_token():
+@pytest.fixture(scope="module")
+def moe_ep2():
+    """One MoE layer under EP=2: what each rank of ``_moe_worker`` returns (one spawn for the tests below)."""
+    return run_spawned(_moe_worker, 2, timeout_s=60)
+
+
+def test_expert_parallel_layer_when_a_rank_receives_no_token(moe_ep2):
     """EP=2 forward and backward equal one process even when rank 0's experts get no token at all (its
     all-to-alls must still run in the backward)."""
-    results = run_spawned(_moe_worker, 2, timeout_s=60)
+    results = moe_ep2
     moe, x = _moe_and_input()
     grads = torch.zeros_like(moe.experts.gate_up_proj)
     for rank, res in enumerate(results):
@@ -317,6 +403,23 @@ def test_expert_parallel_layer_when_a_rank_receives_no_token():
     ep_grads = torch.cat([results[0]["gate_up_grad"] if results[0]["gate_up_grad"] is not None
                           else torch.zeros(8, *grads.shape[1:]), results[1]["gate_up_grad"]])
     torch.testing.assert_close(ep_grads, grads, rtol=1e-4, atol=1e-4)
+
+
+def test_expert_parallel_dispatch_sends_a_token_once_per_rank(moe_ep2):
+    """The dispatch statistics of the EP=2 layer above against its routing counted by hand: one row per
+    (token, rank holding one of its 4 experts), not one per expert, and at most 2 ranks per token (the tiny
+    preset's top-2 of 4 expert groups, 2 groups per rank), a bound the router's own choice reaches."""
+    for rank, res in enumerate(moe_ep2):
+        st = res["stats"]  # every token's 4 experts on rank 1: one row each, to rank 1
+        assert st["a2a_tokens"] == 12 and st["a2a_slots"] == 48 and st["a2a_rows"] == 12
+        assert st["a2a_remote_rows"] == (12 if rank == 0 else 0) and st["a2a_max_ranks_per_token"] == 1
+        idx = res["spread_idx"].reshape(-1, 4)  # (T, K) experts; rank = expert // 8
+        ranks_per_token = [len(set((row // 8).tolist())) for row in idx]
+        st = res["spread_stats"]
+        assert st["a2a_rows"] == sum(ranks_per_token) < st["a2a_slots"] == 4 * len(idx)
+        assert st["a2a_remote_rows"] == sum(int((row // 8 != rank).any()) for row in idx)
+        assert st["a2a_max_ranks_per_token"] == max(ranks_per_token) == 2  # the bound, reached
+        assert 1 in ranks_per_token  # and tokens on one rank only: the rows are counted, not bounded
 
 
 def _bf16_moe_worker(rank: int, world: int) -> dict:
