@@ -368,8 +368,8 @@ class DistributedTrainer:
         self.log(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = "
                  f"{cfg.tokens_per_step:,} tokens ({cfg.batch_size // self.ctx.data_size} sequences per data rank)"
                  + batch_warmup_note(cfg))
-        if warmup_warning(cfg):
-            self.log(warmup_warning(cfg))
+        if warning := warmup_warning(cfg):
+            self.log(warning)
 
     def _save(self, s: "_Session") -> None:
         """A checkpoint of the full model and optimizer, gathered from every rank and written by rank 0."""

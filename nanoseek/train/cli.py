@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import on_rank0, report_error
-from .config import BALANCE_MODES, DEMO, DTYPES, TrainConfig
+from .config import BALANCE_MODES, DEMO, DTYPES, TrainConfig, flag_name
 
 # (flag, TrainConfig field, type, help); every default is None so that only the flags given override.
 _OPTIONS: list[tuple[str, str, Any, str]] = [
@@ -144,10 +144,10 @@ def _check_conflicts(given: dict[str, Any], args: argparse.Namespace) -> None:
                          "for the balance loss alone)")
     gamma = [f for f in ("bias_gamma", "bias_gamma_later") if given.get(f)]
     if balance in ("aux", "none") and gamma:
-        raise ValueError(f"--balance {balance} has no routing bias to update: leave out --{gamma[0].replace('_', '-')}")
+        raise ValueError(f"--balance {balance} has no routing bias to update: leave out {flag_name(gamma[0])}")
     lam = [f for f in ("mtp_lambda", "mtp_lambda_later") if given.get(f)]
     if depth == 0 and lam:
-        raise ValueError(f"--mtp-depth 0 has no MTP loss: leave out --{lam[0].replace('_', '-')}")
+        raise ValueError(f"--mtp-depth 0 has no MTP loss: leave out {flag_name(lam[0])}")
     if "vocab_size" in given and given.get("tokenizer"):
         raise ValueError("--vocab-size sizes a tokenizer trained here; with --tokenizer the vocabulary is the given "
                          "tokenizer's: leave out one of them")

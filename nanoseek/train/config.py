@@ -127,12 +127,12 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"{_flag(f.name)} must be a finite number, got {v}")
+                raise ValueError(f"{flag_name(f.name)} must be a finite number, got {v}")
 
         def positive_int(name: str) -> None:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{_flag(name)} must be a positive integer, got {v!r}")
+                raise ValueError(f"{flag_name(name)} must be a positive integer, got {v!r}")
 
         for name in ("batch_size", "grad_accum", "steps", "eval_every", "eval_batches", "save_every",
                      "keep_checkpoints", "log_every", "max_bad_steps"):
@@ -161,7 +161,7 @@ class TrainConfig:
                      "final_start", "final_lr_ratio"):
             v = getattr(self, name)
             if v is not None and not 0.0 <= v <= 1.0:
-                raise ValueError(f"{_flag(name)} must be in [0, 1], got {v}")
+                raise ValueError(f"{flag_name(name)} must be in [0, 1], got {v}")
         if self.decay_end < self.decay_start:
             raise ValueError(f"--decay-end ({self.decay_end}) must not be before --decay-start ({self.decay_start})")
         if (self.final_start is None) != (self.final_lr_ratio is None):
@@ -170,7 +170,7 @@ class TrainConfig:
             raise ValueError(f"--final-start ({self.final_start}) must not be before --decay-end ({self.decay_end})")
         for name in ("weight_decay", "mtp_lambda", "mtp_lambda_later", "bias_gamma", "bias_gamma_later", "grad_clip"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{flag_name(name)} must be >= 0, got {getattr(self, name)}")
         if self.balance_alpha is not None and self.balance_alpha < 0:
             raise ValueError(f"--balance-alpha must be >= 0, got {self.balance_alpha}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -241,7 +241,8 @@ class TrainConfig:
         return cls(**{**DEMO, **changes})
 
 
-def _flag(name: str) -> str:
+def flag_name(name: str) -> str:
+    """A TrainConfig field's command-line flag: balance_alpha -> --balance-alpha."""
     return "--" + name.replace("_", "-")
 
 

@@ -436,8 +436,8 @@ class Trainer:
                  f"{cfg.balance} (alpha {alpha:g}" + (f", gamma {cfg.bias_gamma:g}" if cfg.balance == "bias" else "")
                  + f"), MTP lambda {cfg.mtp_lambda:g}"
                  + (f", time budget {cfg.time_budget:g} min" if cfg.time_budget else ""))
-        if warmup_warning(cfg):
-            self.log(warmup_warning(cfg))
+        if warning := warmup_warning(cfg):
+            self.log(warning)
 
     def _save(self, r: "_Session") -> None:
         st = r.progress.state(self.cfg, r.batches.position, r.data_keys)
