@@ -205,6 +205,30 @@ def test_yarn_mscale_factors():
     torch.testing.assert_close(rope_frequencies(plain), 10000.0 ** (-torch.arange(0, 8, 2) / 8))
 
 
+@pytest.mark.parametrize("theta, dim, orig, fast, slow, factor, corr_range", [
+    (100.0, 16, 64, 4.0, 0.25, 4.0, (1, 7)),  # other betas: corr(4) = 1.62, corr(0.25) = 6.44, the ramp over dims 1..7
+    (10.0, 16, 64, 32.0, 0.1, 8.0, (0, 15)),  # corr(0.1) = 16.06 > d_R - 1: high clamped to 15, not 16 or 17
+    (10000.0, 8, 4, 32.0, 1.0, 2.0, (0, 0)),  # corr(1) = -0.2: low = high = 0, a zero-width ramp (no 0/0)
+])
+def test_yarn_frequencies_match_transformers(theta, dim, orig, fast, slow, factor, corr_range):
+    """YaRN's theta'_i and cos/sin factor (SPEC §2) equal transformers' yarn where the V3 settings never go: other
+    beta_fast / beta_slow, a correction range clamped at d_R - 1, and an empty ramp."""
+    pytest.importorskip("transformers")
+    from transformers import DeepseekV3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    yarn = dict(rope_theta=theta, original_max_position_embeddings=orig, beta_fast=fast, beta_slow=slow,
+                mscale=1.0, mscale_all_dim=0.5)
+    cfg = small_config(qk_rope_head_dim=dim, rope_factor=factor, max_position_embeddings=int(orig * factor), **yarn)
+    assert yarn_correction_range(fast, slow, dim, theta, orig) == corr_range
+    hf = DeepseekV3Config(hidden_size=32, num_attention_heads=2, qk_nope_head_dim=8, qk_rope_head_dim=dim, v_head_dim=8,
+                          max_position_embeddings=int(orig * factor),
+                          rope_parameters=dict(rope_type="yarn", factor=factor, **yarn))
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf, "cpu")
+    torch.testing.assert_close(rope_frequencies(cfg), inv_freq, atol=0, rtol=1e-6)
+    assert rope_attention_factor(cfg) == pytest.approx(attention_factor, rel=1e-12)
+
+
 # ------------------------------------------------------------------------------------------ MLA
 def test_mla_matches_absorbed_latent_attention():
     """SPEC §3 written out per head over the cached latent (absorbed W_UK / W_UV) equals the module."""
