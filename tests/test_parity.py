@@ -41,9 +41,9 @@ BASE = dict(
 )
 
 
-def yarn(mscale=1.0, mscale_all_dim=1.0, factor=4.0):
-    rope = dict(rope_type="yarn", rope_theta=10000.0, factor=factor, original_max_position_embeddings=ORIG_LEN,
-                beta_fast=32, beta_slow=1)
+def yarn(mscale=1.0, mscale_all_dim=1.0, factor=4.0, beta_fast=32, beta_slow=1, theta=10000.0, orig=ORIG_LEN):
+    rope = dict(rope_type="yarn", rope_theta=theta, factor=factor, original_max_position_embeddings=orig,
+                beta_fast=beta_fast, beta_slow=beta_slow)
     if mscale is not None:
         rope["mscale"] = mscale
     if mscale_all_dim is not None:
@@ -60,6 +60,9 @@ V3_CASES = {
     "yarn-attention-factor": dict(n_group=2, topk_group=1, rope_parameters=yarn(1.0, 0.5)),
     # only mscale_all_dim given: mscale counts as absent, cos/sin factor m(s, 1) (transformers' yarn)
     "yarn-mscale-all-dim-only": dict(n_group=4, topk_group=2, rope_parameters=yarn(None, 0.5)),
+    # other beta_fast / beta_slow: the ramp spans dims 1..7 of 8 (32 / 1 give 0..5 here; V3's d_R = 64, 4096: 10..23)
+    "yarn-betas": dict(n_group=4, topk_group=2, qk_rope_head_dim=16, max_position_embeddings=256,
+                       rope_parameters=yarn(1.0, 1.0, beta_fast=4, beta_slow=0.25, theta=100.0, orig=64)),
     # no query compression (q_proj), a single group, plain RoPE with a small base
     "no-qlora-one-group": dict(q_lora_rank=None, n_group=1, topk_group=1,
                                rope_parameters=dict(rope_type="default", rope_theta=500.0)),
@@ -95,12 +98,24 @@ def _hf_v3(case: dict) -> DeepseekV3ForCausalLM:
             gate = getattr(layer.mlp, "gate", None)
             if gate is not None:
                 gate.e_score_correction_bias.normal_(0.0, 0.2)
+    _randomize_norms(model)
     return model
 
 
 def _hf_v2(case: dict) -> DeepseekV2ForCausalLM:
     kw = {**BASE, "norm_topk_prob": False, **case}
-    return DeepseekV2ForCausalLM(DeepseekV2Config(**kw)).eval()
+    model = DeepseekV2ForCausalLM(DeepseekV2Config(**kw)).eval()
+    _randomize_norms(model)
+    return model
+
+
+@torch.no_grad()
+def _randomize_norms(model) -> None:
+    """Every RMSNorm weight away from its initial ones (both libraries start there), so that a norm read in the
+    wrong place (the attention's norm before the FFN, enorm for hnorm) changes the logits."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.normal_(1.0, 0.3)
 
 
 def _ids(seed: int = 1) -> torch.Tensor:
@@ -174,6 +189,7 @@ def test_v3_nanoseek_to_transformers(name, tmp_path):
     torch.manual_seed(1)
     model = DeepSeekV3(cfg).eval()
     _randomize_bias(model)
+    _randomize_norms(model)
     save_pretrained(model, tmp_path / "ns")
     hf, info = _hf_from_nanoseek(tmp_path / "ns")
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
@@ -226,6 +242,7 @@ def test_v2_nanoseek_to_transformers(name, tmp_path):
     cfg = _load_config(tmp_path / "cfg")
     torch.manual_seed(1)
     model = DeepSeekV3(cfg).eval()
+    _randomize_norms(model)
     save_pretrained(model, tmp_path / "ns")
     hf, info = _hf_from_nanoseek(tmp_path / "ns")
     assert type(hf).__name__ == "DeepseekV2ForCausalLM"
