@@ -737,6 +737,9 @@ def model() -> DeepSeekV3:
         for name, buf in m.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buf.normal_(0, 0.1)
+        for name, p in m.named_parameters():
+            if name.endswith("norm.weight"):  # away from their initial ones: a norm used in the wrong place shows
+                p.normal_(1.0, 0.3)
     return m
 
 
