@@ -435,6 +435,28 @@ def test_router_softmax_by_hand(method, norm, model_type, expected):
         assert _gate_of(w, idx, e) == pytest.approx(scale * g, rel=1e-5)
 
 
+def test_router_gates_carry_the_gradient_to_the_centroids():
+    """The gates g_i = s_i / sum_k s_k * scale (V3 eqs. 13-15) are how the language loss trains the centroids e_i:
+    the gradient of sum_k g_k c_{i_k} (c a weight per expert, so the slot order does not matter) equals autograd
+    through the formula written out in float64 (no group limit, zero bias: the selection is the plain top-3)."""
+    torch.manual_seed(0)
+    router = Router(small_config(hidden_size=16, n_routed_experts=8, num_experts_per_tok=3, n_group=1, topk_group=1,
+                                 routed_scaling_factor=2.5))
+    torch.nn.init.normal_(router.weight, std=0.5)
+    x, c = torch.randn(5, 16), torch.randn(8)
+    w, idx, _ = router(x)
+    (w * c[idx]).sum().backward()
+
+    e = router.weight.detach().double().requires_grad_()
+    s = torch.sigmoid(x.double() @ e.T)  # (T, E)
+    top = s.detach().topk(3, dim=-1).indices
+    assert _sets(idx) == _sets(top)
+    g = s.gather(1, top) / s.gather(1, top).sum(-1, keepdim=True) * 2.5
+    (g * c.double()[top]).sum().backward()
+    assert router.weight.grad is not None
+    torch.testing.assert_close(router.weight.grad.double(), e.grad, atol=1e-6, rtol=1e-5)
+
+
 def test_router_top1_normalized_gate_is_the_scale():
     router = _router(16, n_group=4, topk_group=2, num_experts_per_tok=1, routed_scaling_factor=2.5)
     w, idx, _ = router(_logit(S16)[None])
