@@ -177,6 +177,25 @@ def test_training_loss_combines_terms():
     assert terms.total.item() == pytest.approx(1.237464, abs=1e-5)
 
 
+def test_training_loss_two_depths_and_another_ignore_index():
+    """lambda applies once to the mean over D = 2 depths (lambda / D * sum_k L_k, not divided by D again), and an
+    ignore_index other than -100 reaches the main and the MTP cross-entropies. labels = [2, 1, 0, -1], V = 3:
+      main: uniform logits at the 3 valid positions                                     -> ln 3 = 1.098612
+      depth 1 (targets [1, 0, -1]): logits [0, ln2, 0] twice -> -log(1/2), -log(1/4)     -> L_1 = 1.5 ln 2 = 1.039721
+      depth 2 (targets [0, -1]): logits [ln2, 0, 0]           -> -log(1/2)               -> L_2 = ln 2 = 0.693147
+      total = 1.098612 + 0.3 * (1.039721 + 0.693147) / 2 = 1.098612 + 0.259930 = 1.358542"""
+    labels = torch.tensor([[2, 1, 0, -1]])
+    depth1 = torch.tensor([[[0.0, LN2, 0.0], [0.0, LN2, 0.0], [5.0, 0.0, 0.0]]])
+    depth2 = torch.tensor([[[LN2, 0.0, 0.0], [0.0, 0.0, 5.0]]])
+    out = ModelOutput(logits=torch.zeros(1, 4, 3), hidden=torch.zeros(1, 4, 1), mtp_logits=[depth1, depth2])
+    terms = training_loss(out, labels, mtp_lambda=0.3, balance_alpha=0.01, ignore_index=-1)
+    assert terms.main.item() == pytest.approx(LN3, abs=1e-6)
+    assert [t.item() for t in terms.mtp_per_depth] == pytest.approx([1.5 * LN2, LN2], abs=1e-6)
+    assert terms.mtp.item() == pytest.approx(1.25 * LN2, abs=1e-6)
+    assert terms.balance.item() == 0.0  # no MoE layer
+    assert terms.total.item() == pytest.approx(1.358542, abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- loss-free bias
 def _one_router_model() -> DeepSeekV3:
     # one dense layer, one MoE layer with E = 4 experts, no MTP: exactly one router
@@ -208,9 +227,11 @@ def test_update_balance_bias_skips_routers_without_bias():
 
 def test_expert_load_tracker():
     tracker = ExpertLoadTracker()
-    tracker.add(torch.tensor([[1, 0, 2, 1]]))
+    first = torch.tensor([[1, 0, 2, 1]])
+    tracker.add(first)
     tracker.add(torch.tensor([[2, 1, 0, 1]]))
     torch.testing.assert_close(tracker.take(), torch.tensor([[3, 1, 2, 2]]))
+    assert first.tolist() == [[1, 0, 2, 1]]  # the sum is the tracker's own: the caller's counts are left as they were
     with pytest.raises(RuntimeError):
         tracker.take()  # reset after take
     tracker.add(torch.tensor([[1, 1]]))
