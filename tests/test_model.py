@@ -126,9 +126,12 @@ def test_rope_interleaved_pairs_by_hand():
     torch.testing.assert_close(y, expected, atol=1e-6, rtol=0)
 
 
-def test_rope_on_views_at_odd_offsets_and_strides():
+@pytest.mark.parametrize("compiling", [False, True])
+def test_rope_on_views_at_odd_offsets_and_strides(compiling, monkeypatch):
     """The rope part of a query is a view into a wider head; with odd widths (e.g. 33 + 16) its pairs are not
-    aligned for a complex view: the result is still the pairwise rotation, and bf16 comes back as bf16."""
+    aligned for a complex view: the result is still the pairwise rotation, and bf16 comes back as bf16. The same
+    for the real-arithmetic form that a traced forward takes (torch.compile generates no complex ops), run eagerly."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
     g = torch.Generator().manual_seed(1)
     cos, sin = torch.randn(1, 3, 8, generator=g), torch.randn(1, 3, 8, generator=g)
     for dtype in (torch.float32, torch.bfloat16):
