@@ -233,8 +233,12 @@ def test_yarn_frequencies_match_transformers(theta, dim, orig, fast, slow, facto
 
 
 # ------------------------------------------------------------------------------------------ MLA
-def test_mla_matches_absorbed_latent_attention():
-    """SPEC §3 written out per head over the cached latent (absorbed W_UK / W_UV) equals the module."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_matches_absorbed_latent_attention(dtype):
+    """SPEC §3 written out per head over the cached latent (absorbed W_UK / W_UV) equals the module: causal in
+    fp32; in bf16 on the CPU with an explicit mask of two packed documents (tokens 0-2, 3-6), which the module
+    must follow rather than the causal mask of its maskless low-precision path (the formulas below then run in
+    fp32 on the same bf16-rounded weights and inputs)."""
     cfg = small_config(num_attention_heads=3, qk_nope_head_dim=4, qk_rope_head_dim=6, v_head_dim=5,
                        kv_lora_rank=12, q_lora_rank=10, rope_factor=2.0, mscale=1.0, mscale_all_dim=0.8)
     torch.manual_seed(0)
@@ -244,7 +248,17 @@ def test_mla_matches_absorbed_latent_attention():
     B, T, H, dh, dR, dv, dc = 2, 7, 3, 4, 6, 5, 12
     x = torch.randn(B, T, cfg.hidden_size)
     cos, sin = RotaryEmbedding(cfg)(torch.arange(T)[None])
-    out = attn(x, cos, sin)
+    keep = torch.ones(T, T, dtype=torch.bool).tril()  # causal
+    if dtype == torch.float32:
+        out = attn(x, cos, sin)
+    else:
+        doc = (torch.arange(T) >= 3).long()
+        keep = keep & (doc[:, None] == doc[None, :])  # each token sees the earlier tokens of its own document
+        attn.to(dtype)
+        x = x.to(dtype)
+        out = attn(x, cos, sin, keep.expand(B, 1, T, T)).float()
+        attn.float()
+        x = x.float()
 
     rot = torch.complex(cos, sin)  # (1, T, dR/2), includes the attention factor
 
@@ -264,12 +278,12 @@ def test_mla_matches_absorbed_latent_attention():
     q_lat = torch.einsum("bthd,hdc->bthc", q_c, w_uk)  # W_UK^T q^C
     scale = (dh + dR) ** -0.5 * (0.1 * 0.8 * math.log(2.0) + 1) ** 2
     scores = (torch.einsum("bthc,bsc->bhts", q_lat, c_kv) + torch.einsum("bthr,bsr->bhts", q_r, k_r)) * scale
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    p = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    p = scores.masked_fill(~keep, float("-inf")).softmax(-1)
     o_c = torch.einsum("bhts,bsc->bthc", p, c_kv)
     o = torch.einsum("bthc,hvc->bthv", o_c, w_uv).reshape(B, T, H * dv)
     expected = o @ attn.o_proj.weight.T
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 0.02 * expected.abs().max().item()  # bf16: 8 bits of mantissa
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
 
 
 # ------------------------------------------------------------------------------------------ router
