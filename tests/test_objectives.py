@@ -40,6 +40,9 @@ def test_next_token_loss_three_token_vocab():
     assert next_token_loss(logits.bfloat16(), labels).dtype == torch.float32
     # nothing to predict: 0, not NaN
     assert next_token_loss(logits, torch.full((1, 3), -100)).item() == 0.0
+    # labels (T, B) against logits (B, T, V): as many targets, paired wrongly; an error, not a number
+    with pytest.raises(ValueError):
+        next_token_loss(torch.zeros(2, 3, 5), torch.zeros(3, 2, dtype=torch.long))
 
 
 def test_next_token_loss_compiled_form():
