@@ -180,6 +180,24 @@ def test_logits_to_probs_greedy_top_k_top_p_by_hand():
     hot = logits_to_probs(logits, 0.5)  # p^2, renormalized
     torch.testing.assert_close(hot, torch.tensor([[0.01, 0.25, 0.0225, 0.0625]]) / 0.345)
     assert logits_to_probs(logits.bfloat16(), 1.0).dtype == torch.float32
+    # top_k = V - 1 drops just the least likely token; top_p = 0.99 drops a tail of 0.003 (the mass ahead of it is
+    # 0.997); top_p = 1 is a valid value that keeps every token
+    torch.testing.assert_close(logits_to_probs(logits, 1.0, top_k=3), torch.tensor([[0.0, 0.5, 0.15, 0.25]]) / 0.9)
+    tail = torch.log(torch.tensor([[0.6, 0.397, 0.003]]))
+    torch.testing.assert_close(logits_to_probs(tail, 1.0, top_p=0.99), torch.tensor([[0.6, 0.397, 0.0]]) / 0.997)
+    assert check_sampling(1.0, None, 1.0) == (1.0, None, 1.0)
+    torch.testing.assert_close(logits_to_probs(logits, 1.0, top_p=1.0), torch.tensor([[0.1, 0.5, 0.15, 0.25]]))
+
+
+def test_top_k_keeps_ties_as_transformers_does():
+    """top-k keeps every token whose logit equals the k-th largest, as transformers' TopKLogitsWarper does (so a
+    row of ties keeps more than k tokens); for k = 1..3 of 4 tokens, rows with and without ties."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0], [0.5, 0.5, 0.5, -1.0], [0.1, 2.0, -1.0, 1.0]])
+    for k in (1, 2, 3):
+        expected = TopKLogitsWarper(k)(None, logits.clone()).softmax(-1)
+        torch.testing.assert_close(logits_to_probs(logits, 1.0, top_k=k), expected)
 
 
 def _nucleus_by_sorting(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -206,6 +224,18 @@ def test_nucleus_from_the_most_likely_tokens_equals_a_full_sort(scale, levels, m
     assert torch.equal(got, _nucleus_by_sorting(probs, 0.9))
 
 
+def test_nucleus_of_a_batch_with_a_peaked_and_a_flat_row():
+    """In one batch, a peaked row (its nucleus among its 64 most likely tokens) and a flat one (more than 512):
+    the 64 most likely tokens of the first row do not make the second row's nucleus; each row gets the nucleus
+    of a full sort."""
+    g = torch.Generator().manual_seed(3)
+    probs = torch.cat([(torch.randn(1, 2048, generator=g) * scale).softmax(-1) for scale in (12.0, 0.5)])
+    expected = _nucleus_by_sorting(probs, 0.9)
+    sizes = (expected > 0).sum(-1).tolist()
+    assert sizes[0] <= 64 and sizes[1] > 512
+    assert torch.equal(sampling.nucleus(probs, 0.9), expected)
+
+
 def test_sample_draws_from_the_distribution_and_never_a_zero_probability_token(monkeypatch):
     probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])  # zeros first, inside and last
     g = torch.Generator().manual_seed(0)
@@ -221,6 +251,12 @@ def test_sample_draws_from_the_distribution_and_never_a_zero_probability_token(m
     # the same generator state gives the same tokens
     a = sample(probs.expand(100, -1), torch.Generator().manual_seed(7))
     assert torch.equal(a, sample(probs.expand(100, -1), torch.Generator().manual_seed(7)))
+    # with u given: the first token whose running sum exceeds u x the row's total, for unnormalized rows too
+    # (2 + 2: u = 0.75 -> 3 > 2 -> token 1); u = 0 (torch.rand can return it) still skips a token of probability 0
+    f64 = dict(dtype=torch.float64)
+    assert sample(torch.tensor([[2.0, 2.0]]), u=torch.tensor([[0.75]], **f64)).tolist() == [1]
+    assert sample(torch.tensor([[2.0, 2.0]]), u=torch.tensor([[0.49]], **f64)).tolist() == [0]
+    assert sample(torch.tensor([[0.0, 0.3, 0.7]]), u=torch.zeros(1, 1, **f64)).tolist() == [1]
     # u * total rounded up to the total mass itself (u = 1): still the last token of nonzero probability
     monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw.get("dtype")))
     assert sample(torch.tensor([[0.25, 0.75, 0.0, 0.0]])).tolist() == [1]
@@ -229,6 +265,7 @@ def test_sample_draws_from_the_distribution_and_never_a_zero_probability_token(m
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=True), "top_k"), (dict(top_p=True), "top_p"), (dict(temperature=True), "temperature"),  # not numbers
 ])
 def test_invalid_sampling_parameters(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
