@@ -89,6 +89,14 @@ def test_cache_stores_normalized_c_kv_and_roped_k_rope(model):
     assert kv[:, 7:].abs().sum() == 0
 
 
+@torch.no_grad()
+def test_writing_past_the_cache_is_a_clear_error(model):
+    """A slot past the cache's end is a ValueError naming the slot (not an IndexError from the write)."""
+    cache = LatentCache.for_model(model, 1, 4)
+    with pytest.raises(ValueError, match="cache slot 4 is past the cache's 4 slots"):
+        model.forward_cached(torch.tensor([[1]]), torch.tensor([[4]]), cache)
+
+
 @pytest.mark.parametrize("yarn", [True, False], ids=["yarn", "plain-rope"])
 @torch.no_grad()
 def test_absorbed_decoding_matches_full_forward_token_by_token(yarn):
@@ -142,9 +150,15 @@ def test_absorbed_attention_in_low_precision_equals_the_fp32_math(dtype, T):
     assert error < 2 * torch.finfo(dtype).eps
 
 
-@pytest.mark.parametrize("absorb", [True, False])
+@pytest.mark.parametrize("absorb, flash", [(True, False), (False, False), (True, True)],
+                         ids=["absorbed", "expanded", "absorbed-flash"])
 @torch.no_grad()
-def test_chunked_prefill_either_path_matches_full_forward(model, absorb):
+def test_chunked_prefill_either_path_matches_full_forward(model, absorb, flash, monkeypatch):
+    """absorbed-flash: the absorbed attention as flash attention over the latent (used past SCORES_BUDGET, forced
+    here), with the causal mask inside each chunk."""
+    if flash:
+        from nanoseek.model import attention
+        monkeypatch.setattr(attention, "SCORES_BUDGET", 0)
     seq = torch.tensor(_random_seqs([30], seed=3))
     full = model(seq)
     cache = LatentCache.for_model(model, 1, 30)
@@ -283,6 +297,14 @@ def test_invalid_requests(model, prompts, max_new, message):
     with pytest.raises(ValueError, match=message) as info:
         generate(model, prompts, max_new)
     assert "\n" not in str(info.value)
+
+
+def test_a_request_filling_the_context_exactly_runs(model):
+    """prompt + max_new_tokens = max_position_embeddings (96) is allowed, plain and speculative (one more is
+    refused: test_invalid_requests)."""
+    for speculative in (False, True):
+        result = generate(model, [[1] * 90, [2] * 40], 6, speculative=speculative)
+        assert [len(t) for t in result.tokens] == [6, 6]
 
 
 @pytest.mark.parametrize("prompts, kwargs, message", [
