@@ -356,6 +356,10 @@ def test_greedy_generate_matches_naive_loop_batched(model):
     assert s.prompt_tokens == 18 and s.new_tokens == 48 and s.decode_steps == 15
     assert s.cache_bytes == 3 * (12 + 16) * (24 + 8) * 3 * 4  # B x (longest prompt + new) x (d_c + d_R) x L x 4
     assert s.acceptance_rate is None and s.drafted == 0 and s.decode_tokens_per_s > 0
+    # the rates by their definitions: the 18 prompt tokens over the prefill's time; the 48 - 3 tokens after each
+    # sequence's first over the decoding time (not counting the prefill)
+    assert s.prefill_tokens_per_s == pytest.approx(18 / s.prefill_s)
+    assert s.decode_tokens_per_s == pytest.approx(45 / s.decode_s)
 
 
 def test_stop_tokens_end_each_sequence_and_are_kept(model):
