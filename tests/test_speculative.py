@@ -89,6 +89,16 @@ def test_rule_sometimes_accepts_and_keeps_the_target_distribution():
     assert _chi2_ok(third, p2)
 
 
+def test_rule_rejects_a_draft_the_target_excludes_even_at_u_zero():
+    """min(1, p/q) is 0 for p(d) = 0: rejected even for a uniform number of exactly 0 (torch.rand can return it);
+    the replacement is then drawn from max(0, p - q) = (0, 0, 0.5), i.e. token 2."""
+    q = _dist(0.5, 0.5, 0.0)[None, None]  # (1, 1, 3)
+    p = torch.stack((_dist(0.0, 0.5, 0.5), _dist(1.0, 0.0, 0.0)))[None]  # (1, 2, 3)
+    n_acc, nxt = speculative_accept(torch.tensor([[0]]), q, p, u=torch.zeros(1, 1),
+                                    u_next=torch.full((1, 1), 0.5, dtype=torch.float64))
+    assert n_acc.tolist() == [0] and nxt.tolist() == [2]
+
+
 # ------------------------------------------------------------------------------------------ generate
 @pytest.mark.parametrize("depth", [1, 2])
 def test_greedy_speculative_equals_greedy_plain(depth, monkeypatch):
