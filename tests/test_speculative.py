@@ -128,6 +128,37 @@ def test_greedy_speculative_with_stop_tokens_and_streaming():
     assert spec.tokens == generate(model, prompts, 25, stop_tokens=[stop]).tokens == streamed
 
 
+def test_speculative_statistics_count_each_running_sequence_and_step(monkeypatch):
+    """draft_steps / drafted / accepted and the per-depth counts and rates, counted by hand from the acceptance
+    rule's results (recorded) in the steps where each sequence still runs (it emitted tokens, on_tokens). Here the
+    second sequence finishes two steps before the first: its later verifications, which nothing uses, do not
+    count. Each step emits the accepted drafts and one token more, except where a sequence ends."""
+    model = tiny_model(seed=2, vocab_size=6, num_nextn_predict_layers=2)  # accepts drafts of both depths
+    records = []
+    original = speculative_module.greedy_accept
+
+    def recording(drafts, target_logits):
+        n_accepted, next_token = original(drafts, target_logits)
+        records.append(n_accepted.tolist())
+        return n_accepted, next_token
+
+    monkeypatch.setattr(speculative_module, "greedy_accept", recording)
+    steps = []
+    s = generate(model, [[1, 4, 2, 3], [5, 0]], 16, speculative=True, on_tokens=steps.append).stats
+    decoding = steps[1:]  # steps[0]: the first token of each, from the prefill
+    assert len(decoding) == len(records) == s.decode_steps
+    runs = [[(kept[b], n_acc[b]) for kept, n_acc in zip(decoding, records) if kept[b]] for b in range(2)]
+    assert len(runs[1]) < len(runs[0]) == len(records)  # the second sequence finished early
+    accepted = [a for run in runs for _, a in run]  # per (running sequence, step)
+    assert s.draft_steps == len(accepted) and s.drafted == 2 * len(accepted)
+    assert s.accepted == sum(accepted)
+    per_depth = [sum(a > k for a in accepted) for k in range(2)]
+    assert s.accepted_per_depth == per_depth and per_depth[1] > 0
+    assert s.acceptance_rate == pytest.approx(sum(accepted) / (2 * len(accepted)))
+    assert s.acceptance_rate_per_depth == pytest.approx([c / len(accepted) for c in per_depth])
+    assert all(len(kept) == a + 1 for run in runs for kept, a in run[:-1])
+
+
 def test_sampled_speculative_is_reproducible():
     model = tiny_model(seed=3, num_nextn_predict_layers=2)
     prompts = _random_seqs([3, 6], seed=10)
