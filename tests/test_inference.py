@@ -89,6 +89,14 @@ def test_cache_stores_normalized_c_kv_and_roped_k_rope(model):
     assert kv[:, 7:].abs().sum() == 0
 
 
+@torch.no_grad()
+def test_writing_past_the_cache_is_a_clear_error(model):
+    """A slot past the cache's end is a ValueError naming the slot (not an IndexError from the write)."""
+    cache = LatentCache.for_model(model, 1, 4)
+    with pytest.raises(ValueError, match="cache slot 4 is past the cache's 4 slots"):
+        model.forward_cached(torch.tensor([[1]]), torch.tensor([[4]]), cache)
+
+
 @pytest.mark.parametrize("yarn", [True, False], ids=["yarn", "plain-rope"])
 @torch.no_grad()
 def test_absorbed_decoding_matches_full_forward_token_by_token(yarn):
@@ -142,9 +150,15 @@ def test_absorbed_attention_in_low_precision_equals_the_fp32_math(dtype, T):
     assert error < 2 * torch.finfo(dtype).eps
 
 
-@pytest.mark.parametrize("absorb", [True, False])
+@pytest.mark.parametrize("absorb, flash", [(True, False), (False, False), (True, True)],
+                         ids=["absorbed", "expanded", "absorbed-flash"])
 @torch.no_grad()
-def test_chunked_prefill_either_path_matches_full_forward(model, absorb):
+def test_chunked_prefill_either_path_matches_full_forward(model, absorb, flash, monkeypatch):
+    """absorbed-flash: the absorbed attention as flash attention over the latent (used past SCORES_BUDGET, forced
+    here), with the causal mask inside each chunk."""
+    if flash:
+        from nanoseek.model import attention
+        monkeypatch.setattr(attention, "SCORES_BUDGET", 0)
     seq = torch.tensor(_random_seqs([30], seed=3))
     full = model(seq)
     cache = LatentCache.for_model(model, 1, 30)
@@ -180,6 +194,24 @@ def test_logits_to_probs_greedy_top_k_top_p_by_hand():
     hot = logits_to_probs(logits, 0.5)  # p^2, renormalized
     torch.testing.assert_close(hot, torch.tensor([[0.01, 0.25, 0.0225, 0.0625]]) / 0.345)
     assert logits_to_probs(logits.bfloat16(), 1.0).dtype == torch.float32
+    # top_k = V - 1 drops just the least likely token; top_p = 0.99 drops a tail of 0.003 (the mass ahead of it is
+    # 0.997); top_p = 1 is a valid value that keeps every token
+    torch.testing.assert_close(logits_to_probs(logits, 1.0, top_k=3), torch.tensor([[0.0, 0.5, 0.15, 0.25]]) / 0.9)
+    tail = torch.log(torch.tensor([[0.6, 0.397, 0.003]]))
+    torch.testing.assert_close(logits_to_probs(tail, 1.0, top_p=0.99), torch.tensor([[0.6, 0.397, 0.0]]) / 0.997)
+    assert check_sampling(1.0, None, 1.0) == (1.0, None, 1.0)
+    torch.testing.assert_close(logits_to_probs(logits, 1.0, top_p=1.0), torch.tensor([[0.1, 0.5, 0.15, 0.25]]))
+
+
+def test_top_k_keeps_ties_as_transformers_does():
+    """top-k keeps every token whose logit equals the k-th largest, as transformers' TopKLogitsWarper does (so a
+    row of ties keeps more than k tokens); for k = 1..3 of 4 tokens, rows with and without ties."""
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    logits = torch.tensor([[3.0, 2.0, 2.0, 1.0], [0.5, 0.5, 0.5, -1.0], [0.1, 2.0, -1.0, 1.0]])
+    for k in (1, 2, 3):
+        expected = TopKLogitsWarper(k)(None, logits.clone()).softmax(-1)
+        torch.testing.assert_close(logits_to_probs(logits, 1.0, top_k=k), expected)
 
 
 def _nucleus_by_sorting(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -206,6 +238,18 @@ def test_nucleus_from_the_most_likely_tokens_equals_a_full_sort(scale, levels, m
     assert torch.equal(got, _nucleus_by_sorting(probs, 0.9))
 
 
+def test_nucleus_of_a_batch_with_a_peaked_and_a_flat_row():
+    """In one batch, a peaked row (its nucleus among its 64 most likely tokens) and a flat one (more than 512):
+    the 64 most likely tokens of the first row do not make the second row's nucleus; each row gets the nucleus
+    of a full sort."""
+    g = torch.Generator().manual_seed(3)
+    probs = torch.cat([(torch.randn(1, 2048, generator=g) * scale).softmax(-1) for scale in (12.0, 0.5)])
+    expected = _nucleus_by_sorting(probs, 0.9)
+    sizes = (expected > 0).sum(-1).tolist()
+    assert sizes[0] <= 64 and sizes[1] > 512
+    assert torch.equal(sampling.nucleus(probs, 0.9), expected)
+
+
 def test_sample_draws_from_the_distribution_and_never_a_zero_probability_token(monkeypatch):
     probs = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.3, 0.0])  # zeros first, inside and last
     g = torch.Generator().manual_seed(0)
@@ -221,6 +265,12 @@ def test_sample_draws_from_the_distribution_and_never_a_zero_probability_token(m
     # the same generator state gives the same tokens
     a = sample(probs.expand(100, -1), torch.Generator().manual_seed(7))
     assert torch.equal(a, sample(probs.expand(100, -1), torch.Generator().manual_seed(7)))
+    # with u given: the first token whose running sum exceeds u x the row's total, for unnormalized rows too
+    # (2 + 2: u = 0.75 -> 3 > 2 -> token 1); u = 0 (torch.rand can return it) still skips a token of probability 0
+    f64 = dict(dtype=torch.float64)
+    assert sample(torch.tensor([[2.0, 2.0]]), u=torch.tensor([[0.75]], **f64)).tolist() == [1]
+    assert sample(torch.tensor([[2.0, 2.0]]), u=torch.tensor([[0.49]], **f64)).tolist() == [0]
+    assert sample(torch.tensor([[0.0, 0.3, 0.7]]), u=torch.zeros(1, 1, **f64)).tolist() == [1]
     # u * total rounded up to the total mass itself (u = 1): still the last token of nonzero probability
     monkeypatch.setattr(torch, "rand", lambda *shape, **kw: torch.ones(*shape, dtype=kw.get("dtype")))
     assert sample(torch.tensor([[0.25, 0.75, 0.0, 0.0]])).tolist() == [1]
@@ -229,6 +279,7 @@ def test_sample_draws_from_the_distribution_and_never_a_zero_probability_token(m
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=-0.5), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_k=0), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=True), "top_k"), (dict(top_p=True), "top_p"), (dict(temperature=True), "temperature"),  # not numbers
 ])
 def test_invalid_sampling_parameters(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -246,6 +297,14 @@ def test_invalid_requests(model, prompts, max_new, message):
     with pytest.raises(ValueError, match=message) as info:
         generate(model, prompts, max_new)
     assert "\n" not in str(info.value)
+
+
+def test_a_request_filling_the_context_exactly_runs(model):
+    """prompt + max_new_tokens = max_position_embeddings (96) is allowed, plain and speculative (one more is
+    refused: test_invalid_requests)."""
+    for speculative in (False, True):
+        result = generate(model, [[1] * 90, [2] * 40], 6, speculative=speculative)
+        assert [len(t) for t in result.tokens] == [6, 6]
 
 
 @pytest.mark.parametrize("prompts, kwargs, message", [
@@ -297,6 +356,10 @@ def test_greedy_generate_matches_naive_loop_batched(model):
     assert s.prompt_tokens == 18 and s.new_tokens == 48 and s.decode_steps == 15
     assert s.cache_bytes == 3 * (12 + 16) * (24 + 8) * 3 * 4  # B x (longest prompt + new) x (d_c + d_R) x L x 4
     assert s.acceptance_rate is None and s.drafted == 0 and s.decode_tokens_per_s > 0
+    # the rates by their definitions: the 18 prompt tokens over the prefill's time; the 48 - 3 tokens after each
+    # sequence's first over the decoding time (not counting the prefill)
+    assert s.prefill_tokens_per_s == pytest.approx(18 / s.prefill_s)
+    assert s.decode_tokens_per_s == pytest.approx(45 / s.decode_s)
 
 
 def test_stop_tokens_end_each_sequence_and_are_kept(model):
