@@ -340,6 +340,33 @@ def test_save_of_an_in_memory_tokenizer(tmp_path, reference_tokenizers):
     assert again.encode(ENCODE_TEXTS[5]) == reference_tokenizers.encode(ENCODE_TEXTS[5], add_special_tokens=False).ids
 
 
+@pytest.mark.parametrize("added_tokens_decoder", [False, True])
+def test_legacy_special_tokens_map_as_transformers_reads_it(tmp_path, added_tokens_decoder):
+    """special_tokens_map.json (written by transformers before 4.34) against tokenizer_config.json: without an
+    added_tokens_decoder in the config, transformers takes the map's tokens over the config's; with one, it does
+    not read the map at all."""
+    transformers = pytest.importorskip("transformers")
+    d = _checkpoint_dir(tmp_path / "legacy", R1_STYLE_TEMPLATE)
+    config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del config["pad_token"]
+    if added_tokens_decoder:
+        config["added_tokens_decoder"] = {"0": {"content": BOS, "special": True, "lstrip": False, "rstrip": False,
+                                                "normalized": False, "single_word": False}}
+    (d / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<｜User｜>", "pad_token": "<｜Assistant｜>"}),
+                                               encoding="utf-8")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(d))
+    ours = Tokenizer.from_pretrained(d)
+    if added_tokens_decoder:
+        assert (theirs.eos_token, theirs.pad_token) == (EOS, None)
+    else:
+        assert (theirs.eos_token, theirs.pad_token) == ("<｜User｜>", "<｜Assistant｜>")
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (theirs.bos_token, theirs.eos_token, theirs.pad_token)
+    assert ours.eos_token_id == theirs.eos_token_id
+    kwargs = dict(add_generation_prompt=True, tokenize=False)
+    assert ours.apply_chat_template(CONVERSATIONS[2], **kwargs) == theirs.apply_chat_template(CONVERSATIONS[2], **kwargs)
+
+
 def test_text_that_is_not_utf8_is_a_tokenizer_error(ds_tok):
     """Bytes that are not UTF-8 reach Python (argv, stdin) as lone surrogates, which `tokenizers` rejects with a
     bare TypeError: encode names the character instead (a TokenizerError is a ValueError, one line in the CLI)."""
