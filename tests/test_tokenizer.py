@@ -258,12 +258,35 @@ def test_template_features_equal_transformers(our_tokenizers, hf_tokenizers):
                                                "parameters": {"type": "object", "properties": {}}}}]
     messages = [{"role": "user", "content": "a"}, {"role": "skip", "content": "hidden"},
                 {"role": "assistant", "content": "b", "reasoning_content": "because"},
+                {"role": "assistant", "content": "c", "thinking": "so"},  # older names for reasoning_content
+                {"role": "assistant", "content": "d", "reasoning": "thus"},
                 {"role": "stop", "content": "x"}, {"role": "user", "content": "never shown"}]
     kwargs = dict(add_generation_prompt=True, tokenize=False, tools=tools, extra="!")
     text = ours.apply_chat_template(messages, **kwargs)
     assert text == hf_tokenizers["features"].apply_chat_template(messages, **kwargs)
     assert '"naïve <b>&</b>"' in text and "hidden" not in text and "never shown" not in text
-    assert "(r: because)" in text
+    assert "(r: because)" in text and "(r: so)" in text and "(r: thus)" in text
+
+
+def test_template_variables_override_special_tokens(our_tokenizers, hf_tokenizers):
+    """A keyword argument named like a special token reaches the template instead of the tokenizer's own
+    (transformers: ``{**special_tokens_map, **kwargs}``)."""
+    kwargs = dict(add_generation_prompt=True, tokenize=False, bos_token="<s>", eos_token="</s>")
+    text = our_tokenizers["r1"].apply_chat_template(CONVERSATIONS[2], **kwargs)
+    assert text == hf_tokenizers["r1"].apply_chat_template(CONVERSATIONS[2], **kwargs)
+    assert text.startswith("<s>Be kind.") and "It is 42.</s><｜User｜>" in text and BOS not in text
+
+
+def test_chat_ids_carry_no_post_processor_tokens(reference_tokenizers):
+    """The rendered prompt holds its own bos: tokenize=True encodes it without the special tokens a
+    tokenizer.json post-processor adds (transformers tokenizes chat prompts with add_special_tokens=False)."""
+    backend = tokenizers.Tokenizer.from_str(reference_tokenizers.to_str())
+    backend.post_processor = tokenizers.processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 0)])
+    assert backend.encode("hi", add_special_tokens=True).ids[:1] == [0]  # the post-processor does add a bos
+    tok = Tokenizer(backend, {"bos_token": BOS, "eos_token": EOS}, chat_template=R1_STYLE_TEMPLATE)
+    ids = tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True)
+    assert ids.count(0) == 1 and ids[0] == 0
+    assert ids == backend.encode(BOS + "<｜User｜>Hello!<｜Assistant｜><think>\n", add_special_tokens=False).ids
 
 
 def test_strftime_now_and_raise_exception(our_tokenizers):
@@ -311,8 +334,14 @@ def test_named_templates_and_template_file(tmp_path):
     assert tok.apply_chat_template(msgs, tokenize=False, tools=[{"a": 1}]) == "T1"
     assert tok.apply_chat_template(msgs, tokenize=False, chat_template="tool_use") == "T0"
     # chat_template.jinja wins over the tokenizer_config.json entry, as in transformers
+    # (with named ones in additional_chat_templates/); save carries both files to a checkpoint
     (d / "chat_template.jinja").write_text("J{{ messages | length }}", encoding="utf-8")
-    assert Tokenizer.from_pretrained(d).apply_chat_template(msgs, tokenize=False) == "J1"
+    (d / "additional_chat_templates").mkdir()
+    (d / "additional_chat_templates" / "brief.jinja").write_text("B{{ messages[0]['content'] }}", encoding="utf-8")
+    saved = Tokenizer.from_pretrained(Tokenizer.from_pretrained(d).save(tmp_path / "ckpt"))
+    assert saved.chat_template == {"default": "J{{ messages | length }}", "brief": "B{{ messages[0]['content'] }}"}
+    assert saved.apply_chat_template(msgs, tokenize=False) == "J1"
+    assert saved.apply_chat_template(msgs, tokenize=False, chat_template="brief") == "Bx"
 
 
 # ------------------------------------------------------------------------------------------- files
