@@ -292,6 +292,23 @@ def test_recipe_reproduces_deepseek_v3_settings(tmp_path):
         assert mc.max_position_embeddings == 163840 and mc.softmax_scale == pytest.approx(0.13523, abs=5e-6)
 
 
+def test_recipe_from_a_run_already_yarn_scaled(tmp_path):
+    """A base trained at L = 128 whose model is itself YaRN-scaled from 64 (s = 2): the stages keep its original
+    length, s = final length / 64, and s never drops below the run's own factor."""
+    yarn_base = ModelConfig.preset("demo").replace(rope_scaling_type="yarn", rope_factor=2.0,
+                                                   original_max_position_embeddings=64, max_position_embeddings=128)
+    (stage,) = plan_stages(demo_base(), yarn_base, tmp_path, tmp_path / "base", [4])
+    rope = stage.config.model_overrides
+    assert (stage.seq_len, rope["original_max_position_embeddings"], rope["rope_factor"]) == (512, 64, 8.0)  # 512 / 64
+    assert rope["max_position_embeddings"] == 512
+    wide = yarn_base.replace(rope_factor=40.0, max_position_embeddings=2560)  # already good for 40 x 64 tokens
+    (stage,) = plan_stages(demo_base(), wide, tmp_path, tmp_path / "base", [2])
+    rope = stage.config.model_overrides
+    assert (stage.seq_len, rope["rope_factor"], rope["max_position_embeddings"]) == (256, 40.0, 2560)  # not 256 / 64
+    with pytest.raises(ValueError, match="--factor 8 is below 40"):
+        plan_stages(demo_base(), wide, tmp_path, tmp_path / "base", [2], factor=8.0)
+
+
 @pytest.mark.parametrize("multiples, factor, message", [
     ([4, 2], None, "longer than the one before: 2 x 128 = 256 is not above 512"),
     ([1], None, "1 x 128 = 128 is not above 128"),
