@@ -176,6 +176,12 @@ def test_save_bf16_keeps_router_fp32(tiny, tmp_path):
     assert torch.equal(model.layers[2].mlp.experts.gate_up_proj, tiny.layers[2].mlp.experts.gate_up_proj.bfloat16())
     as32 = load_pretrained(path, dtype=torch.float32)
     assert all(p.dtype == torch.float32 for p in as32.parameters())
+    # norms stored in fp32 beside bf16 matrices (as some checkpoints do): the dtype that holds most weights wins
+    ckpt = load_file(path / "model.safetensors")
+    save_file({k: t.float() if "norm" in k else t for k, t in ckpt.items()}, path / "model.safetensors")
+    mixed = load_pretrained(path)
+    assert mixed.norm.weight.dtype == mixed.embed_tokens.weight.dtype == torch.bfloat16
+    assert mixed.layers[1].mlp.gate.weight.dtype == torch.float32
 
 
 def test_v2_style_and_tied_round_trip(tmp_path):
@@ -371,13 +377,14 @@ def test_missing_unexpected_and_misshaped_in_one_error(saved, tmp_path):
     del ckpt["model.layers.2.mlp.experts.7.up_proj.weight"]
     ckpt["model.layers.1.mlp.unknown.weight"] = torch.zeros(3)
     ckpt["model.norm.weight"] = torch.ones(65)
+    ckpt["model.layers.3.embed_tokens.weight"] = torch.zeros(10, 64)  # the MTP layer's copy: never loaded, checked
     save_file(ckpt, path / "model.safetensors")
     with pytest.raises(CheckpointError) as e:
         load_pretrained(path)
     msg = str(e.value)
     assert "missing: model.layers.0.self_attn.kv_b_proj.weight, model.layers.2.mlp.experts.7.up_proj.weight" in msg
     assert "1 unexpected: model.layers.1.mlp.unknown.weight" in msg
-    assert "1 mis-shaped: model.norm.weight (65,) != (64,)" in msg
+    assert "2 mis-shaped: model.layers.3.embed_tokens.weight (10, 64) != (256, 64), model.norm.weight (65,) != (64,)" in msg
     assert e.value.missing and e.value.unexpected and e.value.mis_shaped
     assert_clean(e.value)
     assert isinstance(e.value, ValueError)

@@ -24,7 +24,7 @@ from nanoseek.model.rope import RotaryEmbedding, rope_attention_factor, rope_fre
 from nanoseek.passkey import (EVAL_DEPTHS, PASSKEY_NEEDLE, PASSKEY_QUESTION, TRAIN_DEPTHS, PasskeyExample, PasskeyMaker,
                               PasskeyTooShort, passkey_examples)
 from nanoseek.train import TrainConfig, train
-from nanoseek.train.extend import plan_stages, stage_batch, write_split_jsonl
+from nanoseek.train.extend import plan_stages, sample_documents, stage_batch, write_split_jsonl
 from nanoseek.train.optim import learning_rate
 
 STDLIB_JSON = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
@@ -239,6 +239,21 @@ def test_split_jsonl_reproduces_the_split(tmp_path):
     write_split_jsonl(path, train_texts, val_texts, 0.1)
     corpus = load_corpus([str(path)], val_fraction=0.1)
     assert [d.text for d in corpus.train] == train_texts and [d.text for d in corpus.val] == val_texts
+
+
+def test_stage_documents_sample_a_budget_in_corpus_order():
+    """The base documents a stage trains on: at least max_chars characters, stopping at the document that reaches
+    them, spread over the corpus (not its first documents), in corpus order, the same on every call."""
+    from nanoseek.train.data import Document
+
+    docs = [Document(f"c.jsonl:{i}", "x" * (10 + i)) for i in range(40)]  # 1180 characters
+    sample = sample_documents(docs, 200)
+    total = sum(len(d.text) for d in sample)
+    assert 200 <= total < 200 + 49  # stops once the budget is reached
+    assert [docs.index(d) for d in sample] == sorted(docs.index(d) for d in sample)
+    assert sample != docs[:len(sample)]
+    assert sample_documents(docs, 200) == sample
+    assert sample_documents(docs, None) == docs and sample_documents(docs, 1180) == docs
 
 
 # ------------------------------------------------------------------------------------------ the recipe's settings

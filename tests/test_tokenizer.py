@@ -279,7 +279,8 @@ def test_template_variables_override_special_tokens(our_tokenizers, hf_tokenizer
 
 def test_chat_ids_carry_no_post_processor_tokens(reference_tokenizers):
     """The rendered prompt holds its own bos: tokenize=True encodes it without the special tokens a
-    tokenizer.json post-processor adds (transformers tokenizes chat prompts with add_special_tokens=False)."""
+    tokenizer.json post-processor adds (transformers tokenizes chat prompts with add_special_tokens=False), while
+    encode(add_special_tokens=True) keeps them. DeepSeek's tokenizer.json adds none, so here one that adds a bos."""
     backend = tokenizers.Tokenizer.from_str(reference_tokenizers.to_str())
     backend.post_processor = tokenizers.processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 0)])
     assert backend.encode("hi", add_special_tokens=True).ids[:1] == [0]  # the post-processor does add a bos
@@ -287,6 +288,11 @@ def test_chat_ids_carry_no_post_processor_tokens(reference_tokenizers):
     ids = tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True)
     assert ids.count(0) == 1 and ids[0] == 0
     assert ids == backend.encode(BOS + "<｜User｜>Hello!<｜Assistant｜><think>\n", add_special_tokens=False).ids
+    # encode itself adds them when asked, as tokenizers does
+    assert tok.encode("hi", add_special_tokens=True) == [0, *tok.encode("hi")]
+    assert tok.encode_batch(["hi", "yo"], add_special_tokens=True) == [[0, *tok.encode(t)] for t in ("hi", "yo")]
+    with pytest.raises(TokenizerError, match="no bos_token"):
+        Tokenizer(backend, {}).encode("hi", add_bos=True)
 
 
 def test_strftime_now_and_raise_exception(our_tokenizers):
