@@ -180,10 +180,12 @@ def test_other_block_sizes_and_single_file(tmp_path, block, single_file):
 
 
 def test_convert_cli_progress_and_summary(fp8_ckpt, tmp_path, capsys):
-    assert main(["convert", str(fp8_ckpt), str(tmp_path / "out"), "--dtype", "bf16"]) == 0
+    assert main(["convert", str(fp8_ckpt), str(tmp_path / "out"), "--dtype", "fp16"]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("nanoseek convert: ") and "dequantized to bf16" in out and out.count("\n") == 1
+    assert out.startswith("nanoseek convert: ") and "dequantized to fp16" in out and out.count("\n") == 1
     assert "convert: 100%" in err  # tqdm over shards
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert load_pretrained(tmp_path / "out").layers[0].mlp.down_proj.weight.dtype == torch.float16
 
 
 def _bad(tmp_path, fp8_ckpt, case):
