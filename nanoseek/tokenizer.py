@@ -95,7 +95,7 @@ class Tokenizer:
         self._chat_template: str | dict[str, str] | None = (
             dict(chat_template) if isinstance(chat_template, Mapping) else chat_template)
         self._source = Path(source) if source is not None else None
-        # special tokens: tokenizer_config.json first, the legacy special_tokens_map.json fills gaps
+        # special tokens: tokenizer_config.json's (from_pretrained merges special_tokens_map.json in)
         self.special_tokens: dict[str, str] = {}
         for key, value in self.config.items():
             if key.endswith("_token") and (content := _token_content(value)) is not None:
@@ -124,9 +124,12 @@ class Tokenizer:
         config_file = path / TOKENIZER_CONFIG_FILE
         config = _read_json(config_file) if config_file.is_file() else {}
         legacy = path / SPECIAL_TOKENS_MAP_FILE
-        if legacy.is_file():
+        if legacy.is_file() and "added_tokens_decoder" not in config:
+            # as transformers reads it: a tokenizer_config.json without added_tokens_decoder (written before
+            # transformers 4.34) takes its special tokens from special_tokens_map.json, whose values win; with one,
+            # the legacy file is not read
             for key, value in _read_json(legacy).items():
-                if key.endswith("_token") and key not in config:
+                if key.endswith("_token"):
                     config[key] = value
         # separate template files take priority over the tokenizer_config.json entry, as in transformers
         templates: dict[str, str] = {}

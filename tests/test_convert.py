@@ -3,6 +3,7 @@ to bf16 shard by shard; the result loads with load_pretrained and equals the FP8
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,27 @@ def test_dequantization_by_hand(fp8_ckpt, tmp_path):
     with safe_open(dst / weight_map[key], framework="pt") as f:
         got = f.get_tensor(key)
     assert got.dtype == torch.float32 and torch.equal(got, blocks)
-    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "float32"
+    config = json.loads((dst / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "float32"  # transformers 5 reads "dtype" first
+
+
+def test_e5m2_weight_and_non_square_blocks_by_hand(tmp_path):
+    """A float8_e5m2 weight is dequantized too, here with 32 x 48 blocks over a 70 x 100 matrix: partial blocks at
+    both edges, and the rows and columns of a block told apart."""
+    src, g = tmp_path / "src", torch.Generator().manual_seed(0)
+    src.mkdir()
+    q = (torch.randn(70, 100, generator=g) * 8).to(torch.float8_e5m2)
+    s = torch.rand(3, 3, generator=g) + 0.5  # ceil(70 / 32) x ceil(100 / 48)
+    save_file({"w": q, "w_scale_inv": s, "b": torch.ones(4)}, src / "model.safetensors")
+    (src / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8",
+                                                                         "weight_block_size": [32, 48]}}))
+    convert_fp8_checkpoint(src, tmp_path / "dst", dtype=torch.float32, progress=False)
+    expected = q.float().clone()
+    for i in range(3):
+        for j in range(3):
+            expected[i * 32:(i + 1) * 32, j * 48:(j + 1) * 48] *= s[i, j]
+    out = load_file(tmp_path / "dst" / "model.safetensors")
+    assert out.keys() == {"w", "b"} and torch.equal(out["w"], expected) and torch.equal(out["b"], torch.ones(4))
 
 
 @pytest.mark.parametrize("block, single_file", [([32, 48], False), (None, True)])
@@ -159,10 +180,12 @@ def test_other_block_sizes_and_single_file(tmp_path, block, single_file):
 
 
 def test_convert_cli_progress_and_summary(fp8_ckpt, tmp_path, capsys):
-    assert main(["convert", str(fp8_ckpt), str(tmp_path / "out"), "--dtype", "bf16"]) == 0
+    assert main(["convert", str(fp8_ckpt), str(tmp_path / "out"), "--dtype", "fp16"]) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("nanoseek convert: ") and "dequantized to bf16" in out and out.count("\n") == 1
+    assert out.startswith("nanoseek convert: ") and "dequantized to fp16" in out and out.count("\n") == 1
     assert "convert: 100%" in err  # tqdm over shards
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float16"
+    assert load_pretrained(tmp_path / "out").layers[0].mlp.down_proj.weight.dtype == torch.float16
 
 
 def _bad(tmp_path, fp8_ckpt, case):
@@ -186,10 +209,21 @@ def _bad(tmp_path, fp8_ckpt, case):
         (src / "config.json").unlink()
     elif case == "missing-shard":
         next(src.glob("*.safetensors")).unlink()
-    elif case == "bad-block":
+    elif case in ("bad-block", "bad-fmt"):
         cfg = json.loads((src / "config.json").read_text())
-        cfg["quantization_config"]["weight_block_size"] = [128]
+        if case == "bad-block":
+            cfg["quantization_config"]["weight_block_size"] = [128]
+        else:
+            cfg["quantization_config"]["fmt"] = "e5m2"
         (src / "config.json").write_text(json.dumps(cfg))
+    elif case in ("bad-scale-shape", "orphan-scale"):
+        shard = src / index["weight_map"]["model.layers.0.mlp.down_proj.weight_scale_inv"]
+        tensors = load_file(shard)
+        if case == "bad-scale-shape":  # a (160, 272) weight: 2 x 3 blocks
+            tensors["model.layers.0.mlp.down_proj.weight_scale_inv"] = torch.ones(2, 2)
+        else:  # the scale of a weight stored unquantized
+            tensors["model.norm.weight_scale_inv"] = torch.ones(1, 1)
+        save_file(tensors, shard)
     return src
 
 
@@ -200,9 +234,13 @@ def _bad(tmp_path, fp8_ckpt, case):
     ("no-config", "no config.json"),
     ("missing-shard", "names shard(s) that are not in"),
     ("bad-block", "weight_block_size"),
+    ("bad-fmt", "fmt 'e5m2' is not supported"),
+    ("bad-scale-shape", "model.layers.0.mlp.down_proj.weight_scale_inv has shape (2, 2), expected (2, 3)"),
+    ("orphan-scale", "model.norm.weight_scale_inv scales no FP8 weight"),
 ])
-def test_bad_checkpoints_are_one_line(fp8_ckpt, tmp_path, capsys, case, message):
+def test_bad_checkpoints_are_one_line(fp8_ckpt, tmp_path, capsys, monkeypatch, case, message):
     src = _bad(tmp_path, fp8_ckpt, case)
+    monkeypatch.setattr(conv, "save_file", lambda *a, **k: pytest.fail("found after writing"))  # checked up front
     assert main(["convert", str(src), str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("nanoseek convert: error: ") and err.count("\n") == 1 and message in err
@@ -231,3 +269,26 @@ def test_existing_destination_and_interrupted_conversion(fp8_ckpt, tmp_path, mon
     with pytest.raises(OSError, match=r"^cannot write .*file/sub/out: ") as e:
         convert_fp8_checkpoint(fp8_ckpt, tmp_path / "file" / "sub" / "out", progress=False)
     assert ".tmp-" not in str(e.value)
+
+
+def test_a_killed_conversion_leaves_no_destination(fp8_ckpt, tmp_path, monkeypatch):
+    """Killed half-way (no cleanup runs, as under SIGKILL): DST does not exist, so a rerun starts afresh rather than
+    finding a checkpoint with shards missing."""
+    calls = []
+
+    def dying_save(tensors, file, metadata=None):
+        calls.append(file)
+        if len(calls) == 2:
+            os._exit(0)
+        save_file(tensors, file, metadata=metadata)
+
+    monkeypatch.setattr(conv, "save_file", dying_save)
+    pid = os.fork()
+    if pid == 0:  # the child dies in its second save_file; it never returns to pytest
+        try:
+            convert_fp8_checkpoint(fp8_ckpt, tmp_path / "out", progress=False)
+        finally:
+            os._exit(1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert not (tmp_path / "out").exists()
+    assert all(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())  # at most a hidden staging directory

@@ -148,6 +148,11 @@ def test_saved_keys_are_the_checkpoint_names(tiny, saved):
     assert torch.equal(ckpt[f"model.layers.{L}.shared_head.head.weight"], tiny.lm_head.weight)
     assert torch.equal(ckpt[f"model.layers.{L}.shared_head.norm.weight"], tiny.mtp[0].norm.weight)
     assert torch.equal(ckpt[f"model.layers.{L}.eh_proj.weight"], tiny.mtp[0].eh_proj.weight)
+    # enorm normalizes the embedding, hnorm the hidden state (SPEC §5): the two have the same shape, so only
+    # their values tell a swapped pair of names
+    assert torch.equal(ckpt[f"model.layers.{L}.enorm.weight"], tiny.mtp[0].enorm.weight)
+    assert torch.equal(ckpt[f"model.layers.{L}.hnorm.weight"], tiny.mtp[0].hnorm.weight)
+    assert not torch.equal(tiny.mtp[0].enorm.weight, tiny.mtp[0].hnorm.weight)
     assert ckpt[f"model.layers.{L}.eh_proj.weight"].shape == (D, 2 * D)
     assert torch.equal(ckpt[f"model.layers.{L}.mlp.experts.3.down_proj.weight"],
                        tiny.mtp[0].block.mlp.experts.down_proj[3])
@@ -171,6 +176,12 @@ def test_save_bf16_keeps_router_fp32(tiny, tmp_path):
     assert torch.equal(model.layers[2].mlp.experts.gate_up_proj, tiny.layers[2].mlp.experts.gate_up_proj.bfloat16())
     as32 = load_pretrained(path, dtype=torch.float32)
     assert all(p.dtype == torch.float32 for p in as32.parameters())
+    # norms stored in fp32 beside bf16 matrices (as some checkpoints do): the dtype that holds most weights wins
+    ckpt = load_file(path / "model.safetensors")
+    save_file({k: t.float() if "norm" in k else t for k, t in ckpt.items()}, path / "model.safetensors")
+    mixed = load_pretrained(path)
+    assert mixed.norm.weight.dtype == mixed.embed_tokens.weight.dtype == torch.bfloat16
+    assert mixed.layers[1].mlp.gate.weight.dtype == torch.float32
 
 
 def test_v2_style_and_tied_round_trip(tmp_path):
@@ -334,10 +345,15 @@ def test_fp8_weight_without_scale_is_reported(fp8_checkpoint, tmp_path):
     key = "model.layers.0.self_attn.o_proj.weight_scale_inv"
     del scales[key]
     scales["model.layers.0.mlp.nonexistent.weight_scale_inv"] = torch.ones(1, 1)
+    scales["model.norm.weight_scale_inv"] = torch.ones(1, 1)  # the scale of a weight that is not FP8
+    scales["model.layers.0.self_attn.q_a_proj.weight_scale_inv"] = torch.ones(1, 1)  # (144, 192): 2 x 2 blocks
     save_file(scales, path / "model-00002-of-00002.safetensors")
     with pytest.raises(CheckpointError) as e:
         load_pretrained(path)
-    assert f"missing: {key}" in str(e.value) and "unexpected: model.layers.0.mlp.nonexistent" in str(e.value)
+    # all of them in one error
+    assert f"missing: {key}" in str(e.value)
+    assert "2 unexpected: model.layers.0.mlp.nonexistent.weight_scale_inv, model.norm.weight_scale_inv" in str(e.value)
+    assert "1 mis-shaped: model.layers.0.self_attn.q_a_proj.weight_scale_inv (1, 1) != (2, 2)" in str(e.value)
 
 
 # ---------------------------------------------------------------------------- errors
@@ -361,13 +377,14 @@ def test_missing_unexpected_and_misshaped_in_one_error(saved, tmp_path):
     del ckpt["model.layers.2.mlp.experts.7.up_proj.weight"]
     ckpt["model.layers.1.mlp.unknown.weight"] = torch.zeros(3)
     ckpt["model.norm.weight"] = torch.ones(65)
+    ckpt["model.layers.3.embed_tokens.weight"] = torch.zeros(10, 64)  # the MTP layer's copy: never loaded, checked
     save_file(ckpt, path / "model.safetensors")
     with pytest.raises(CheckpointError) as e:
         load_pretrained(path)
     msg = str(e.value)
     assert "missing: model.layers.0.self_attn.kv_b_proj.weight, model.layers.2.mlp.experts.7.up_proj.weight" in msg
     assert "1 unexpected: model.layers.1.mlp.unknown.weight" in msg
-    assert "1 mis-shaped: model.norm.weight (65,) != (64,)" in msg
+    assert "2 mis-shaped: model.layers.3.embed_tokens.weight (10, 64) != (256, 64), model.norm.weight (65,) != (64,)" in msg
     assert e.value.missing and e.value.unexpected and e.value.mis_shaped
     assert_clean(e.value)
     assert isinstance(e.value, ValueError)
@@ -385,6 +402,22 @@ def test_unexpected_only_is_tolerated_when_not_strict(saved, tmp_path):
     with pytest.raises(CheckpointError, match=r"unexpected: model\.layers\.0\.mlp\.experts\.0\.gate_proj"):
         load_pretrained(path)
     load_pretrained(path, strict=False)
+
+
+def test_a_tensor_stored_in_two_shards_is_named(saved, tmp_path):
+    """Two shards that both hold a tensor: which copy to load is unknowable, so neither is loaded silently."""
+    path = copy_checkpoint(saved["sharded"], tmp_path / "twice")
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    first = weight_map["model.norm.weight"]
+    second = next(name for name in sorted(set(weight_map.values())) if name != first)
+    tensors = load_file(path / second)
+    tensors["model.norm.weight"] = torch.zeros(64)
+    save_file(tensors, path / second)
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(path)
+    a, b = sorted([first, second])
+    assert str(e.value).endswith(f"1 stored twice: model.norm.weight ({a} and {b})")
+    assert_clean(e.value)
 
 
 def test_a_tensor_of_integers_is_named(saved, tmp_path):
@@ -468,6 +501,33 @@ def test_corrupt_shard(saved, tmp_path):
 
 
 # ---------------------------------------------------------------------------- transformers
+def test_config_json_routing_and_yarn_fields_round_trip(tmp_path):
+    """The routing and YaRN fields at values other than their defaults: written under transformers' names (which
+    transformers reads back), and loaded again (a field dropped on either side comes back as its default)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = TINY.replace(n_group=2, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=False, scoring_func="softmax",
+                       rope_theta=20000.0, rope_factor=3.0, original_max_position_embeddings=96, beta_fast=24.0,
+                       beta_slow=2.0, mscale=0.9, mscale_all_dim=0.8, max_position_embeddings=288)
+    path = save_pretrained(make_model(cfg), tmp_path / "ckpt")
+    raw = json.loads((path / "config.json").read_text())
+    assert ({k: raw[k] for k in ("n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "scoring_func")}
+            == {"n_group": 2, "topk_group": 1, "routed_scaling_factor": 1.5, "norm_topk_prob": False,
+                "scoring_func": "softmax"})
+    yarn = {"factor": 3.0, "original_max_position_embeddings": 96, "beta_fast": 24.0, "beta_slow": 2.0, "mscale": 0.9,
+            "mscale_all_dim": 0.8}
+    assert raw["rope_scaling"] == {"type": "yarn", **yarn} and raw["rope_theta"] == 20000.0
+    theirs = transformers.DeepseekV3Config(**raw)
+    assert (theirs.n_group, theirs.topk_group, theirs.routed_scaling_factor, theirs.norm_topk_prob) == (2, 1, 1.5, False)
+    assert {k: theirs.rope_parameters[k] for k in ("rope_type", "rope_theta", *yarn)} == {
+        "rope_type": "yarn", "rope_theta": 20000.0, **yarn}
+    assert load_pretrained(path).config == cfg
+    # a top-level original_max_position_embeddings (nanoseek writes one without YaRN) yields to the yarn block's
+    raw["original_max_position_embeddings"] = 32
+    assert transformers.DeepseekV3Config(**raw).rope_parameters["original_max_position_embeddings"] == 96
+    (path / "config.json").write_text(json.dumps(raw))
+    assert ModelConfig.from_hf(path) == cfg
+
+
 def test_checkpoint_written_by_transformers_loads_without_mtp(tmp_path):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)

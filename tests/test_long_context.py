@@ -24,7 +24,7 @@ from nanoseek.model.rope import RotaryEmbedding, rope_attention_factor, rope_fre
 from nanoseek.passkey import (EVAL_DEPTHS, PASSKEY_NEEDLE, PASSKEY_QUESTION, TRAIN_DEPTHS, PasskeyExample, PasskeyMaker,
                               PasskeyTooShort, passkey_examples)
 from nanoseek.train import TrainConfig, train
-from nanoseek.train.extend import plan_stages, stage_batch, write_split_jsonl
+from nanoseek.train.extend import plan_stages, sample_documents, stage_batch, write_split_jsonl
 from nanoseek.train.optim import learning_rate
 
 STDLIB_JSON = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
@@ -241,6 +241,21 @@ def test_split_jsonl_reproduces_the_split(tmp_path):
     assert [d.text for d in corpus.train] == train_texts and [d.text for d in corpus.val] == val_texts
 
 
+def test_stage_documents_sample_a_budget_in_corpus_order():
+    """The base documents a stage trains on: at least max_chars characters, stopping at the document that reaches
+    them, spread over the corpus (not its first documents), in corpus order, the same on every call."""
+    from nanoseek.train.data import Document
+
+    docs = [Document(f"c.jsonl:{i}", "x" * (10 + i)) for i in range(40)]  # 1180 characters
+    sample = sample_documents(docs, 200)
+    total = sum(len(d.text) for d in sample)
+    assert 200 <= total < 200 + 49  # stops once the budget is reached
+    assert [docs.index(d) for d in sample] == sorted(docs.index(d) for d in sample)
+    assert sample != docs[:len(sample)]
+    assert sample_documents(docs, 200) == sample
+    assert sample_documents(docs, None) == docs and sample_documents(docs, 1180) == docs
+
+
 # ------------------------------------------------------------------------------------------ the recipe's settings
 def demo_base(**kw) -> TrainConfig:
     return TrainConfig(**{**dict(preset="demo", seq_len=128, batch_size=32, steps=300), **kw})
@@ -290,6 +305,23 @@ def test_recipe_reproduces_deepseek_v3_settings(tmp_path):
         mc = ModelConfig.preset(s.config.preset).replace(**s.config.model_overrides)
         assert mc.to_hf()["rope_scaling"] == v3.to_hf()["rope_scaling"]
         assert mc.max_position_embeddings == 163840 and mc.softmax_scale == pytest.approx(0.13523, abs=5e-6)
+
+
+def test_recipe_from_a_run_already_yarn_scaled(tmp_path):
+    """A base trained at L = 128 whose model is itself YaRN-scaled from 64 (s = 2): the stages keep its original
+    length, s = final length / 64, and s never drops below the run's own factor."""
+    yarn_base = ModelConfig.preset("demo").replace(rope_scaling_type="yarn", rope_factor=2.0,
+                                                   original_max_position_embeddings=64, max_position_embeddings=128)
+    (stage,) = plan_stages(demo_base(), yarn_base, tmp_path, tmp_path / "base", [4])
+    rope = stage.config.model_overrides
+    assert (stage.seq_len, rope["original_max_position_embeddings"], rope["rope_factor"]) == (512, 64, 8.0)  # 512 / 64
+    assert rope["max_position_embeddings"] == 512
+    wide = yarn_base.replace(rope_factor=40.0, max_position_embeddings=2560)  # already good for 40 x 64 tokens
+    (stage,) = plan_stages(demo_base(), wide, tmp_path, tmp_path / "base", [2])
+    rope = stage.config.model_overrides
+    assert (stage.seq_len, rope["rope_factor"], rope["max_position_embeddings"]) == (256, 40.0, 2560)  # not 256 / 64
+    with pytest.raises(ValueError, match="--factor 8 is below 40"):
+        plan_stages(demo_base(), wide, tmp_path, tmp_path / "base", [2], factor=8.0)
 
 
 @pytest.mark.parametrize("multiples, factor, message", [

@@ -258,12 +258,41 @@ def test_template_features_equal_transformers(our_tokenizers, hf_tokenizers):
                                                "parameters": {"type": "object", "properties": {}}}}]
     messages = [{"role": "user", "content": "a"}, {"role": "skip", "content": "hidden"},
                 {"role": "assistant", "content": "b", "reasoning_content": "because"},
+                {"role": "assistant", "content": "c", "thinking": "so"},  # older names for reasoning_content
+                {"role": "assistant", "content": "d", "reasoning": "thus"},
                 {"role": "stop", "content": "x"}, {"role": "user", "content": "never shown"}]
     kwargs = dict(add_generation_prompt=True, tokenize=False, tools=tools, extra="!")
     text = ours.apply_chat_template(messages, **kwargs)
     assert text == hf_tokenizers["features"].apply_chat_template(messages, **kwargs)
     assert '"naïve <b>&</b>"' in text and "hidden" not in text and "never shown" not in text
-    assert "(r: because)" in text
+    assert "(r: because)" in text and "(r: so)" in text and "(r: thus)" in text
+
+
+def test_template_variables_override_special_tokens(our_tokenizers, hf_tokenizers):
+    """A keyword argument named like a special token reaches the template instead of the tokenizer's own
+    (transformers: ``{**special_tokens_map, **kwargs}``)."""
+    kwargs = dict(add_generation_prompt=True, tokenize=False, bos_token="<s>", eos_token="</s>")
+    text = our_tokenizers["r1"].apply_chat_template(CONVERSATIONS[2], **kwargs)
+    assert text == hf_tokenizers["r1"].apply_chat_template(CONVERSATIONS[2], **kwargs)
+    assert text.startswith("<s>Be kind.") and "It is 42.</s><｜User｜>" in text and BOS not in text
+
+
+def test_chat_ids_carry_no_post_processor_tokens(reference_tokenizers):
+    """The rendered prompt holds its own bos: tokenize=True encodes it without the special tokens a
+    tokenizer.json post-processor adds (transformers tokenizes chat prompts with add_special_tokens=False), while
+    encode(add_special_tokens=True) keeps them. DeepSeek's tokenizer.json adds none, so here one that adds a bos."""
+    backend = tokenizers.Tokenizer.from_str(reference_tokenizers.to_str())
+    backend.post_processor = tokenizers.processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, 0)])
+    assert backend.encode("hi", add_special_tokens=True).ids[:1] == [0]  # the post-processor does add a bos
+    tok = Tokenizer(backend, {"bos_token": BOS, "eos_token": EOS}, chat_template=R1_STYLE_TEMPLATE)
+    ids = tok.apply_chat_template(CONVERSATIONS[0], add_generation_prompt=True)
+    assert ids.count(0) == 1 and ids[0] == 0
+    assert ids == backend.encode(BOS + "<｜User｜>Hello!<｜Assistant｜><think>\n", add_special_tokens=False).ids
+    # encode itself adds them when asked, as tokenizers does
+    assert tok.encode("hi", add_special_tokens=True) == [0, *tok.encode("hi")]
+    assert tok.encode_batch(["hi", "yo"], add_special_tokens=True) == [[0, *tok.encode(t)] for t in ("hi", "yo")]
+    with pytest.raises(TokenizerError, match="no bos_token"):
+        Tokenizer(backend, {}).encode("hi", add_bos=True)
 
 
 def test_strftime_now_and_raise_exception(our_tokenizers):
@@ -311,8 +340,14 @@ def test_named_templates_and_template_file(tmp_path):
     assert tok.apply_chat_template(msgs, tokenize=False, tools=[{"a": 1}]) == "T1"
     assert tok.apply_chat_template(msgs, tokenize=False, chat_template="tool_use") == "T0"
     # chat_template.jinja wins over the tokenizer_config.json entry, as in transformers
+    # (with named ones in additional_chat_templates/); save carries both files to a checkpoint
     (d / "chat_template.jinja").write_text("J{{ messages | length }}", encoding="utf-8")
-    assert Tokenizer.from_pretrained(d).apply_chat_template(msgs, tokenize=False) == "J1"
+    (d / "additional_chat_templates").mkdir()
+    (d / "additional_chat_templates" / "brief.jinja").write_text("B{{ messages[0]['content'] }}", encoding="utf-8")
+    saved = Tokenizer.from_pretrained(Tokenizer.from_pretrained(d).save(tmp_path / "ckpt"))
+    assert saved.chat_template == {"default": "J{{ messages | length }}", "brief": "B{{ messages[0]['content'] }}"}
+    assert saved.apply_chat_template(msgs, tokenize=False) == "J1"
+    assert saved.apply_chat_template(msgs, tokenize=False, chat_template="brief") == "Bx"
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -338,6 +373,33 @@ def test_save_of_an_in_memory_tokenizer(tmp_path, reference_tokenizers):
     assert (again.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             == tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False))
     assert again.encode(ENCODE_TEXTS[5]) == reference_tokenizers.encode(ENCODE_TEXTS[5], add_special_tokens=False).ids
+
+
+@pytest.mark.parametrize("added_tokens_decoder", [False, True])
+def test_legacy_special_tokens_map_as_transformers_reads_it(tmp_path, added_tokens_decoder):
+    """special_tokens_map.json (written by transformers before 4.34) against tokenizer_config.json: without an
+    added_tokens_decoder in the config, transformers takes the map's tokens over the config's; with one, it does
+    not read the map at all."""
+    transformers = pytest.importorskip("transformers")
+    d = _checkpoint_dir(tmp_path / "legacy", R1_STYLE_TEMPLATE)
+    config = json.loads((d / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del config["pad_token"]
+    if added_tokens_decoder:
+        config["added_tokens_decoder"] = {"0": {"content": BOS, "special": True, "lstrip": False, "rstrip": False,
+                                                "normalized": False, "single_word": False}}
+    (d / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    (d / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<｜User｜>", "pad_token": "<｜Assistant｜>"}),
+                                               encoding="utf-8")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(d))
+    ours = Tokenizer.from_pretrained(d)
+    if added_tokens_decoder:
+        assert (theirs.eos_token, theirs.pad_token) == (EOS, None)
+    else:
+        assert (theirs.eos_token, theirs.pad_token) == ("<｜User｜>", "<｜Assistant｜>")
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (theirs.bos_token, theirs.eos_token, theirs.pad_token)
+    assert ours.eos_token_id == theirs.eos_token_id
+    kwargs = dict(add_generation_prompt=True, tokenize=False)
+    assert ours.apply_chat_template(CONVERSATIONS[2], **kwargs) == theirs.apply_chat_template(CONVERSATIONS[2], **kwargs)
 
 
 def test_text_that_is_not_utf8_is_a_tokenizer_error(ds_tok):
