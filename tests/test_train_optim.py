@@ -29,6 +29,26 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert opt.param_groups[0]["weight_decay"] == 0.1 and TrainConfig().grad_clip == 1.0  # SPEC §6 defaults
 
 
+def test_build_optimizer_takes_its_settings_from_the_config():
+    """build_optimizer applies the run's weight decay, betas and eps (not AdamW's or SPEC §6's defaults) and
+    its group options: every RMSNorm weight (the model's 1-D parameters) and the embedding undecayed, every
+    matrix decayed; --decay-embeddings and --decay-norms-and-biases move them into the decayed group."""
+    model = DeepSeekV3(ModelConfig.preset("tiny"))
+    cfg = TrainConfig(weight_decay=0.05, beta1=0.8, beta2=0.9, eps=1e-6)
+    decay, no_decay = optim.build_optimizer(model, cfg).param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 for g in (decay, no_decay))
+    names = [n for n, _ in model.named_parameters()]
+    norms = {n for n in names if n.endswith("norm.weight")}  # 20 of them: layers, MLA's q/kv, MTP, final
+    assert len(norms) == 20 and set(no_decay["names"]) == norms | {"embed_tokens.weight"}
+    assert set(decay["names"]) == set(names) - norms - {"embed_tokens.weight"}
+    decay, no_decay = optim.build_optimizer(model, cfg.replace(decay_embeddings=True)).param_groups
+    assert "embed_tokens.weight" in decay["names"] and set(no_decay["names"]) == norms
+    (everything,) = optim.build_optimizer(model, cfg.replace(decay_embeddings=True,
+                                                             decay_norms_and_biases=True)).param_groups
+    assert everything["weight_decay"] == 0.05 and len(everything["params"]) == len(names)
+
+
 def test_learning_rate_warmup_constant_cosine():
     cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, decay_start=0.5, min_lr_ratio=0.1)
     lr = [optim.learning_rate(s, cfg) for s in range(100)]
