@@ -96,6 +96,11 @@ def test_switch_and_decay_steps_ignore_float_noise():
     assert optim.mtp_lambda(6799, cfg) == 0.3 and optim.mtp_lambda(6800, cfg) == 0.1
     cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=0, decay_start=0.29, min_lr_ratio=0.1)
     assert optim.learning_rate(29, cfg) == 1e-3 and optim.learning_rate(30, cfg) < 1e-3
+    # a decay start between two steps (0.505 x 100 = 50.5): the cosine starts at step 50 (its top), so step 51,
+    # the first after 50.5, is already below lr (decay_last 99: progress 1/49)
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=0, decay_start=0.505, min_lr_ratio=0.1)
+    assert optim.learning_rate(50, cfg) == 1e-3
+    assert optim.learning_rate(51, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 49)))
 
 
 def test_batch_size_warmup_grows_the_step_linearly_in_tokens():
