@@ -1,9 +1,11 @@
 """Training data and tokenizer: corpus discovery, skipped files, the deterministic split, the token cache,
 packing and resumable batches, the BPE in DeepSeek's tokenizer.json layout."""
 
+import hashlib
 import itertools
 import json
 import math
+import shutil
 import sys
 
 import numpy as np
@@ -63,6 +65,20 @@ def test_split_is_by_document_and_deterministic(tmp_path):
     assert {d.id for d in a.train} <= {d.id for d in b.train}
 
 
+def test_split_does_not_depend_on_where_the_corpus_lies(tmp_path):
+    """A document is held out when sha256 of its id (its path relative to the spec) puts it below val_fraction,
+    by hand here; so the same corpus in another directory (another machine) splits the same way."""
+    here = make_corpus(tmp_path / "one" / "c")
+    shutil.copytree(here, tmp_path / "two" / "c")
+    a = D.load_corpus([str(here)], val_fraction=0.3)
+    b = D.load_corpus([str(tmp_path / "two" / "c")], val_fraction=0.3)
+    ids = sorted(d.id for d in a.train + a.val)
+    held_out = [i for i in ids if int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") / 2 ** 64 < 0.3]
+    assert 0 < len(held_out) < len(ids)
+    assert sorted(d.id for d in a.val) == sorted(d.id for d in b.val) == held_out
+    assert sorted(d.id for d in a.train) == sorted(d.id for d in b.train) == sorted(set(ids) - set(held_out))
+
+
 def test_single_file_is_split_by_its_tail(tmp_path):
     f = tmp_path / "one.txt"
     f.write_text("".join(f"line {i}\n" for i in range(100)))
@@ -96,6 +112,17 @@ def test_jsonl_glob_and_errors(tmp_path):
         D.load_corpus([str(tmp_path / "e")])
 
 
+def test_jsonl_reads_the_configured_text_field_and_counts_what_it_skips(tmp_path):
+    """--text-field body: each line's "body" is the document (never its "text"); a blank body is counted as
+    empty, a line without a string body as such; blank lines are no documents and not counted."""
+    j = tmp_path / "docs.jsonl"
+    rows = [{"body": "first", "text": "not this"}, {"body": "  "}, {"text": "no body"}, {"body": 3}, {"body": "second"}]
+    j.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    c = D.load_corpus([str(j)], text_field="body", val_fraction=0.0)
+    assert [(d.id, d.text) for d in c.train] == [("docs.jsonl:1", "first"), ("docs.jsonl:5", "second")]
+    assert c.skipped == {"empty": 1, "JSONL line without a string 'body'": 2}
+
+
 def test_files_of_the_same_name_are_all_read_and_one_file_named_twice_once(tmp_path):
     for side in ("a", "b"):
         (tmp_path / side / "src").mkdir(parents=True)
@@ -119,6 +146,18 @@ def test_a_run_directory_inside_the_corpus_is_left_out(tmp_path):
     c = D.load_corpus([str(root)], val_fraction=0.0)
     assert sorted(d.id for d in c.train) == ["c/mod0.py", "c/mod1.py", "c/sub/deep.py"]
     assert c.skipped["run directory"] == 1
+
+
+def test_default_corpus_leaves_out_installed_packages_and_caches(tmp_path, monkeypatch):
+    """The standard library corpus skips site-packages, dist-packages and __pycache__ wherever they are."""
+    root = tmp_path / "lib"
+    for rel in ("os.py", "json/__init__.py", "site-packages/pkg/mod.py", "dist-packages/x.py", "json/__pycache__/y.py",
+                "json/site-packages/z.py"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x = 1\n")
+    monkeypatch.setattr(D, "stdlib_root", lambda: root)
+    assert [d.id for d in D.iter_documents([], "text", D.Corpus(sources=[]))] == ["stdlib/json/__init__.py",
+                                                                                  "stdlib/os.py"]
 
 
 def test_hf_dataset_without_the_package_is_a_clear_error(monkeypatch):
