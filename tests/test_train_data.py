@@ -7,6 +7,7 @@ import json
 import math
 import shutil
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -273,6 +274,54 @@ def test_token_cache_packing_and_unigram(tmp_path, monkeypatch):
     train, val = np.array([0, 0, 1, 2]), np.array([0, 2])
     p = np.array([3, 2, 2]) / 7.0
     assert D.unigram_cross_entropy(train, val, 3) == pytest.approx(-(math.log(p[0]) + math.log(p[2])) / 2)
+
+
+def test_token_stream_is_every_document_between_bos_and_eos(tmp_path, monkeypatch):
+    """5 documents encoded 2 per batch (ENCODE_CHUNK 2): the stream is bos + ids + eos of each document in order,
+    each encoded here on its own, none dropped or repeated at a batch's edge; a token file cut short (damaged)
+    is tokenized again, not read back."""
+    monkeypatch.setattr(D, "ENCODE_CHUNK", 2)
+    tok = tt.train_bpe([CODE] * 20, 300)
+    texts = [CODE, "x = 1\n", "def f():\n    pass\n", "y = [1, 2]\n", "z = 'end'\n"]
+    docs = [D.Document(str(i), t) for i, t in enumerate(texts)]
+    expected = [t for text in texts for t in [0, *tok.encode(text, add_special_tokens=False).ids, 1]]
+    f = D.tokenize_split(docs, tok, "h", 0, 1, tmp_path)
+    assert f.tokens().tolist() == expected and (f.n_tokens, f.n_docs) == (len(expected), 5)
+    with open(f.path, "r+b") as fh:
+        fh.truncate(10)
+    assert D.tokenize_split(docs, tok, "h", 0, 1, tmp_path).tokens().tolist() == expected
+    # uint16 holds ids up to 65535: a vocabulary of 2^16 tokens, not one more
+    assert (D.token_dtype(1 << 16), D.token_dtype((1 << 16) + 1)) == (np.uint16, np.uint32)
+
+
+def test_unigram_baseline_is_the_train_splits_unigram_on_validation(tmp_path):
+    """data.json's unigram_val_loss by hand: token counts of the train split's stream (bos, tokens, eos of each
+    train document, encoded here) with add-one smoothing over the vocabulary, mean -log p over the validation
+    stream. The two prepared streams are those, and no document is in both splits."""
+    root = make_corpus(tmp_path / "c")
+    cfg = TrainConfig(data=[str(root)], vocab_size=300, val_fraction=0.3, cache_dir=str(tmp_path / "cache"))
+    data = D.prepare_data(cfg, log=lambda _msg: None)
+    corpus = D.load_corpus([str(root)], val_fraction=0.3)
+    assert corpus.val and not {d.id for d in corpus.train} & {d.id for d in corpus.val}
+
+    def stream(docs):
+        return [t for d in docs for t in [data.bos_id, *data.tokenizer.encode(d.text, add_special_tokens=False).ids,
+                                          data.eos_id]]
+
+    train, val = stream(corpus.train), stream(corpus.val)
+    assert data.train.tokens().tolist() == train and data.val.tokens().tolist() == val
+    counts, n = Counter(train), len(train) + data.vocab_size
+    expected = -sum(math.log((counts[t] + 1) / n) for t in val) / len(val)
+    assert data.summary["unigram_val_loss"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_validation_batches_are_spread_over_the_split():
+    seqs = D.PackedSequences(np.arange(101), 10)  # 10 windows: window i starts with token 10 i
+    batches = D.validation_batches(seqs, 2, 2)  # 4 windows: round(linspace(0, 9, 4)) = 0, 3, 6, 9
+    assert [b[:, 0].tolist() for b in batches] == [[0, 30], [60, 90]] and batches[0].shape == (2, 11)
+    # more asked than there are: every window once, in batches of 4, 4, 2
+    assert [b[:, 0].tolist() for b in D.validation_batches(seqs, 4, 5)] == [[0, 10, 20, 30], [40, 50, 60, 70],
+                                                                             [80, 90]]
 
 
 def test_batch_stream_resumes_exactly():
