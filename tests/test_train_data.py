@@ -324,6 +324,18 @@ def test_validation_batches_are_spread_over_the_split():
                                                                              [80, 90]]
 
 
+def test_cached_tokenizer_is_per_vocabulary_size(tmp_path):
+    """The tokenizer cache is keyed by the vocabulary size too: another --vocab-size on the same documents trains
+    a tokenizer of that size; the same one is read back from the cache."""
+    docs = [D.Document(f"d{i}", CODE.replace("Counter", f"Counter{i}")) for i in range(5)]
+    quiet = lambda _msg: None  # noqa: E731
+    a, _ = tt.trained_tokenizer(docs, 300, tmp_path, log=quiet)
+    b, source = tt.trained_tokenizer(docs, 320, tmp_path, log=quiet)
+    assert (a.get_vocab_size(), b.get_vocab_size(), source) == (300, 320, "bpe:320")
+    again, source = tt.trained_tokenizer(docs, 300, tmp_path, log=quiet)
+    assert source == "bpe:300 (cached)" and again.to_str() == a.to_str()
+
+
 def test_batch_stream_resumes_exactly():
     seqs = D.PackedSequences(np.arange(1000), 8)
     a = D.BatchStream(seqs, 5, seed=3)
