@@ -13,9 +13,11 @@ import torch
 from nanoseek import Tokenizer
 from nanoseek.cli import main
 from nanoseek.hf import load_pretrained
+from nanoseek.objectives import training_loss
 from nanoseek.train import TrainConfig, TrainingError, resume_config, train
 from nanoseek.train import checkpoint as ckpt_io
 from nanoseek.train import loop
+from nanoseek.train.data import BatchStream, prepare_data
 from nanoseek.train.metrics import of_type, read_metrics
 
 STDLIB_JSON = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
@@ -123,6 +125,46 @@ def test_bias_update_after_the_step_from_counts_of_all_micro_batches(tmp_path, c
         assert rec["bias_gamma"] == 0.0 and rec["balance_alpha"] == alpha
         model = load_pretrained(run)
         assert all(layer.mlp.gate.e_score_correction_bias.abs().sum() == 0 for layer in model.layers if layer.is_moe)
+
+
+def test_first_step_by_hand(tmp_path, cache):
+    """Step 1 of a run (fp32, 2 micro-batches) recomputed from its step-0 checkpoint without the loop: the two
+    batches of the seeded order, the V3 objective's gradient averaged over them, its 2-norm (the logged grad_norm)
+    clipped to 1.0 (SPEC §6), AdamW at the warmup's first learning rate 3e-3 / 2 with weight decay 0.1 on the
+    matrices only, the bias update from both micro-batches' counts: the step-1 checkpoint's moments, weights and
+    biases, and the logged losses (means over the micro-batches)."""
+    run = tmp_path / "run"
+    train(tiny(cache, steps=1, grad_accum=2, save_every=1, eval_every=1, keep_checkpoints=2), run, log=quiet)
+    rec = of_type(read_metrics(run / "metrics.jsonl"), "train")[0]
+    model = load_pretrained(run / "checkpoints" / "step-00000000").train()
+    cfg = TrainConfig.load(run / "train_config.json")
+    stream = BatchStream(prepare_data(cfg, tokenizer_path=run / "tokenizer.json", log=quiet).train_sequences(32), 4, 0)
+    counts, main, total = 0, [], []
+    for batch in (stream.next(), stream.next()):
+        out = model.forward_train(batch[:, :-1])
+        terms = training_loss(out, batch[:, 1:], mtp_lambda=0.3, balance_alpha=1e-4)
+        (terms.total / 2).backward()
+        counts, main, total = counts + out.expert_counts, main + [terms.main.item()], total + [terms.total.item()]
+    assert rec["main_loss"] == pytest.approx(sum(main) / 2, rel=1e-6)
+    assert rec["loss"] == pytest.approx(sum(total) / 2, rel=1e-6)
+    params = {n: p for n, p in model.named_parameters() if p.grad is not None}
+    norm = sum(float(p.grad.double().square().sum()) for p in params.values()) ** 0.5
+    assert rec["grad_norm"] == pytest.approx(norm, rel=1e-5) and norm > 1.0  # so the clip is active
+    scale, lr = 1.0 / (norm + 1e-6), 3e-3 / 2
+    state = ckpt_io.load_training_tensors(run / "checkpoint")
+    loaded = load_pretrained(run)
+    after = dict(loaded.named_parameters())
+    for name, p in params.items():
+        g = p.grad.double() * scale
+        torch.testing.assert_close(state[f"optim.{name}.exp_avg"].double(), 0.1 * g, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(state[f"optim.{name}.exp_avg_sq"].double(), 0.05 * g * g, rtol=1e-4, atol=1e-15)
+        decay = 0.0 if name.endswith("norm.weight") or name == "embed_tokens.weight" else 0.1
+        # the first step's bias corrections make it lr * g / (|g| + eps)
+        want = p.detach().double() * (1 - lr * decay) - lr * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(after[name].double(), want, rtol=3e-7, atol=1e-9, msg=name)  # fp32 rounding
+    biases = torch.stack([layer.mlp.gate.e_score_correction_bias for layer in loaded.layers if layer.is_moe]
+                         + [m.block.mlp.gate.e_score_correction_bias for m in loaded.mtp])
+    assert torch.equal(biases, 0.001 * torch.sign(counts.float().mean(-1, keepdim=True) - counts.float()))
 
 
 def test_resume_in_process_bf16_and_activation_checkpointing(tmp_path, cache):
