@@ -167,6 +167,31 @@ def test_first_step_by_hand(tmp_path, cache):
     assert torch.equal(biases, 0.001 * torch.sign(counts.float().mean(-1, keepdim=True) - counts.float()))
 
 
+def test_steps_follow_the_schedules_and_the_last_step_is_validated_and_saved(tmp_path, cache):
+    """5 steps, validated and saved every 2: the logged lr, lambda and gamma of each step by hand (warmup 2,
+    cosine from step floor(0.5 x 5) = 2 to step 4; lambda 0.1 from step 0.6 x 5 = 3, gamma 0 from step 4 of
+    0-based steps); the biases are the sum of each step's gamma x sign(mean - counts); the last step (5, not a
+    multiple of 2) is validated and saved too."""
+    run = tmp_path / "run"
+    cfg = tiny(cache, steps=5, eval_every=2, save_every=2, mtp_lambda_switch=0.6, bias_gamma=0.01,
+               bias_gamma_switch=0.8)
+    result = train(cfg, run, log=quiet)
+    records = read_metrics(run / "metrics.jsonl")
+    recs = of_type(records, "train")
+    assert [r["lr"] for r in recs] == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-4 + 2.7e-3 * 0.5, 3e-4])
+    assert [r["mtp_lambda"] for r in recs] == [0.3, 0.3, 0.3, 0.1, 0.1]
+    assert [r["bias_gamma"] for r in recs] == [0.01, 0.01, 0.01, 0.01, 0.0]
+    counts = [torch.tensor(r["expert_counts"], dtype=torch.float64) for r in recs]
+    expected = sum(0.01 * torch.sign(c.mean(-1, keepdim=True) - c) for c in counts[:4])  # step 5: gamma 0
+    model = load_pretrained(run)
+    biases = torch.stack([layer.mlp.gate.e_score_correction_bias for layer in model.layers if layer.is_moe]
+                         + [m.block.mlp.gate.e_score_correction_bias for m in model.mtp])
+    torch.testing.assert_close(biases.double(), expected, rtol=0, atol=1e-7)
+    val = of_type(records, "val")
+    assert [v["step"] for v in val] == [2, 4, 5] and result.final_val_loss == val[-1]["val_loss"]
+    assert ckpt_io.current_checkpoint(run).name == "step-00000005"
+
+
 def test_resume_in_process_bf16_and_activation_checkpointing(tmp_path, cache):
     """A run interrupted after its step-4 checkpoint and resumed logs the same losses (bf16 autocast here;
     the subprocess test kills a real process in fp32). Activation checkpointing changes no loss."""
