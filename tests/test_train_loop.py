@@ -300,19 +300,33 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, cache, monkeypatch):
     real = loop.training_loss
     calls = {"n": 0}
 
-    def nan_on_step_2(out, labels, **kw):
+    def nan_on_steps_2_4_6(out, labels, **kw):
         calls["n"] += 1
         terms = real(out, labels, **kw)
-        if calls["n"] == 2:
+        if calls["n"] in (2, 4, 6):
             return terms._replace(total=terms.total * float("nan"))
         return terms
 
-    monkeypatch.setattr(loop, "training_loss", nan_on_step_2)
+    monkeypatch.setattr(loop, "training_loss", nan_on_steps_2_4_6)
     run = tmp_path / "once"
-    train(tiny(cache, steps=4, eval_every=4, save_every=4), run, log=quiet)
+    # 3 NaN steps, never 2 in a row: a good step ends a streak, so --max-bad-steps 2 does not stop the run
+    train(tiny(cache, steps=7, eval_every=7, save_every=7, max_bad_steps=2, bias_gamma=0.01), run, log=quiet)
     recs = of_type(read_metrics(run / "metrics.jsonl"), "train")
-    assert [r["skipped"] for r in recs] == [False, True, False, False]
-    assert [e["event"] for e in of_type(read_metrics(run / "metrics.jsonl"), "event")] == ["start", "nonfinite", "done"]
+    assert [r["skipped"] for r in recs] == [False, True, False, True, False, True, False]
+    events = of_type(read_metrics(run / "metrics.jsonl"), "event")
+    assert [e["event"] for e in events] == ["start", "nonfinite", "nonfinite", "nonfinite", "done"]
+    assert events[-1]["message"] == "finished"
+    # the skipped steps updated nothing, the balancing biases included: they hold the good steps' updates only
+    counts = [torch.tensor(r["expert_counts"], dtype=torch.float64) for r in recs if not r["skipped"]]
+    expected = sum(0.01 * torch.sign(c.mean(-1, keepdim=True) - c) for c in counts)
+    model = load_pretrained(run)
+    biases = torch.stack([layer.mlp.gate.e_score_correction_bias for layer in model.layers if layer.is_moe]
+                         + [m.block.mlp.gate.e_score_correction_bias for m in model.mtp])
+    torch.testing.assert_close(biases.double(), expected, rtol=0, atol=1e-7)
+    # metrics.jsonl stays strict JSON (no bare NaN): a skipped step's loss is the string "nan"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) for line in lines]
+    assert [r["loss"] for r in strict if r.get("skipped")] == ["nan"] * 3
 
     def always_nan(out, labels, **kw):
         terms = real(out, labels, **kw)
