@@ -62,6 +62,11 @@ def test_validation_loss_is_the_loss_on_the_held_out_split(run24):
     assert last["val_tokens"] == labels.numel()
     assert last["val_loss"] == pytest.approx(main, rel=1e-5)
     assert last["val_mtp_losses"][0] == pytest.approx(depth1, rel=1e-5)
+    # MaxVio_global: (max - mean) / mean of each MoE layer's counts over all the validation windows
+    counts = out.expert_counts.double()
+    maxvio = ((counts.amax(-1) - counts.mean(-1)) / counts.mean(-1)).tolist()
+    assert last["maxvio_global"] == pytest.approx(maxvio, abs=1e-5)
+    assert last["maxvio_global_mean"] == pytest.approx(sum(maxvio) / len(maxvio), rel=1e-6)
     # the same model on training windows scores differently: the check above can tell the splits apart
     train_batch = validation_batches(data.train_sequences(cfg.seq_len), cfg.batch_size, cfg.eval_batches)
     with torch.no_grad():
