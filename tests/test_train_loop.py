@@ -3,6 +3,7 @@ the report, the bias update, atomic saves, resume, NaN steps and bad input."""
 
 import contextlib
 import json
+import math
 import shutil
 import sysconfig
 from pathlib import Path
@@ -327,6 +328,24 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, cache, monkeypatch):
     lines = (run / "metrics.jsonl").read_text().splitlines()
     strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) for line in lines]
     assert [r["loss"] for r in strict if r.get("skipped")] == ["nan"] * 3
+
+    class NanGradient(torch.autograd.Function):  # the value as it is, a NaN gradient (an overflow in backward)
+        forward = staticmethod(lambda ctx, x: x.clone())
+        backward = staticmethod(lambda ctx, g: g * float("nan"))
+
+    calls["n"] = 0
+
+    def nan_gradient_on_step_2(out, labels, **kw):
+        calls["n"] += 1
+        terms = real(out, labels, **kw)
+        return terms._replace(total=NanGradient.apply(terms.total)) if calls["n"] == 2 else terms
+
+    monkeypatch.setattr(loop, "training_loss", nan_gradient_on_step_2)
+    run = tmp_path / "nan_gradient"  # a finite loss, a NaN gradient norm: skipped too, the weights stay finite
+    train(tiny(cache, steps=3, eval_every=3, save_every=3), run, log=quiet)
+    recs = of_type(read_metrics(run / "metrics.jsonl"), "train")
+    assert [r["skipped"] for r in recs] == [False, True, False] and math.isfinite(recs[1]["loss"])
+    assert all(torch.isfinite(p).all() for p in load_pretrained(run).parameters())
 
     def always_nan(out, labels, **kw):
         terms = real(out, labels, **kw)
