@@ -217,6 +217,22 @@ def test_trained_tokenizer_loads_in_transformers(tmp_path):
     assert hf.decode(hf(CODE)["input_ids"], skip_special_tokens=True) == CODE
 
 
+def test_special_ids_follow_the_tokenizer_config_names(tmp_path):
+    """A given tokenizer with other bos / eos names (<s>, </s>, added after the BPE's tokens): the
+    tokenizer_config.json beside its tokenizer.json names them, so documents are separated by </s> (a config
+    given as a dict too); without a bos token documents start with eos."""
+    from tokenizers import AddedToken
+
+    tok = tt.train_bpe([CODE] * 20, 300)
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<a>", "<b>", "<s>", "<c>", "</s>")])
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
+    assert tt.special_ids(tok, where=tmp_path / "tokenizer.json") == (bos, eos, "<s>", "</s>")
+    assert tt.special_ids(tok, config={"eos_token": "</s>", "bos_token": "<none>"}) == (eos, eos, "</s>", "</s>")
+    assert tt.special_ids(tok) == (0, 1, tt.BOS, tt.EOS)  # no config: DeepSeek's names
+
+
 def test_tokenizer_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         tt.load_tokenizer(tmp_path)
