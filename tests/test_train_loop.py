@@ -485,6 +485,18 @@ def test_an_overwrite_killed_before_its_first_checkpoint_gives_the_old_run_back(
     assert losses(run)[:2] == want and len(losses(run)) == 3 and not aside.exists()
 
 
+def test_resume_refuses_a_changed_corpus(tmp_path, cache):
+    """A resumed run reads the documents its checkpoint was trained on (their cache keys are saved with it): a
+    file added to the corpus since is a one-line error, not a silently different data order."""
+    corpus = tmp_path / "json"
+    shutil.copytree(STDLIB_JSON, corpus)
+    run = tmp_path / "run"
+    train(tiny(cache, data=[str(corpus)], steps=1, eval_every=1), run, log=quiet)
+    (corpus / "extra.py").write_text("x = 1\n" * 50)
+    with pytest.raises(ValueError, match="the corpus changed since the checkpoint"):
+        train(resume_config(run, {"steps": 2}), run, resume=True, log=quiet)
+
+
 def test_a_run_copied_with_its_links_followed_resumes(tmp_path, cache):
     """`cp -rL` / `scp -r` turn the `checkpoint` link into a directory: resuming such a copy saves its next
     checkpoint (moving that directory aside first) and logs the losses of the uninterrupted run."""
