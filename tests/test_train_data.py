@@ -1,10 +1,13 @@
 """Training data and tokenizer: corpus discovery, skipped files, the deterministic split, the token cache,
 packing and resumable batches, the BPE in DeepSeek's tokenizer.json layout."""
 
+import hashlib
 import itertools
 import json
 import math
+import shutil
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -63,6 +66,20 @@ def test_split_is_by_document_and_deterministic(tmp_path):
     assert {d.id for d in a.train} <= {d.id for d in b.train}
 
 
+def test_split_does_not_depend_on_where_the_corpus_lies(tmp_path):
+    """A document is held out when sha256 of its id (its path relative to the spec) puts it below val_fraction,
+    by hand here; so the same corpus in another directory (another machine) splits the same way."""
+    here = make_corpus(tmp_path / "one" / "c")
+    shutil.copytree(here, tmp_path / "two" / "c")
+    a = D.load_corpus([str(here)], val_fraction=0.3)
+    b = D.load_corpus([str(tmp_path / "two" / "c")], val_fraction=0.3)
+    ids = sorted(d.id for d in a.train + a.val)
+    held_out = [i for i in ids if int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "big") / 2 ** 64 < 0.3]
+    assert 0 < len(held_out) < len(ids)
+    assert sorted(d.id for d in a.val) == sorted(d.id for d in b.val) == held_out
+    assert sorted(d.id for d in a.train) == sorted(d.id for d in b.train) == sorted(set(ids) - set(held_out))
+
+
 def test_single_file_is_split_by_its_tail(tmp_path):
     f = tmp_path / "one.txt"
     f.write_text("".join(f"line {i}\n" for i in range(100)))
@@ -96,6 +113,17 @@ def test_jsonl_glob_and_errors(tmp_path):
         D.load_corpus([str(tmp_path / "e")])
 
 
+def test_jsonl_reads_the_configured_text_field_and_counts_what_it_skips(tmp_path):
+    """--text-field body: each line's "body" is the document (never its "text"); a blank body is counted as
+    empty, a line without a string body as such; blank lines are no documents and not counted."""
+    j = tmp_path / "docs.jsonl"
+    rows = [{"body": "first", "text": "not this"}, {"body": "  "}, {"text": "no body"}, {"body": 3}, {"body": "second"}]
+    j.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    c = D.load_corpus([str(j)], text_field="body", val_fraction=0.0)
+    assert [(d.id, d.text) for d in c.train] == [("docs.jsonl:1", "first"), ("docs.jsonl:5", "second")]
+    assert c.skipped == {"empty": 1, "JSONL line without a string 'body'": 2}
+
+
 def test_files_of_the_same_name_are_all_read_and_one_file_named_twice_once(tmp_path):
     for side in ("a", "b"):
         (tmp_path / side / "src").mkdir(parents=True)
@@ -119,6 +147,18 @@ def test_a_run_directory_inside_the_corpus_is_left_out(tmp_path):
     c = D.load_corpus([str(root)], val_fraction=0.0)
     assert sorted(d.id for d in c.train) == ["c/mod0.py", "c/mod1.py", "c/sub/deep.py"]
     assert c.skipped["run directory"] == 1
+
+
+def test_default_corpus_leaves_out_installed_packages_and_caches(tmp_path, monkeypatch):
+    """The standard library corpus skips site-packages, dist-packages and __pycache__ wherever they are."""
+    root = tmp_path / "lib"
+    for rel in ("os.py", "json/__init__.py", "site-packages/pkg/mod.py", "dist-packages/x.py", "json/__pycache__/y.py",
+                "json/site-packages/z.py"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("x = 1\n")
+    monkeypatch.setattr(D, "stdlib_root", lambda: root)
+    assert [d.id for d in D.iter_documents([], "text", D.Corpus(sources=[]))] == ["stdlib/json/__init__.py",
+                                                                                  "stdlib/os.py"]
 
 
 def test_hf_dataset_without_the_package_is_a_clear_error(monkeypatch):
@@ -175,6 +215,22 @@ def test_trained_tokenizer_loads_in_transformers(tmp_path):
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert hf.bos_token_id == 0 and hf.eos_token_id == 1
     assert hf.decode(hf(CODE)["input_ids"], skip_special_tokens=True) == CODE
+
+
+def test_special_ids_follow_the_tokenizer_config_names(tmp_path):
+    """A given tokenizer with other bos / eos names (<s>, </s>, added after the BPE's tokens): the
+    tokenizer_config.json beside its tokenizer.json names them, so documents are separated by </s> (a config
+    given as a dict too); without a bos token documents start with eos."""
+    from tokenizers import AddedToken
+
+    tok = tt.train_bpe([CODE] * 20, 300)
+    tok.add_special_tokens([AddedToken(t, special=True) for t in ("<a>", "<b>", "<s>", "<c>", "</s>")])
+    bos, eos = tok.token_to_id("<s>"), tok.token_to_id("</s>")
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
+    assert tt.special_ids(tok, where=tmp_path / "tokenizer.json") == (bos, eos, "<s>", "</s>")
+    assert tt.special_ids(tok, config={"eos_token": "</s>", "bos_token": "<none>"}) == (eos, eos, "</s>", "</s>")
+    assert tt.special_ids(tok) == (0, 1, tt.BOS, tt.EOS)  # no config: DeepSeek's names
 
 
 def test_tokenizer_errors(tmp_path):
@@ -234,6 +290,66 @@ def test_token_cache_packing_and_unigram(tmp_path, monkeypatch):
     train, val = np.array([0, 0, 1, 2]), np.array([0, 2])
     p = np.array([3, 2, 2]) / 7.0
     assert D.unigram_cross_entropy(train, val, 3) == pytest.approx(-(math.log(p[0]) + math.log(p[2])) / 2)
+
+
+def test_token_stream_is_every_document_between_bos_and_eos(tmp_path, monkeypatch):
+    """5 documents encoded 2 per batch (ENCODE_CHUNK 2): the stream is bos + ids + eos of each document in order,
+    each encoded here on its own, none dropped or repeated at a batch's edge; a token file cut short (damaged)
+    is tokenized again, not read back."""
+    monkeypatch.setattr(D, "ENCODE_CHUNK", 2)
+    tok = tt.train_bpe([CODE] * 20, 300)
+    texts = [CODE, "x = 1\n", "def f():\n    pass\n", "y = [1, 2]\n", "z = 'end'\n"]
+    docs = [D.Document(str(i), t) for i, t in enumerate(texts)]
+    expected = [t for text in texts for t in [0, *tok.encode(text, add_special_tokens=False).ids, 1]]
+    f = D.tokenize_split(docs, tok, "h", 0, 1, tmp_path)
+    assert f.tokens().tolist() == expected and (f.n_tokens, f.n_docs) == (len(expected), 5)
+    with open(f.path, "r+b") as fh:
+        fh.truncate(10)
+    assert D.tokenize_split(docs, tok, "h", 0, 1, tmp_path).tokens().tolist() == expected
+    # uint16 holds ids up to 65535: a vocabulary of 2^16 tokens, not one more
+    assert (D.token_dtype(1 << 16), D.token_dtype((1 << 16) + 1)) == (np.uint16, np.uint32)
+
+
+def test_unigram_baseline_is_the_train_splits_unigram_on_validation(tmp_path):
+    """data.json's unigram_val_loss by hand: token counts of the train split's stream (bos, tokens, eos of each
+    train document, encoded here) with add-one smoothing over the vocabulary, mean -log p over the validation
+    stream. The two prepared streams are those, and no document is in both splits."""
+    root = make_corpus(tmp_path / "c")
+    cfg = TrainConfig(data=[str(root)], vocab_size=300, val_fraction=0.3, cache_dir=str(tmp_path / "cache"))
+    data = D.prepare_data(cfg, log=lambda _msg: None)
+    corpus = D.load_corpus([str(root)], val_fraction=0.3)
+    assert corpus.val and not {d.id for d in corpus.train} & {d.id for d in corpus.val}
+
+    def stream(docs):
+        return [t for d in docs for t in [data.bos_id, *data.tokenizer.encode(d.text, add_special_tokens=False).ids,
+                                          data.eos_id]]
+
+    train, val = stream(corpus.train), stream(corpus.val)
+    assert data.train.tokens().tolist() == train and data.val.tokens().tolist() == val
+    counts, n = Counter(train), len(train) + data.vocab_size
+    expected = -sum(math.log((counts[t] + 1) / n) for t in val) / len(val)
+    assert data.summary["unigram_val_loss"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_validation_batches_are_spread_over_the_split():
+    seqs = D.PackedSequences(np.arange(101), 10)  # 10 windows: window i starts with token 10 i
+    batches = D.validation_batches(seqs, 2, 2)  # 4 windows: round(linspace(0, 9, 4)) = 0, 3, 6, 9
+    assert [b[:, 0].tolist() for b in batches] == [[0, 30], [60, 90]] and batches[0].shape == (2, 11)
+    # more asked than there are: every window once, in batches of 4, 4, 2
+    assert [b[:, 0].tolist() for b in D.validation_batches(seqs, 4, 5)] == [[0, 10, 20, 30], [40, 50, 60, 70],
+                                                                             [80, 90]]
+
+
+def test_cached_tokenizer_is_per_vocabulary_size(tmp_path):
+    """The tokenizer cache is keyed by the vocabulary size too: another --vocab-size on the same documents trains
+    a tokenizer of that size; the same one is read back from the cache."""
+    docs = [D.Document(f"d{i}", CODE.replace("Counter", f"Counter{i}")) for i in range(5)]
+    quiet = lambda _msg: None  # noqa: E731
+    a, _ = tt.trained_tokenizer(docs, 300, tmp_path, log=quiet)
+    b, source = tt.trained_tokenizer(docs, 320, tmp_path, log=quiet)
+    assert (a.get_vocab_size(), b.get_vocab_size(), source) == (300, 320, "bpe:320")
+    again, source = tt.trained_tokenizer(docs, 300, tmp_path, log=quiet)
+    assert source == "bpe:300 (cached)" and again.to_str() == a.to_str()
 
 
 def test_batch_stream_resumes_exactly():

@@ -3,6 +3,7 @@ the report, the bias update, atomic saves, resume, NaN steps and bad input."""
 
 import contextlib
 import json
+import math
 import shutil
 import sysconfig
 from pathlib import Path
@@ -13,9 +14,11 @@ import torch
 from nanoseek import Tokenizer
 from nanoseek.cli import main
 from nanoseek.hf import load_pretrained
+from nanoseek.objectives import training_loss
 from nanoseek.train import TrainConfig, TrainingError, resume_config, train
 from nanoseek.train import checkpoint as ckpt_io
 from nanoseek.train import loop
+from nanoseek.train.data import BatchStream, prepare_data
 from nanoseek.train.metrics import of_type, read_metrics
 
 STDLIB_JSON = str(Path(sysconfig.get_paths()["stdlib"]) / "json")
@@ -123,6 +126,71 @@ def test_bias_update_after_the_step_from_counts_of_all_micro_batches(tmp_path, c
         assert rec["bias_gamma"] == 0.0 and rec["balance_alpha"] == alpha
         model = load_pretrained(run)
         assert all(layer.mlp.gate.e_score_correction_bias.abs().sum() == 0 for layer in model.layers if layer.is_moe)
+
+
+def test_first_step_by_hand(tmp_path, cache):
+    """Step 1 of a run (fp32, 2 micro-batches) recomputed from its step-0 checkpoint without the loop: the two
+    batches of the seeded order, the V3 objective's gradient averaged over them, its 2-norm (the logged grad_norm)
+    clipped to 1.0 (SPEC §6), AdamW at the warmup's first learning rate 3e-3 / 2 with weight decay 0.1 on the
+    matrices only, the bias update from both micro-batches' counts: the step-1 checkpoint's moments, weights and
+    biases, and the logged losses (means over the micro-batches)."""
+    run = tmp_path / "run"
+    train(tiny(cache, steps=1, grad_accum=2, save_every=1, eval_every=1, keep_checkpoints=2), run, log=quiet)
+    rec = of_type(read_metrics(run / "metrics.jsonl"), "train")[0]
+    model = load_pretrained(run / "checkpoints" / "step-00000000").train()
+    cfg = TrainConfig.load(run / "train_config.json")
+    stream = BatchStream(prepare_data(cfg, tokenizer_path=run / "tokenizer.json", log=quiet).train_sequences(32), 4, 0)
+    counts, main, total = 0, [], []
+    for batch in (stream.next(), stream.next()):
+        out = model.forward_train(batch[:, :-1])
+        terms = training_loss(out, batch[:, 1:], mtp_lambda=0.3, balance_alpha=1e-4)
+        (terms.total / 2).backward()
+        counts, main, total = counts + out.expert_counts, main + [terms.main.item()], total + [terms.total.item()]
+    assert rec["main_loss"] == pytest.approx(sum(main) / 2, rel=1e-6)
+    assert rec["loss"] == pytest.approx(sum(total) / 2, rel=1e-6)
+    params = {n: p for n, p in model.named_parameters() if p.grad is not None}
+    norm = sum(float(p.grad.double().square().sum()) for p in params.values()) ** 0.5
+    assert rec["grad_norm"] == pytest.approx(norm, rel=1e-5) and norm > 1.0  # so the clip is active
+    scale, lr = 1.0 / (norm + 1e-6), 3e-3 / 2
+    state = ckpt_io.load_training_tensors(run / "checkpoint")
+    loaded = load_pretrained(run)
+    after = dict(loaded.named_parameters())
+    for name, p in params.items():
+        g = p.grad.double() * scale
+        torch.testing.assert_close(state[f"optim.{name}.exp_avg"].double(), 0.1 * g, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(state[f"optim.{name}.exp_avg_sq"].double(), 0.05 * g * g, rtol=1e-4, atol=1e-15)
+        decay = 0.0 if name.endswith("norm.weight") or name == "embed_tokens.weight" else 0.1
+        # the first step's bias corrections make it lr * g / (|g| + eps)
+        want = p.detach().double() * (1 - lr * decay) - lr * g / (g.abs() + 1e-8)
+        torch.testing.assert_close(after[name].double(), want, rtol=3e-7, atol=1e-9, msg=name)  # fp32 rounding
+    biases = torch.stack([layer.mlp.gate.e_score_correction_bias for layer in loaded.layers if layer.is_moe]
+                         + [m.block.mlp.gate.e_score_correction_bias for m in loaded.mtp])
+    assert torch.equal(biases, 0.001 * torch.sign(counts.float().mean(-1, keepdim=True) - counts.float()))
+
+
+def test_steps_follow_the_schedules_and_the_last_step_is_validated_and_saved(tmp_path, cache):
+    """5 steps, validated and saved every 2: the logged lr, lambda and gamma of each step by hand (warmup 2,
+    cosine from step floor(0.5 x 5) = 2 to step 4; lambda 0.1 from step 0.6 x 5 = 3, gamma 0 from step 4 of
+    0-based steps); the biases are the sum of each step's gamma x sign(mean - counts); the last step (5, not a
+    multiple of 2) is validated and saved too."""
+    run = tmp_path / "run"
+    cfg = tiny(cache, steps=5, eval_every=2, save_every=2, mtp_lambda_switch=0.6, bias_gamma=0.01,
+               bias_gamma_switch=0.8)
+    result = train(cfg, run, log=quiet)
+    records = read_metrics(run / "metrics.jsonl")
+    recs = of_type(records, "train")
+    assert [r["lr"] for r in recs] == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-4 + 2.7e-3 * 0.5, 3e-4])
+    assert [r["mtp_lambda"] for r in recs] == [0.3, 0.3, 0.3, 0.1, 0.1]
+    assert [r["bias_gamma"] for r in recs] == [0.01, 0.01, 0.01, 0.01, 0.0]
+    counts = [torch.tensor(r["expert_counts"], dtype=torch.float64) for r in recs]
+    expected = sum(0.01 * torch.sign(c.mean(-1, keepdim=True) - c) for c in counts[:4])  # step 5: gamma 0
+    model = load_pretrained(run)
+    biases = torch.stack([layer.mlp.gate.e_score_correction_bias for layer in model.layers if layer.is_moe]
+                         + [m.block.mlp.gate.e_score_correction_bias for m in model.mtp])
+    torch.testing.assert_close(biases.double(), expected, rtol=0, atol=1e-7)
+    val = of_type(records, "val")
+    assert [v["step"] for v in val] == [2, 4, 5] and result.final_val_loss == val[-1]["val_loss"]
+    assert ckpt_io.current_checkpoint(run).name == "step-00000005"
 
 
 def test_resume_in_process_bf16_and_activation_checkpointing(tmp_path, cache):
@@ -233,19 +301,51 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, cache, monkeypatch):
     real = loop.training_loss
     calls = {"n": 0}
 
-    def nan_on_step_2(out, labels, **kw):
+    def nan_on_steps_2_4_6(out, labels, **kw):
         calls["n"] += 1
         terms = real(out, labels, **kw)
-        if calls["n"] == 2:
+        if calls["n"] in (2, 4, 6):
             return terms._replace(total=terms.total * float("nan"))
         return terms
 
-    monkeypatch.setattr(loop, "training_loss", nan_on_step_2)
+    monkeypatch.setattr(loop, "training_loss", nan_on_steps_2_4_6)
     run = tmp_path / "once"
-    train(tiny(cache, steps=4, eval_every=4, save_every=4), run, log=quiet)
+    # 3 NaN steps, never 2 in a row: a good step ends a streak, so --max-bad-steps 2 does not stop the run
+    train(tiny(cache, steps=7, eval_every=7, save_every=7, max_bad_steps=2, bias_gamma=0.01), run, log=quiet)
     recs = of_type(read_metrics(run / "metrics.jsonl"), "train")
-    assert [r["skipped"] for r in recs] == [False, True, False, False]
-    assert [e["event"] for e in of_type(read_metrics(run / "metrics.jsonl"), "event")] == ["start", "nonfinite", "done"]
+    assert [r["skipped"] for r in recs] == [False, True, False, True, False, True, False]
+    events = of_type(read_metrics(run / "metrics.jsonl"), "event")
+    assert [e["event"] for e in events] == ["start", "nonfinite", "nonfinite", "nonfinite", "done"]
+    assert events[-1]["message"] == "finished"
+    # the skipped steps updated nothing, the balancing biases included: they hold the good steps' updates only
+    counts = [torch.tensor(r["expert_counts"], dtype=torch.float64) for r in recs if not r["skipped"]]
+    expected = sum(0.01 * torch.sign(c.mean(-1, keepdim=True) - c) for c in counts)
+    model = load_pretrained(run)
+    biases = torch.stack([layer.mlp.gate.e_score_correction_bias for layer in model.layers if layer.is_moe]
+                         + [m.block.mlp.gate.e_score_correction_bias for m in model.mtp])
+    torch.testing.assert_close(biases.double(), expected, rtol=0, atol=1e-7)
+    # metrics.jsonl stays strict JSON (no bare NaN): a skipped step's loss is the string "nan"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"bare {c} in metrics.jsonl")) for line in lines]
+    assert [r["loss"] for r in strict if r.get("skipped")] == ["nan"] * 3
+
+    class NanGradient(torch.autograd.Function):  # the value as it is, a NaN gradient (an overflow in backward)
+        forward = staticmethod(lambda ctx, x: x.clone())
+        backward = staticmethod(lambda ctx, g: g * float("nan"))
+
+    calls["n"] = 0
+
+    def nan_gradient_on_step_2(out, labels, **kw):
+        calls["n"] += 1
+        terms = real(out, labels, **kw)
+        return terms._replace(total=NanGradient.apply(terms.total)) if calls["n"] == 2 else terms
+
+    monkeypatch.setattr(loop, "training_loss", nan_gradient_on_step_2)
+    run = tmp_path / "nan_gradient"  # a finite loss, a NaN gradient norm: skipped too, the weights stay finite
+    train(tiny(cache, steps=3, eval_every=3, save_every=3), run, log=quiet)
+    recs = of_type(read_metrics(run / "metrics.jsonl"), "train")
+    assert [r["skipped"] for r in recs] == [False, True, False] and math.isfinite(recs[1]["loss"])
+    assert all(torch.isfinite(p).all() for p in load_pretrained(run).parameters())
 
     def always_nan(out, labels, **kw):
         terms = real(out, labels, **kw)
@@ -383,6 +483,18 @@ def test_an_overwrite_killed_before_its_first_checkpoint_gives_the_old_run_back(
     tiny(cache, steps=1).save(run / "train_config.json")
     train(resume_config(run, {"steps": 3}), run, resume=True, log=quiet)
     assert losses(run)[:2] == want and len(losses(run)) == 3 and not aside.exists()
+
+
+def test_resume_refuses_a_changed_corpus(tmp_path, cache):
+    """A resumed run reads the documents its checkpoint was trained on (their cache keys are saved with it): a
+    file added to the corpus since is a one-line error, not a silently different data order."""
+    corpus = tmp_path / "json"
+    shutil.copytree(STDLIB_JSON, corpus)
+    run = tmp_path / "run"
+    train(tiny(cache, data=[str(corpus)], steps=1, eval_every=1), run, log=quiet)
+    (corpus / "extra.py").write_text("x = 1\n" * 50)
+    with pytest.raises(ValueError, match="the corpus changed since the checkpoint"):
+        train(resume_config(run, {"steps": 2}), run, resume=True, log=quiet)
 
 
 def test_a_run_copied_with_its_links_followed_resumes(tmp_path, cache):

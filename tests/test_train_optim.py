@@ -29,6 +29,26 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert opt.param_groups[0]["weight_decay"] == 0.1 and TrainConfig().grad_clip == 1.0  # SPEC §6 defaults
 
 
+def test_build_optimizer_takes_its_settings_from_the_config():
+    """build_optimizer applies the run's weight decay, betas and eps (not AdamW's or SPEC §6's defaults) and
+    its group options: every RMSNorm weight (the model's 1-D parameters) and the embedding undecayed, every
+    matrix decayed; --decay-embeddings and --decay-norms-and-biases move them into the decayed group."""
+    model = DeepSeekV3(ModelConfig.preset("tiny"))
+    cfg = TrainConfig(weight_decay=0.05, beta1=0.8, beta2=0.9, eps=1e-6)
+    decay, no_decay = optim.build_optimizer(model, cfg).param_groups
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    assert all(g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6 for g in (decay, no_decay))
+    names = [n for n, _ in model.named_parameters()]
+    norms = {n for n in names if n.endswith("norm.weight")}  # 20 of them: layers, MLA's q/kv, MTP, final
+    assert len(norms) == 20 and set(no_decay["names"]) == norms | {"embed_tokens.weight"}
+    assert set(decay["names"]) == set(names) - norms - {"embed_tokens.weight"}
+    decay, no_decay = optim.build_optimizer(model, cfg.replace(decay_embeddings=True)).param_groups
+    assert "embed_tokens.weight" in decay["names"] and set(no_decay["names"]) == norms
+    (everything,) = optim.build_optimizer(model, cfg.replace(decay_embeddings=True,
+                                                             decay_norms_and_biases=True)).param_groups
+    assert everything["weight_decay"] == 0.05 and len(everything["params"]) == len(names)
+
+
 def test_learning_rate_warmup_constant_cosine():
     cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=10, decay_start=0.5, min_lr_ratio=0.1)
     lr = [optim.learning_rate(s, cfg) for s in range(100)]
@@ -76,6 +96,11 @@ def test_switch_and_decay_steps_ignore_float_noise():
     assert optim.mtp_lambda(6799, cfg) == 0.3 and optim.mtp_lambda(6800, cfg) == 0.1
     cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=0, decay_start=0.29, min_lr_ratio=0.1)
     assert optim.learning_rate(29, cfg) == 1e-3 and optim.learning_rate(30, cfg) < 1e-3
+    # a decay start between two steps (0.505 x 100 = 50.5): the cosine starts at step 50 (its top), so step 51,
+    # the first after 50.5, is already below lr (decay_last 99: progress 1/49)
+    cfg = TrainConfig(steps=100, lr=1e-3, warmup_steps=0, decay_start=0.505, min_lr_ratio=0.1)
+    assert optim.learning_rate(50, cfg) == 1e-3
+    assert optim.learning_rate(51, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi / 49)))
 
 
 def test_batch_size_warmup_grows_the_step_linearly_in_tokens():

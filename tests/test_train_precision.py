@@ -98,11 +98,12 @@ def test_adamw_update_equals_torch_adamw():
 def test_fused_master_step_equals_the_eager_step():
     """The compiled single-pass step (nanoseek train --compile) against the eager one (fp32 gradients, clipping,
     torch.optim.AdamW, refresh): same norm, masters, moments and bf16 weights, with one micro-batch (bf16
-    gradients) and two (fp32 sums); its state is torch's, so an eager optimizer continues it."""
-    for micro_batches in (1, 2):
-        model_e, masters_e, opt_e, norm_e = run_steps(False, micro_batches)
-        model_f, masters_f, opt_f, norm_f = run_steps(True, micro_batches)
-        assert norm_f == pytest.approx(norm_e, rel=1e-6) and norm_e > 0.05  # clipping was active
+    gradients) and two (fp32 sums), clipped (max norm 0.05) or not (1e3: the gradients as they are, never scaled
+    up); its state is torch's, so an eager optimizer continues it."""
+    for micro_batches, clip in ((1, 0.05), (2, 0.05), (1, 1e3)):
+        model_e, masters_e, opt_e, norm_e = run_steps(False, micro_batches, clip)
+        model_f, masters_f, opt_f, norm_f = run_steps(True, micro_batches, clip)
+        assert norm_f == pytest.approx(norm_e, rel=1e-6) and 0.05 < norm_e < 1e3  # clipping active at 0.05 only
         for (name, m_e), (_, m_f) in zip(masters_e.named_parameters(), masters_f.named_parameters()):
             torch.testing.assert_close(m_f, m_e, rtol=1e-6, atol=1e-6, msg=name)
             assert (m_f in opt_f.state) == (m_e in opt_e.state)  # both step the same parameters

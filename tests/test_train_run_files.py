@@ -1,8 +1,9 @@
 """What a training run writes, checked against values computed independently: the validation loss on the held-out
 split, the checkpoints --keep-checkpoints keeps (and that an older one resumes), the global RNG state a resume
-restores, and the report's summary.json against metrics.jsonl."""
+restores, the report's summary.json against metrics.jsonl, and the report's values for a hand-written run."""
 
 import json
+import math
 import os
 import shutil
 
@@ -62,6 +63,11 @@ def test_validation_loss_is_the_loss_on_the_held_out_split(run24):
     assert last["val_tokens"] == labels.numel()
     assert last["val_loss"] == pytest.approx(main, rel=1e-5)
     assert last["val_mtp_losses"][0] == pytest.approx(depth1, rel=1e-5)
+    # MaxVio_global: (max - mean) / mean of each MoE layer's counts over all the validation windows
+    counts = out.expert_counts.double()
+    maxvio = ((counts.amax(-1) - counts.mean(-1)) / counts.mean(-1)).tolist()
+    assert last["maxvio_global"] == pytest.approx(maxvio, abs=1e-5)
+    assert last["maxvio_global_mean"] == pytest.approx(sum(maxvio) / len(maxvio), rel=1e-6)
     # the same model on training windows scores differently: the check above can tell the splits apart
     train_batch = validation_batches(data.train_sequences(cfg.seq_len), cfg.batch_size, cfg.eval_batches)
     with torch.no_grad():
@@ -96,6 +102,46 @@ def test_summary_json_is_computed_from_metrics_jsonl(run24):
     assert s["best_val_loss"] == min(v["val_loss"] for v in val)
     assert s["unigram_val_loss"] == json.loads((run24 / "data.json").read_text())["unigram_val_loss"]
     assert s["stopped_by"] == "done"
+
+
+def test_report_values_of_a_hand_written_run(tmp_path, monkeypatch):
+    """report.md, summary.json and the expert-load plot of a hand-written 3-step run whose step 2 was skipped
+    (NaN), each value by hand: the train loss is the good steps' mean, the skipped step counted, the unigram
+    row (its perplexity e^3, the validation loss 0.5 below it), and each expert's load per step relative to its
+    layer's mean (the plotted array, captured), the skipped step left out."""
+    import matplotlib.axes
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps({"preset": "tiny", "steps": 3, "batch_size": 2, "grad_accum": 1,
+                                                      "seq_len": 8, "balance": "bias", "dtype": "fp32", "lr": 1e-3}))
+    (run / "data.json").write_text(json.dumps({"sources": ["corpus"], "skipped": {"binary": 2, "empty": 1},
+                                              "unigram_val_loss": 3.0}))
+    counts = {1: [[1, 3, 2, 2], [4, 0, 2, 2]], 2: [[8, 0, 0, 0], [8, 0, 0, 0]], 3: [[0, 0, 6, 2], [1, 1, 1, 5]]}
+    records = [{"type": "event", "step": 0, "event": "start", "params": 1000,
+                "model": {"num_hidden_layers": 3, "first_k_dense_replace": 1, "num_nextn_predict_layers": 0}}]
+    for step, loss in ((1, 4.0), (2, "nan"), (3, 2.0)):
+        records.append({"type": "train", "step": step, "tokens": 16 * step, "loss": loss, "main_loss": loss,
+                        "lr": 1e-3, "tokens_per_s": 100.0, "elapsed": float(step), "skipped": step == 2,
+                        "expert_counts": counts[step]})
+    records += [{"type": "val", "step": 3, "tokens": 48, "val_loss": 2.5, "val_ppl": math.exp(2.5)},
+                {"type": "event", "step": 3, "event": "done", "message": "finished"}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    shown = []
+    real = matplotlib.axes.Axes.imshow
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", lambda ax, img, **kw: shown.append(img) or real(ax, img, **kw))
+
+    text = write_report(run, sample=False, log=quiet).read_text()
+    s = json.loads((run / "summary.json").read_text())
+    assert (s["steps"], s["skipped_steps"], s["train_loss"], s["val_loss"]) == (3, 1, 3.0, 2.5)
+    assert "| steps | 3 of 3 (done); 1 skipped (NaN/inf) |" in text and "skipped 3 files (2 binary, 1 empty)" in text
+    assert "| validation loss (step 3) | 2.5000 (perplexity 12.18) |" in text
+    assert ("| unigram baseline on validation | 3.0000 (perplexity 20.1); the model's validation loss is 0.50 "
+            "nats/token below it |") in text
+    # per layer an (experts, steps) array: steps 1 and 3, each count over its layer's mean count (2)
+    assert len(shown) == 2
+    np.testing.assert_allclose(shown[0], [[0.5, 0.0], [1.5, 0.0], [1.0, 3.0], [1.0, 1.0]])
+    np.testing.assert_allclose(shown[1], [[2.0, 0.5], [0.0, 0.5], [1.0, 0.5], [1.0, 2.5]])
 
 
 # ---------------------------------------------------------------------------------------------- --keep-checkpoints
