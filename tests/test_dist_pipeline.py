@@ -42,6 +42,9 @@ def _worker(rank: int, world_size: int, cases: dict, batches: list[torch.Tensor]
     results = {}
     for case, (schedule, cfg) in cases.items():
         model = _model(cfg)
+        if rank != 0:  # a copy of the embedding that differs from rank 0's: the runner must use rank 0's everywhere
+            with torch.no_grad():
+                model.embed_tokens.weight.add_(0.5)
         runner = PipelineRunner(model, dist.group.WORLD, schedule=schedule, n_microbatches=N_MB)
         first = runner.step(batches[0], LAMBDA, ALPHA)
         grads = {n: p.grad.clone() for n, p in runner.named_parameters()}
