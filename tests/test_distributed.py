@@ -481,6 +481,40 @@ def test_layout_errors():
         Layout(pp=0).validate(0)
 
 
+def test_metrics_list_moe_layers_in_model_order_past_ten_layers(tmp_path):
+    """The train record's expert counts (gathered by name from the pipeline ranks) are stacked in the model's
+    layer order, as one process logs them: layers.2 before layers.10 (a plain sort of the names would not),
+    then the MTP blocks; MaxVio per layer follows the same order."""
+    from nanoseek.distributed.mesh import Layout
+    from nanoseek.distributed.train import DistributedTrainer, ParallelSettings
+    from nanoseek.train.run_state import Progress
+
+    trainer = DistributedTrainer(base_config(tmp_path), tmp_path / "run", ParallelSettings(Layout(pp=2)))
+    names = [f"layers.{i}.mlp" for i in range(1, 12)] + ["mtp.0.block.mlp"]
+    # layer number i: i tokens on expert 0, 1 on each of the 3 others (the MTP block: 12); MaxVio = (i - m) / m
+    counts = {n: torch.tensor([i, 1, 1, 1]) for i, n in enumerate(names, start=1)}
+    shuffled = {n: counts[n] for n in sorted(names)}  # the order a gather over the ranks may give
+    rec = trainer._record(Progress(step=1), torch.zeros(5, dtype=torch.float64), 1e-3, 0.3, 0.01, 1e-4, 1.0, 1.0, 256,
+                          shuffled, None)
+    assert rec["expert_counts"] == [[i, 1, 1, 1] for i in range(1, 13)]
+    assert rec["maxvio_batch"] == pytest.approx([(i - (i + 3) / 4) / ((i + 3) / 4) for i in range(1, 13)], abs=1e-5)
+
+
+def test_node_limit_note_bounds_the_ranks_a_token_reaches():
+    """The logged bound on the EP ranks a token reaches: topk_group groups, at most one rank each, and never more
+    than the EP ranks there are."""
+    from nanoseek.distributed.expert_parallel import node_limit_note
+
+    assert node_limit_note(4, 2, "noaux_tc", 2).endswith("a token reaches at most 2 ranks (node-limited routing)")
+    assert node_limit_note(8, 4, "noaux_tc", 8) == ("8 expert groups on 8 EP ranks (1 per rank): a token reaches at "
+                                                   "most 4 ranks (node-limited routing)")  # V3: 4 nodes
+    assert node_limit_note(8, 4, "noaux_tc", 2) == ("8 expert groups on 2 EP ranks (4 per rank): a token reaches at "
+                                                   "most 2 ranks (node-limited routing)")  # 4 groups, 2 ranks
+    assert node_limit_note(8, 4, "greedy", 2) == "no group limit: a token may reach all 2 EP ranks"
+    assert node_limit_note(4, 4, "noaux_tc", 2) == "no group limit: a token may reach all 2 EP ranks"
+    assert "do not map onto 3 EP ranks" in node_limit_note(4, 2, "noaux_tc", 3)
+
+
 def test_cli_rejects_a_layout_that_does_not_match_the_world(tmp_path, capsys):
     from nanoseek.cli import main
 
