@@ -73,6 +73,12 @@ def losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["main_loss"]) for r in of_type(read_metrics(run / "metrics.jsonl"), "train")]
 
 
+def logged_terms(run: Path, from_step: int) -> list[tuple]:
+    """Per step: the logged loss terms besides the total and the main loss, and the tokens trained on so far."""
+    return [(r["step"], r["mtp_loss"], r["balance_loss"], r["mtp_losses"], r["tokens"])
+            for r in of_type(read_metrics(run / "metrics.jsonl"), "train") if r["step"] >= from_step]
+
+
 def grad_norms(run: Path) -> list[float]:
     return [r["grad_norm"] for r in of_type(read_metrics(run / "metrics.jsonl"), "train")]
 
@@ -104,6 +110,15 @@ def assert_same_run(run: Path, ref: Path, from_step: int = 1) -> None:
     for (s, loss, main), (_, loss_ref, main_ref) in zip(got, want):
         assert loss == pytest.approx(loss_ref, rel=1e-5), f"step {s}"
         assert main == pytest.approx(main_ref, rel=1e-5), f"step {s}"
+    # the other logged terms (a term swapped, or averaged over the wrong number of ranks, leaves the total as it is;
+    # the balance loss weighs 1e-4 in it) and the token count, which must count every data rank's rows
+    got_terms, want_terms = logged_terms(run, from_step), logged_terms(ref, from_step)
+    assert len(got_terms) == len(want_terms) == len(want)
+    for (s, mtp, bal, depths, tokens), (_, mtp_ref, bal_ref, depths_ref, tokens_ref) in zip(got_terms, want_terms):
+        assert mtp == pytest.approx(mtp_ref, rel=1e-5), f"step {s}"
+        assert depths == pytest.approx(depths_ref, rel=1e-5), f"step {s}"
+        assert bal == pytest.approx(bal_ref, rel=1e-5), f"step {s}"
+        assert tokens == tokens_ref, f"step {s}"
     # the gradient itself (before clipping): AdamW and the clip hide a wrong scale from the losses and weights
     assert grad_norms(run)[from_step - 1:] == pytest.approx(grad_norms(ref)[from_step - 1:], rel=1e-4)
     w, w_ref = weights(run), weights(ref)
