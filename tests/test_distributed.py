@@ -25,11 +25,13 @@ STEPS = 5
 
 
 def base_config(cache: Path, **kw) -> TrainConfig:
-    # a constant schedule (no decay, no lambda/gamma switch) so that a run of 3 steps continued to 5 is the 5-step run
+    # a constant schedule (no decay, no lambda/gamma switch) so that a run of 3 steps continued to 5 is the 5-step run;
+    # eval_batches=7 takes the whole validation split, 50 sequences: batches of 8, ..., 8, 2, so that with 4 data
+    # ranks two hold no row of the last one (they run one row and must count none of it)
     settings = dict(preset="tiny", model_overrides={"num_hidden_layers": 4}, data=[STDLIB_JSON], vocab_size=300,
                     seq_len=32, batch_size=8, steps=STEPS, warmup_steps=0, decay_start=1.0, mtp_lambda_switch=1.0,
                     bias_gamma_switch=1.0, bias_gamma=0.01, lr=2e-3, save_every=STEPS, eval_every=STEPS,
-                    eval_batches=2, dtype="fp32", threads=1, progress=False, report=False, cache_dir=str(cache))
+                    eval_batches=7, dtype="fp32", threads=1, progress=False, report=False, cache_dir=str(cache))
     settings.update(kw)
     return TrainConfig(**settings)
 
@@ -168,6 +170,7 @@ def test_layout_equals_single_process(reference, name):
     assert of_type(metrics, "val"), "validation ran"
     val, val_ref = of_type(metrics, "val")[-1], of_type(read_metrics(root / "single" / "metrics.jsonl"), "val")[-1]
     assert val["val_loss"] == pytest.approx(val_ref["val_loss"], rel=1e-5)
+    assert val["val_tokens"] == val_ref["val_tokens"] == 50 * 32  # summed over the data ranks, not averaged
     assert val["val_mtp_losses"] == pytest.approx(val_ref["val_mtp_losses"], rel=1e-5) and val["val_mtp_losses"]
     assert val["maxvio_global"] == pytest.approx(val_ref["maxvio_global"], abs=1e-4)
     single = of_type(read_metrics(root / "single" / "metrics.jsonl"), "train")
@@ -306,7 +309,7 @@ def test_torchrun_cli_equals_single_process(reference):
     flags = ["--preset", "tiny", "--model", "num_hidden_layers=4", "--data", STDLIB_JSON, "--vocab-size", "300",
              "--seq-len", "32", "--batch-size", "8", "--steps", str(STEPS), "--warmup-steps", "0", "--decay-start", "1",
              "--mtp-lambda-switch", "1", "--bias-gamma-switch", "1", "--bias-gamma", "0.01", "--lr", "2e-3",
-             "--save-every", str(STEPS), "--eval-every", str(STEPS), "--eval-batches", "2", "--dtype", "fp32",
+             "--save-every", str(STEPS), "--eval-every", str(STEPS), "--eval-batches", "7", "--dtype", "fp32",
              "--threads", "1", "--no-progress", "--no-report", "--cache-dir", str(cache), "--out", str(out)]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
