@@ -42,6 +42,9 @@ def _worker(rank: int, world_size: int, cases: dict, batches: list[torch.Tensor]
     results = {}
     for case, (schedule, cfg) in cases.items():
         model = _model(cfg)
+        if rank != 0:  # a copy of the embedding that differs from rank 0's: the runner must use rank 0's everywhere
+            with torch.no_grad():
+                model.embed_tokens.weight.add_(0.5)
         runner = PipelineRunner(model, dist.group.WORLD, schedule=schedule, n_microbatches=N_MB)
         first = runner.step(batches[0], LAMBDA, ALPHA)
         grads = {n: p.grad.clone() for n, p in runner.named_parameters()}
@@ -62,6 +65,12 @@ def _worker(rank: int, world_size: int, cases: dict, batches: list[torch.Tensor]
             runner.step(batches[0][:6], LAMBDA, ALPHA)
         except ValueError as e:
             results[case]["error"] = str(e)
+        for key, batch in (("shapes", batches[0] if rank == 0 else batches[0][:4]),  # ranks disagree on B
+                           ("missing", None if rank == 0 else batches[0])):  # rank 0 holds stage 0
+            try:
+                runner.step(batch, LAMBDA, ALPHA)
+            except ValueError as e:
+                results[case][key] = str(e)
     return results
 
 
@@ -141,10 +150,13 @@ def test_pipeline_matches_single_process(runs, case):
     # AdamW steps on each rank's own parameters give the single-process losses
     for r in got:
         assert [x.total for x in r["losses"]] == pytest.approx([t.total.item() for t in ref["losses"]], rel=1e-5)
-    # gradients accumulate over step() calls, the duplicate's exchange included; bad batches raise everywhere
+    # gradients accumulate over step() calls, the duplicate's exchange included; bad batches raise everywhere,
+    # batches of different shapes on the ranks and a missing one included (instead of a hang in the schedule)
     for r in got:
         assert r["accumulation"] < 1e-7
         assert r["error"] == "batch size 6 is not divisible into n_microbatches=4 equal micro-batches"
+        assert r["shapes"] == "pp ranks got batches of different shapes (B 4..8, T+1 17..17)"
+        assert r["missing"] == "the pp ranks holding stage 0 and the last stage need the batch (got None)"
     # DualPipeV's F&B starts the forward's send before the backward (here: stage 0's F paired with 3's B)
     assert (got[0]["early_sends"] > 0) == (schedule == "dualpipev")
     # forward-only evaluation after training

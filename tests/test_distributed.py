@@ -25,11 +25,13 @@ STEPS = 5
 
 
 def base_config(cache: Path, **kw) -> TrainConfig:
-    # a constant schedule (no decay, no lambda/gamma switch) so that a run of 3 steps continued to 5 is the 5-step run
+    # a constant schedule (no decay, no lambda/gamma switch) so that a run of 3 steps continued to 5 is the 5-step run;
+    # eval_batches=7 takes the whole validation split, 50 sequences: batches of 8, ..., 8, 2, so that with 4 data
+    # ranks two hold no row of the last one (they run one row and must count none of it)
     settings = dict(preset="tiny", model_overrides={"num_hidden_layers": 4}, data=[STDLIB_JSON], vocab_size=300,
                     seq_len=32, batch_size=8, steps=STEPS, warmup_steps=0, decay_start=1.0, mtp_lambda_switch=1.0,
                     bias_gamma_switch=1.0, bias_gamma=0.01, lr=2e-3, save_every=STEPS, eval_every=STEPS,
-                    eval_batches=2, dtype="fp32", threads=1, progress=False, report=False, cache_dir=str(cache))
+                    eval_batches=7, dtype="fp32", threads=1, progress=False, report=False, cache_dir=str(cache))
     settings.update(kw)
     return TrainConfig(**settings)
 
@@ -73,6 +75,12 @@ def losses(run: Path) -> list[tuple[int, float, float]]:
     return [(r["step"], r["loss"], r["main_loss"]) for r in of_type(read_metrics(run / "metrics.jsonl"), "train")]
 
 
+def logged_terms(run: Path, from_step: int) -> list[tuple]:
+    """Per step: the logged loss terms besides the total and the main loss, and the tokens trained on so far."""
+    return [(r["step"], r["mtp_loss"], r["balance_loss"], r["mtp_losses"], r["tokens"])
+            for r in of_type(read_metrics(run / "metrics.jsonl"), "train") if r["step"] >= from_step]
+
+
 def grad_norms(run: Path) -> list[float]:
     return [r["grad_norm"] for r in of_type(read_metrics(run / "metrics.jsonl"), "train")]
 
@@ -104,6 +112,15 @@ def assert_same_run(run: Path, ref: Path, from_step: int = 1) -> None:
     for (s, loss, main), (_, loss_ref, main_ref) in zip(got, want):
         assert loss == pytest.approx(loss_ref, rel=1e-5), f"step {s}"
         assert main == pytest.approx(main_ref, rel=1e-5), f"step {s}"
+    # the other logged terms (a term swapped, or averaged over the wrong number of ranks, leaves the total as it is;
+    # the balance loss weighs 1e-4 in it) and the token count, which must count every data rank's rows
+    got_terms, want_terms = logged_terms(run, from_step), logged_terms(ref, from_step)
+    assert len(got_terms) == len(want_terms) == len(want)
+    for (s, mtp, bal, depths, tokens), (_, mtp_ref, bal_ref, depths_ref, tokens_ref) in zip(got_terms, want_terms):
+        assert mtp == pytest.approx(mtp_ref, rel=1e-5), f"step {s}"
+        assert depths == pytest.approx(depths_ref, rel=1e-5), f"step {s}"
+        assert bal == pytest.approx(bal_ref, rel=1e-5), f"step {s}"
+        assert tokens == tokens_ref, f"step {s}"
     # the gradient itself (before clipping): AdamW and the clip hide a wrong scale from the losses and weights
     assert grad_norms(run)[from_step - 1:] == pytest.approx(grad_norms(ref)[from_step - 1:], rel=1e-4)
     w, w_ref = weights(run), weights(ref)
@@ -153,6 +170,7 @@ def test_layout_equals_single_process(reference, name):
     assert of_type(metrics, "val"), "validation ran"
     val, val_ref = of_type(metrics, "val")[-1], of_type(read_metrics(root / "single" / "metrics.jsonl"), "val")[-1]
     assert val["val_loss"] == pytest.approx(val_ref["val_loss"], rel=1e-5)
+    assert val["val_tokens"] == val_ref["val_tokens"] == 50 * 32  # summed over the data ranks, not averaged
     assert val["val_mtp_losses"] == pytest.approx(val_ref["val_mtp_losses"], rel=1e-5) and val["val_mtp_losses"]
     assert val["maxvio_global"] == pytest.approx(val_ref["maxvio_global"], abs=1e-4)
     single = of_type(read_metrics(root / "single" / "metrics.jsonl"), "train")
@@ -291,7 +309,7 @@ def test_torchrun_cli_equals_single_process(reference):
     flags = ["--preset", "tiny", "--model", "num_hidden_layers=4", "--data", STDLIB_JSON, "--vocab-size", "300",
              "--seq-len", "32", "--batch-size", "8", "--steps", str(STEPS), "--warmup-steps", "0", "--decay-start", "1",
              "--mtp-lambda-switch", "1", "--bias-gamma-switch", "1", "--bias-gamma", "0.01", "--lr", "2e-3",
-             "--save-every", str(STEPS), "--eval-every", str(STEPS), "--eval-batches", "2", "--dtype", "fp32",
+             "--save-every", str(STEPS), "--eval-every", str(STEPS), "--eval-batches", "7", "--dtype", "fp32",
              "--threads", "1", "--no-progress", "--no-report", "--cache-dir", str(cache), "--out", str(out)]
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -479,6 +497,40 @@ def test_layout_errors():
         Layout(ep=3).validate(3, ModelConfig.preset("tiny"))
     with pytest.raises(ValueError, match="--pp must be a positive integer"):
         Layout(pp=0).validate(0)
+
+
+def test_metrics_list_moe_layers_in_model_order_past_ten_layers(tmp_path):
+    """The train record's expert counts (gathered by name from the pipeline ranks) are stacked in the model's
+    layer order, as one process logs them: layers.2 before layers.10 (a plain sort of the names would not),
+    then the MTP blocks; MaxVio per layer follows the same order."""
+    from nanoseek.distributed.mesh import Layout
+    from nanoseek.distributed.train import DistributedTrainer, ParallelSettings
+    from nanoseek.train.run_state import Progress
+
+    trainer = DistributedTrainer(base_config(tmp_path), tmp_path / "run", ParallelSettings(Layout(pp=2)))
+    names = [f"layers.{i}.mlp" for i in range(1, 12)] + ["mtp.0.block.mlp"]
+    # layer number i: i tokens on expert 0, 1 on each of the 3 others (the MTP block: 12); MaxVio = (i - m) / m
+    counts = {n: torch.tensor([i, 1, 1, 1]) for i, n in enumerate(names, start=1)}
+    shuffled = {n: counts[n] for n in sorted(names)}  # the order a gather over the ranks may give
+    rec = trainer._record(Progress(step=1), torch.zeros(5, dtype=torch.float64), 1e-3, 0.3, 0.01, 1e-4, 1.0, 1.0, 256,
+                          shuffled, None)
+    assert rec["expert_counts"] == [[i, 1, 1, 1] for i in range(1, 13)]
+    assert rec["maxvio_batch"] == pytest.approx([(i - (i + 3) / 4) / ((i + 3) / 4) for i in range(1, 13)], abs=1e-5)
+
+
+def test_node_limit_note_bounds_the_ranks_a_token_reaches():
+    """The logged bound on the EP ranks a token reaches: topk_group groups, at most one rank each, and never more
+    than the EP ranks there are."""
+    from nanoseek.distributed.expert_parallel import node_limit_note
+
+    assert node_limit_note(4, 2, "noaux_tc", 2).endswith("a token reaches at most 2 ranks (node-limited routing)")
+    assert node_limit_note(8, 4, "noaux_tc", 8) == ("8 expert groups on 8 EP ranks (1 per rank): a token reaches at "
+                                                   "most 4 ranks (node-limited routing)")  # V3: 4 nodes
+    assert node_limit_note(8, 4, "noaux_tc", 2) == ("8 expert groups on 2 EP ranks (4 per rank): a token reaches at "
+                                                   "most 2 ranks (node-limited routing)")  # 4 groups, 2 ranks
+    assert node_limit_note(8, 4, "greedy", 2) == "no group limit: a token may reach all 2 EP ranks"
+    assert node_limit_note(4, 4, "noaux_tc", 2) == "no group limit: a token may reach all 2 EP ranks"
+    assert "do not map onto 3 EP ranks" in node_limit_note(4, 2, "noaux_tc", 3)
 
 
 def test_cli_rejects_a_layout_that_does_not_match_the_world(tmp_path, capsys):

@@ -519,7 +519,7 @@ class DistributedTrainer:
             "bias_gamma": gamma, "balance_alpha": alpha, "grad_norm": grad_norm,
             "tokens_per_s": step_tokens / dt, "step_time": dt, "elapsed": progress.elapsed, "skipped": False}
         if counts:
-            c = torch.stack([counts[n] for n in sorted(counts, key=_layer_order)])
+            c = _by_layer(counts)
             mv = max_violation(c)
             rec["maxvio_batch"] = [round(float(v), 5) for v in mv]
             rec["maxvio_batch_mean"] = float(mv.mean())
@@ -583,7 +583,7 @@ class DistributedTrainer:
                                "val_mtp_losses": [float(total[i] / max(total[i + 1], 1))
                                                   for i in range(2, len(total), 2)]}
         if all_counts:
-            mv = max_violation(torch.stack([all_counts[n] for n in sorted(all_counts, key=_layer_order)]))
+            mv = max_violation(_by_layer(all_counts))
             rec["maxvio_global"] = [round(float(v), 5) for v in mv]
             rec["maxvio_global_mean"] = float(mv.mean())
         if ctx.is_main:
@@ -604,6 +604,11 @@ def _layer_order(name: str) -> tuple[int, int]:
     """Main layers first, then MTP blocks, each by index (``layers.3.mlp``, ``mtp.0.block.mlp``)."""
     parts = name.split(".")
     return (0 if parts[0] == "layers" else 1, int(parts[1]))
+
+
+def _by_layer(counts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(n_moe_layers, E): the counts stacked in the model's layer order, as one process's metrics have them."""
+    return torch.stack([counts[n] for n in sorted(counts, key=_layer_order)])
 
 
 def train_distributed(cfg: TrainConfig, out: str | Path, parallel: ParallelSettings, resume: bool = False,
