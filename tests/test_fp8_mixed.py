@@ -71,16 +71,48 @@ def test_grouped_experts_product_is_one_fp8_linear_per_expert():
     w = torch.randn(4, 64, 48, generator=g, requires_grad=True)  # (E, K, N) as torch._grouped_mm takes it
     dy = torch.randn(sum(counts), 48, generator=g)
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
-    FP8GroupedMM.apply(x, w, offs).backward(dy)
+    y = FP8GroupedMM.apply(x, w, offs)
+    y.backward(dy)
     start = 0
     for e, n in enumerate(counts):
         x_e = x.detach()[start: start + n].clone().requires_grad_()
         w_e = w.detach()[e].T.clone().requires_grad_()  # (N, K)
         y_e = FP8Linear.apply(x_e, w_e)
         y_e.backward(dy[start: start + n])
+        # Fprop: Q(x_e) Q(W_e)^T, the weight rounded too (not the fp32 weight)
+        y_want = F.linear(quantize_tiles(x_e.detach()), quantize_blocks(w_e.detach()))
+        torch.testing.assert_close(y[start: start + n], y_want, rtol=1e-6, atol=1e-5)
         torch.testing.assert_close(x.grad[start: start + n], x_e.grad, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(w.grad[e], w_e.grad.T, rtol=1e-5, atol=1e-5)  # zero for the expert without rows
         start += n
+
+
+def test_products_keep_the_activation_dtype_and_a_biased_product_stays_exact():
+    """The FP8 products return y, dx in the activation's dtype (bf16 in, bf16 out), the weight gradient in the
+    weight's; a linear call with a bias (none in V3's layers) is left to the plain product, bias included, not
+    run as an FP8 product that drops its bias."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 200, generator=g).to(torch.bfloat16).requires_grad_()
+    w = torch.randn(64, 200, generator=g, requires_grad=True)
+    y = FP8Linear.apply(x, w)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, F.linear(quantize_tiles(x.detach()), quantize_blocks(w.detach())).to(torch.bfloat16),
+                               rtol=0, atol=0)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    xg = torch.randn(30, 64, generator=g).to(torch.bfloat16)
+    we = torch.randn(2, 64, 48, generator=g)
+    assert FP8GroupedMM.apply(xg, we, torch.tensor([10, 30], dtype=torch.int32)).dtype == torch.bfloat16
+    layer = torch.nn.Linear(200, 64)
+    xf = torch.randn(3, 200, generator=g)
+    with fp8_gemms(layer)():
+        positional = F.linear(xf, layer.weight, layer.bias)
+        keyword = F.linear(xf, layer.weight, bias=layer.bias)
+        fp8 = F.linear(xf, layer.weight)
+    want = xf @ layer.weight.detach().T + layer.bias.detach()
+    torch.testing.assert_close(positional, want)
+    torch.testing.assert_close(keyword, want)
+    torch.testing.assert_close(fp8, quantize_tiles(xf) @ quantize_blocks(layer.weight.detach()).T, rtol=0, atol=0)
 
 
 def test_the_context_quantizes_every_linear_layer_but_the_head_embedding_and_gate(monkeypatch):
