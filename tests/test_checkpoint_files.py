@@ -64,6 +64,11 @@ def test_optimizer_moments_are_matched_by_name_and_shape():
             load_optimizer_tensors(adamw(1)[1], {**tensors, **change}, "ckpt")
     with pytest.raises(CheckpointError, match="missing optim.bias.exp_avg_sq"):
         load_optimizer_tensors(adamw(1)[1], {k: v for k, v in tensors.items() if k != "optim.bias.exp_avg_sq"}, "c")
+    # bf16 parameters (--dtype bf16-weights): the step count stays exact (257 is no bf16 number: 256 or 258)
+    layer, opt = adamw(1)
+    layer.to(torch.bfloat16)
+    load_optimizer_tensors(opt, {**tensors, "optim.weight.step": torch.tensor(257.0, dtype=torch.float64)}, "c")
+    assert opt.state[layer.weight]["step"].item() == 257
 
 
 def test_memory_estimate_and_its_messages(monkeypatch):
