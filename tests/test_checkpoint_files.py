@@ -12,7 +12,7 @@ from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.hf import CheckpointError
 from nanoseek.train import TrainConfig
 from nanoseek.train import memory
-from nanoseek.train.checkpoint import load_optimizer_tensors, read_trainer_state
+from nanoseek.train.checkpoint import current_checkpoint, load_optimizer_tensors, read_trainer_state
 
 
 def write_state(tmp_path, **changes):
@@ -100,3 +100,18 @@ def test_memory_estimate_and_its_messages(monkeypatch):
         memory.check_memory(mc, cfg, cpu)
     monkeypatch.setattr(memory, "available_memory", lambda device: est["total"])
     assert memory.check_memory(mc, cfg, cpu) == est
+
+
+def test_current_checkpoint_follows_the_pointer_or_the_copied_one_set_aside(tmp_path):
+    """`checkpoint` names the current checkpoint; while a copied run's next save has moved its `checkpoint`
+    directory aside (`.checkpoint.copied`) and not yet linked the new one, that directory is current; a link to
+    nothing is an error, a run without either has none."""
+    assert current_checkpoint(tmp_path) is None
+    (tmp_path / ".checkpoint.copied").mkdir()
+    assert current_checkpoint(tmp_path) == (tmp_path / ".checkpoint.copied").resolve()
+    (tmp_path / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (tmp_path / "checkpoint").symlink_to("checkpoints/step-00000002")
+    assert current_checkpoint(tmp_path) == (tmp_path / "checkpoints" / "step-00000002").resolve()
+    (tmp_path / "checkpoints" / "step-00000002").rmdir()
+    with pytest.raises(CheckpointError, match="which does not exist"):
+        current_checkpoint(tmp_path)
