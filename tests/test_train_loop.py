@@ -4,6 +4,7 @@ the report, the bias update, atomic saves, resume, NaN steps and bad input."""
 import contextlib
 import json
 import math
+import os
 import shutil
 import sysconfig
 from pathlib import Path
@@ -509,6 +510,8 @@ def test_a_run_copied_with_its_links_followed_resumes(tmp_path, cache):
     assert (copy / "checkpoint").is_dir() and not (copy / "checkpoint").is_symlink()
     train(resume_config(copy, {"steps": 4}), copy, resume=True, log=quiet)
     assert (copy / "checkpoint").is_symlink() and ckpt_io.current_checkpoint(copy).name == "step-00000004"
+    # the copied top-level weights (a file of step 2) are links to the current checkpoint's again
+    assert all(os.readlink(copy / f) == f"checkpoint/{f}" for f in ("config.json", "model.safetensors"))
     assert not (copy / ckpt_io.COPIED_POINTER).exists()
     assert losses(copy) == losses(whole)
 
