@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek import DeepSeekV3, ModelConfig
-from nanoseek.fp8 import dequantize_fp8, quantize_fp8
+from nanoseek.errors import CheckpointError
+from nanoseek.fp8 import dequantize_fp8, fp8_block_size, quantize_fp8
 from nanoseek.train import TrainConfig, train
 from nanoseek.train import fp8_mixed
 from nanoseek.train.fp8_mixed import FP8GroupedMM, FP8Linear, fp8_gemms, quantize_blocks, quantize_tiles
@@ -43,6 +44,16 @@ def test_weight_blocks_are_the_checkpoint_format():
     for e in range(3):
         assert torch.equal(q[e], dequantize_fp8(*quantize_fp8(w[e]), dtype=torch.float32))
     assert torch.equal(quantize_blocks(w.transpose(-2, -1)), q.transpose(-2, -1))  # square blocks
+
+
+def test_the_checkpoints_block_size_is_two_positive_integers():
+    """config.json's quantization_config.weight_block_size: 128 x 128 when absent, (out, in) as given; a zero or
+    negative size is a one-line error, not a division by zero when the weights are read."""
+    assert fp8_block_size({}) == (128, 128)
+    assert fp8_block_size({"quantization_config": {"quant_method": "fp8", "weight_block_size": [32, 48]}}) == (32, 48)
+    for block in ([0, 128], [128, -1]):
+        with pytest.raises(CheckpointError, match="must be two positive integers"):
+            fp8_block_size({"quantization_config": {"weight_block_size": block}})
 
 
 def test_a_linear_layer_runs_fprop_dgrad_and_wgrad_in_fp8():
