@@ -12,7 +12,7 @@ from nanoseek import DeepSeekV3, ModelConfig
 from nanoseek.hf import CheckpointError
 from nanoseek.train import TrainConfig
 from nanoseek.train import memory
-from nanoseek.train.checkpoint import current_checkpoint, load_optimizer_tensors, read_trainer_state
+from nanoseek.train.checkpoint import current_checkpoint, load_optimizer_tensors, read_trainer_state, save_checkpoint
 
 
 def write_state(tmp_path, **changes):
@@ -115,3 +115,16 @@ def test_current_checkpoint_follows_the_pointer_or_the_copied_one_set_aside(tmp_
     (tmp_path / "checkpoints" / "step-00000002").rmdir()
     with pytest.raises(CheckpointError, match="which does not exist"):
         current_checkpoint(tmp_path)
+
+
+def test_saving_the_current_step_again_leaves_it_in_place(tmp_path):
+    """A second save of the step that is already current (the last step saved by --save-every and again at the
+    end) keeps that checkpoint directory as it is: rewriting it deletes the current checkpoint before its copy
+    is renamed in, and a kill in between would leave a run with no checkpoint."""
+    model = DeepSeekV3(ModelConfig.preset("tiny"))
+    state = {"step": 2, "tokens": 64, "elapsed": 0.0, "data": {"epoch": 0, "cursor": 0}}
+    first = save_checkpoint(tmp_path, model, {}, state, {})
+    inode = first.stat().st_ino
+    assert save_checkpoint(tmp_path, model, {}, state, {}) == first
+    assert first.stat().st_ino == inode and current_checkpoint(tmp_path) == first.resolve()
+    assert [d.name for d in (tmp_path / "checkpoints").iterdir()] == ["step-00000002"]
