@@ -19,3 +19,18 @@ def pick_device(name: str | torch.device | None, what: str = "--device") -> torc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{what} {name}: CUDA is not available on this machine")
     return dev
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` runs bf16 matrix products in hardware: a CUDA GPU that supports bf16, or a CPU with
+    AVX-512 (BF16 or AMX included) or Arm's BF16 extension, as oneDNN reports. Elsewhere (an AVX2-only x86 CPU)
+    PyTorch falls back to a reference kernel: on a 2-core AVX2 AMD EPYC a 512^3 bf16 product ran at 1.3 GFLOP/s
+    against 90 in fp32, so a bf16 training step there would be ~50x slower than in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 path either
+            return False
+    return True  # other accelerators: trust the user's choice

@@ -552,6 +552,26 @@ def test_few_rows_loop_over_the_used_experts(monkeypatch):
     assert len(calls) == 2
 
 
+def test_compiled_fp32_experts_are_one_graph_with_eager_results():
+    """fp32 routed experts under torch.compile: grouped_mm as nanoseek's custom op (torch 2.13 traces the native
+    one in bf16 only), one graph (fullgraph: the per-expert loop's counts.tolist() would break it), with eager
+    mode's output and gradients, an empty expert included."""
+    E, D, F = 8, 32, 16
+    torch.manual_seed(0)
+    counts = torch.tensor([5, 0, 7, 3, 9, 1, 0, 7])
+    leaves = [torch.randn(int(counts.sum()), D), torch.randn(E, 2 * F, D), torch.randn(E, D, F)]
+    dy = torch.randn(int(counts.sum()), D)
+    results = []
+    for ffn in (experts_mod.expert_ffn, torch.compile(experts_mod.expert_ffn, fullgraph=True)):
+        x, gate_up, down = (t.clone().requires_grad_() for t in leaves)
+        out = ffn(x, counts, gate_up, down)
+        (out * dy).sum().backward()
+        results.append([out.detach(), x.grad, gate_up.grad, down.grad])
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert results[0][2][1].abs().sum() == 0 and results[0][3][6].abs().sum() == 0  # experts 1, 6 got no rows
+
+
 def test_one_token_runs_its_experts_in_turn_with_the_same_result():
     """A single token (decoding at batch 1) takes the T x K-products path: output, gradients and counts equal the
     sorted path's for the same token (taken from a batch of two copies of it)."""

@@ -34,7 +34,8 @@ from ..objectives import cross_entropy_sums, max_violation, training_loss
 from ..train import checkpoint as ckpt_io
 from ..train.config import TrainConfig
 from ..train.data import BatchStream, prepare_data, validation_batches
-from ..train.build import autocast_context, build_model, check_model_settings, init_from_tokenizer, model_config
+from ..train.build import (autocast_context, build_model, check_model_settings, init_from_tokenizer, model_config,
+                           precision_note)
 from ..train.loop import TrainResult, Trainer, pick_device
 from ..train.metrics import MetricsLog
 from ..train.optim import bias_gamma, learning_rate, micro_batches, mtp_lambda
@@ -314,7 +315,7 @@ class DistributedTrainer:
                 if state["step"] > 0 or any(k.startswith("optim.") for k in tensors):
                     optimizer.load(tensors, ctx, ckpt_dir)
             progress = Progress.from_state(state)
-        self._log_run(mc, n_params)
+        self._log_run(mc, n_params, device)
 
         metrics = (open_metrics(run, cfg, self.resume, progress, data.summary,
                                 start={"params": n_params, "model": mc.to_hf(), "layout": str(layout)})
@@ -353,7 +354,7 @@ class DistributedTrainer:
         return PipelineRunner(model, ctx.pp_group, schedule=par.schedule, n_microbatches=n_micro,
                               device=device, autocast=autocast, overlap_threads=overlap)
 
-    def _log_run(self, mc, n_params: int) -> None:
+    def _log_run(self, mc, n_params: int, device: torch.device) -> None:
         cfg, layout, par = self.cfg, self.parallel.layout, self.parallel
         self.log(f"distributed: {layout} on {dist.get_world_size()} ranks ({dist.get_backend()}), "
                  + (f"pipeline {par.schedule}, " if layout.pp > 1 else "")
@@ -364,7 +365,7 @@ class DistributedTrainer:
                    else "dense: no MoE layer")
         self.log(f"model: preset {cfg.preset}, {n_params / 1e6:.2f} M parameters ({mc.num_hidden_layers} layers, "
                  f"d {mc.hidden_size}, {experts}, MTP depth {mc.num_nextn_predict_layers}, vocabulary "
-                 f"{mc.vocab_size})")
+                 f"{mc.vocab_size}); {precision_note(cfg.dtype, device)}")
         self.log(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = "
                  f"{cfg.tokens_per_step:,} tokens ({cfg.batch_size // self.ctx.data_size} sequences per data rank)"
                  + batch_warmup_note(cfg))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .grouped_mm import grouped_mm
 from .layers import linear, low_precision_cpu
 
 
@@ -20,8 +21,6 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     if x.device.type == "cpu":
         if x.dtype not in (torch.float32, torch.bfloat16):
             return False
-        if x.dtype == torch.float32 and torch.compiler.is_compiling():
-            return False  # torch 2.13's shape function (for tracing) accepts only bf16, though the CPU kernel runs fp32
     elif x.device.type == "cuda":
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9:
             return False
@@ -30,6 +29,10 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     size = x.element_size()
     return all((w.shape[-1] * size) % 16 == 0 and (w.shape[-2] * size) % 16 == 0 for w in weights) and all(
         w.dtype == x.dtype for w in weights)
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(x, w, offs=offs)
 
 
 def expert_counts(flat_idx: torch.Tensor, n_experts: int) -> torch.Tensor:
@@ -59,9 +62,12 @@ def expert_ffn(x_SD: torch.Tensor, counts_E: torch.Tensor, gate_up_EFD: torch.Te
     # used experts is faster below about E / 8 rows (measured on CPU from 16 to 256 experts, fp32 and bf16)
     if 8 * x_SD.shape[0] >= gate_up.shape[0] and _grouped_mm_ok(x_SD, gate_up, down):
         offsets = counts_E.cumsum(0).to(torch.int32)
-        h_SF2 = torch._grouped_mm(x_SD, gate_up.transpose(-2, -1), offs=offsets)  # (S, 2F)
+        mm = _grouped_mm
+        if x_SD.dtype == torch.float32 and torch.compiler.is_compiling():
+            mm = grouped_mm  # torch 2.13 traces grouped_mm in bf16 only: the same kernel as a custom op
+        h_SF2 = mm(x_SD, gate_up.transpose(-2, -1), offsets)  # (S, 2F)
         gate, up = h_SF2.chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)  # (S, D)
+        return mm(F.silu(gate) * up, down.transpose(-2, -1), offsets)  # (S, D)
     chunks = []  # fallback: one matmul per expert that received rows
     for e, x_e in enumerate(x_SD.split(counts_E.tolist())):
         if x_e.shape[0]:

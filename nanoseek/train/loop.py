@@ -36,15 +36,12 @@ from .optim import bias_gamma, build_optimizer, learning_rate, micro_batches, mt
 from .run_state import (Progress, TrainingError, batch_warmup_note, check_resumable, check_same_corpus, end_event,
                         nonfinite_message, open_metrics, resume_point, resumed_tokenizer, streak_stop_message,
                         warmup_warning)
-from .build import (autocast_context, build_model, check_model_settings, enable_activation_checkpointing,
+from .build import (autocast_context, build_model, precision_note, check_model_settings, enable_activation_checkpointing,
                     init_from_tokenizer, model_config)
 from .memory import check_memory
 from .precision import MasterWeights
 
 
-DTYPE_NOTES = {"bf16": "bf16 autocast (fp32 weights)", "bf16-weights": "bf16 weights, fp32 master weights",
-               "fp32": "fp32", "fp8": "FP8 products of the linear layers (emulated: e4m3, 1 x 128 tiles, 128 x 128 "
-                                      "weight blocks), fp32 elsewhere"}
 FIT_PROBE_STEPS = 6  # steps timed before the number of steps is fitted to the time budget
 REFIT_EVERY = 10  # refit that often until the decay begins, so a slow start (a busy machine) is corrected
 
@@ -429,7 +426,7 @@ class Trainer:
         self.log(f"model: preset {cfg.preset}, {n_params / 1e6:.2f} M parameters ({mc.num_hidden_layers} layers, "
                  f"d {mc.hidden_size}, {experts}, "
                  f"MTP depth {mc.num_nextn_predict_layers}, vocabulary {mc.vocab_size}); {device.type}, "
-                 f"{DTYPE_NOTES[cfg.dtype]}, {torch.get_num_threads()} threads")
+                 f"{precision_note(cfg.dtype, device)}, {torch.get_num_threads()} threads")
         alpha = cfg.effective_balance_alpha
         self.log(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = "
                  f"{cfg.tokens_per_step:,} tokens" + batch_warmup_note(cfg) + f", lr {cfg.lr:g}, balance "
