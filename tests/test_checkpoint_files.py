@@ -100,6 +100,12 @@ def test_memory_estimate_and_its_messages(monkeypatch):
         memory.check_memory(mc, cfg, cpu)
     monkeypatch.setattr(memory, "available_memory", lambda device: est["total"])
     assert memory.check_memory(mc, cfg, cpu) == est
+    # --dtype bf16 is checked at the bytes it trains with: fp32 where bf16 products are not native
+    bf16 = dataclasses.replace(cfg, dtype="bf16")
+    for native, expected in ((True, memory.estimate_memory(mc, bf16)), (False, est)):
+        monkeypatch.setattr(memory, "native_bf16", lambda device: native)
+        assert memory.check_memory(mc, bf16, cpu) == expected
+    assert memory.estimate_memory(mc, bf16)["activations"] < est["activations"]
 
 
 def test_current_checkpoint_follows_the_pointer_or_the_copied_one_set_aside(tmp_path):

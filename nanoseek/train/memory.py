@@ -9,6 +9,7 @@ import os
 import torch
 
 from ..config import ModelConfig
+from ..devices import native_bf16
 from ..model import DeepSeekV3
 from .config import TrainConfig
 
@@ -54,6 +55,8 @@ def estimate_memory(mc: ModelConfig, cfg: TrainConfig) -> dict[str, int]:
 
 
 def check_memory(mc: ModelConfig, cfg: TrainConfig, device: torch.device) -> dict[str, int]:
+    if cfg.dtype == "bf16" and not native_bf16(device):  # trains in fp32 there (train/build.py autocast_context)
+        cfg = cfg.replace(dtype="fp32")
     est = estimate_memory(mc, cfg)
     avail = available_memory(device)
     gib = 2 ** 30
