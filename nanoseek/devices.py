@@ -34,3 +34,9 @@ def native_bf16(device: torch.device) -> bool:
         except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 path either
             return False
     return True  # other accelerators: trust the user's choice
+
+
+def training_dtype(dtype: str, device: torch.device) -> str:
+    """The precision a run of ``nanoseek train --dtype dtype`` computes in on ``device``: ``bf16`` (autocast)
+    only where bf16 products are native, fp32 elsewhere; every other choice as given."""
+    return "fp32" if dtype == "bf16" and not native_bf16(device) else dtype

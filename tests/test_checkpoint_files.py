@@ -103,7 +103,7 @@ def test_memory_estimate_and_its_messages(monkeypatch):
     # --dtype bf16 is checked at the bytes it trains with: fp32 where bf16 products are not native
     bf16 = dataclasses.replace(cfg, dtype="bf16")
     for native, expected in ((True, memory.estimate_memory(mc, bf16)), (False, est)):
-        monkeypatch.setattr(memory, "native_bf16", lambda device: native)
+        monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: native)
         assert memory.check_memory(mc, bf16, cpu) == expected
     assert memory.estimate_memory(mc, bf16)["activations"] < est["activations"]
 

@@ -36,7 +36,7 @@ def test_native_bf16_without_onednn_is_false(monkeypatch):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_bf16_autocast_only_where_bf16_products_are_native(monkeypatch, native):
-    monkeypatch.setattr(build, "native_bf16", lambda device: native)
+    monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: native)
     x, w = torch.randn(4, 16), torch.randn(8, 16)
     with build.autocast_context(CPU, "bf16")():
         y = F.linear(x, w)

@@ -18,7 +18,7 @@ from nanoseek.hf import load_pretrained
 from nanoseek.objectives import training_loss
 from nanoseek.train import TrainConfig, TrainingError, resume_config, train
 from nanoseek.train import checkpoint as ckpt_io
-from nanoseek.train import build, loop
+from nanoseek.train import loop
 from nanoseek.train.data import BatchStream, prepare_data
 from nanoseek.train.metrics import of_type, read_metrics
 
@@ -199,20 +199,20 @@ def bf16_products(monkeypatch):
     """Run --dtype bf16 under bf16 autocast even on a CPU without native bf16 products (AVX2 only), where
     training would fall back to fp32 (test_bf16_falls_back_to_fp32_without_native_bf16_products): slow there,
     but these models are tiny."""
-    monkeypatch.setattr(build, "native_bf16", lambda device: True)
+    monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: True)
 
 
 def test_bf16_falls_back_to_fp32_without_native_bf16_products(tmp_path, cache, monkeypatch):
     """--dtype bf16 (the default) on a device without native bf16 products trains in fp32, as --dtype fp32
     does, and says so in the log."""
-    monkeypatch.setattr(build, "native_bf16", lambda device: False)
+    monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: False)
     lines = []
     cfg = tiny(cache, steps=2, eval_every=2, save_every=2)
     train(cfg.replace(dtype="bf16"), tmp_path / "bf16", log=lines.append)
     train(cfg, tmp_path / "fp32", log=quiet)
     assert losses(tmp_path / "bf16") == losses(tmp_path / "fp32")
     assert any("cpu, fp32 (--dtype bf16 autocasts only where bf16 products are native" in line for line in lines)
-    monkeypatch.setattr(build, "native_bf16", lambda device: True)  # where they are, bf16 rounds differently
+    monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: True)  # where they are, bf16 rounds differently
     train(cfg.replace(dtype="bf16"), tmp_path / "native", log=quiet)
     assert losses(tmp_path / "native") != losses(tmp_path / "fp32")
 

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from ..config import ModelConfig
-from ..devices import native_bf16
+from .. import devices
 from ..hf import load_pretrained
 from ..model import DeepSeekV3
 from . import checkpoint as ckpt_io
@@ -127,10 +127,10 @@ DTYPE_NOTES = {"bf16": "bf16 autocast (fp32 weights)", "bf16-weights": "bf16 wei
 def precision_note(dtype: str, device: torch.device) -> str:
     """How the run computes, for the log: ``--dtype bf16`` falls back to fp32 on a device without native bf16
     products (see autocast_context); ``--dtype bf16-weights`` is kept there, with a warning."""
-    if dtype in ("bf16", "bf16-weights") and not native_bf16(device):
-        if dtype == "bf16":
-            return (f"fp32 (--dtype bf16 autocasts only where bf16 products are native, and this {device.type} "
-                    f"has none)")
+    if devices.training_dtype(dtype, device) != dtype:
+        return (f"fp32 (--dtype bf16 autocasts only where bf16 products are native, and this {device.type} "
+                f"has none)")
+    if dtype == "bf16-weights" and not devices.native_bf16(device):
         return (f"{DTYPE_NOTES[dtype]} (warning: this {device.type} has no native bf16 products, so they run "
                 f"emulated, tens of times slower than fp32: prefer --dtype bf16 or fp32)")
     return DTYPE_NOTES[dtype]
@@ -139,13 +139,13 @@ def precision_note(dtype: str, device: torch.device) -> str:
 def autocast_context(device: torch.device, dtype: str,
                      model: DeepSeekV3 | None = None) -> Callable[[], contextlib.AbstractContextManager]:
     """The context of the training forward: bf16 autocast (``--dtype bf16`` on a device with native bf16
-    products, see nanoseek.devices.native_bf16; elsewhere fp32), FP8 products of ``model``'s linear layers
+    products, see nanoseek.devices.training_dtype; elsewhere fp32), FP8 products of ``model``'s linear layers
     (fp8, emulated: train/fp8_mixed.py) or nothing."""
     if dtype == "fp8":
         from .fp8_mixed import fp8_gemms
 
         return fp8_gemms(model)
-    if dtype != "bf16" or not native_bf16(device):  # bf16 where the device runs it natively, else fp32
+    if devices.training_dtype(dtype, device) != "bf16":  # bf16 where the device runs it natively, else fp32
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 

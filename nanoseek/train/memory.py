@@ -9,7 +9,7 @@ import os
 import torch
 
 from ..config import ModelConfig
-from ..devices import native_bf16
+from ..devices import training_dtype
 from ..model import DeepSeekV3
 from .config import TrainConfig
 
@@ -55,8 +55,7 @@ def estimate_memory(mc: ModelConfig, cfg: TrainConfig) -> dict[str, int]:
 
 
 def check_memory(mc: ModelConfig, cfg: TrainConfig, device: torch.device) -> dict[str, int]:
-    if cfg.dtype == "bf16" and not native_bf16(device):  # trains in fp32 there (train/build.py autocast_context)
-        cfg = cfg.replace(dtype="fp32")
+    cfg = cfg.replace(dtype=training_dtype(cfg.dtype, device))  # bf16 trains in fp32 where it is not native
     est = estimate_memory(mc, cfg)
     avail = available_memory(device)
     gib = 2 ** 30
