@@ -1,4 +1,5 @@
-"""The device a command runs on, from its ``--device`` option: one check for train, generate, chat, eval-long."""
+"""The device a command runs on, from its ``--device`` option (one check for train, generate, chat, eval-long), and
+which 16-bit matrix products it runs natively."""
 
 from __future__ import annotations
 
@@ -34,6 +35,26 @@ def native_bf16(device: torch.device) -> bool:
         except (AttributeError, RuntimeError):  # a build without oneDNN: no fast bf16 path either
             return False
     return True  # other accelerators: trust the user's choice
+
+
+def native_fp16(device: torch.device) -> bool:
+    """Whether ``device`` runs fp16 matrix products in hardware: any CUDA GPU, or a CPU for which oneDNN reports
+    fp16 support (AVX-512 FP16 or AMX-FP16). An AVX2-only CPU emulates them like bf16, ~150x slower than fp32."""
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return True
+
+
+def native_products(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``device`` runs matrix products in ``dtype`` at hardware speed (fp32 and fp64 always do)."""
+    if dtype == torch.bfloat16:
+        return native_bf16(device)
+    if dtype == torch.float16:
+        return native_fp16(device)
+    return True
 
 
 def training_dtype(dtype: str, device: torch.device) -> str:

@@ -197,18 +197,6 @@ def test_speculative_without_mtp_warns_and_decodes_plainly(ckpt_no_mtp, capsys):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_bf16_weights_on_a_cpu_without_native_bf16_products_warn(ckpt, capsys, monkeypatch, native):
-    monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: native)
-    for dtype in ("bf16", "fp32"):
-        assert main(["generate", "--checkpoint", ckpt, "--prompt", "hi", "--max-new-tokens", "2",
-                     "--dtype", dtype]) == 0
-        warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-        assert warning == ([] if native or dtype == "fp32" else [
-            "nanoseek generate: warning: this cpu has no native bf16 matrix products, so a prompt's products run "
-            "many times slower than in fp32 (decoding much less so): --dtype fp32 is faster where memory allows"])
-
-
 def test_generate_streams_each_step_and_never_splits_a_character(ckpt, tok, capsys, monkeypatch):
     text = "Hé 😀 ok"
     ids = tok.encode(text)

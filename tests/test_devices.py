@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoseek.devices import native_bf16, pick_device
+from nanoseek.devices import native_bf16, native_fp16, native_products, pick_device
 from nanoseek.train import build
 
 CPU = torch.device("cpu")
@@ -50,3 +50,13 @@ def test_bf16_autocast_only_where_bf16_products_are_native(monkeypatch, native):
     assert weights_note.startswith("bf16 weights, fp32 master weights")
     assert ("warning" in weights_note) is not native
     assert build.precision_note("fp32", CPU) == "fp32"
+
+
+@pytest.mark.parametrize("reported", [True, False])
+def test_native_fp16_on_the_cpu_is_onednns_report(monkeypatch, reported):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: reported)
+    assert native_fp16(CPU) is reported
+    monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: not reported)
+    assert native_products(torch.float16, CPU) is reported
+    assert native_products(torch.bfloat16, CPU) is not reported
+    assert native_products(torch.float32, CPU) and native_products(torch.float64, CPU)

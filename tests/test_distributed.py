@@ -441,7 +441,10 @@ def test_expert_parallel_dispatch_sends_a_token_once_per_rank(moe_ep2):
 
 
 def _bf16_moe_worker(rank: int, world: int) -> dict:
+    import nanoseek.devices
     import nanoseek.distributed.expert_parallel as ep
+
+    nanoseek.devices.native_bf16 = lambda device: True  # padding is for native bf16 products (experts.PAD_ROWS)
 
     moe, x = _bf16_moe_and_input()
     ep.apply_expert_parallel(moe, torch.distributed.group.WORLD)
@@ -465,10 +468,12 @@ def _bf16_moe_and_input():
     return moe.to(torch.bfloat16), torch.randn(2, 160, moe.experts.gate_up_proj.shape[-1], dtype=torch.bfloat16)
 
 
-def test_expert_parallel_bf16_pads_each_experts_rows_like_one_process():
-    """bf16 on the CPU with enough rows: each rank pads its experts' rows to multiples of 32 (experts.PAD_ROWS), as
-    one process does, and EP=2 gives one process's output and input gradient."""
+def test_expert_parallel_bf16_pads_each_experts_rows_like_one_process(monkeypatch):
+    """bf16 on a CPU with native bf16 products and enough rows: each rank pads its experts' rows to multiples of
+    32 (experts.PAD_ROWS), as one process does, and EP=2 gives one process's output and input gradient."""
     from nanoseek.model.experts import padded_counts
+
+    monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: True)
 
     results = run_spawned(_bf16_moe_worker, 2, timeout_s=60)
     moe, x = _bf16_moe_and_input()

@@ -127,10 +127,15 @@ def test_absorbed_decoding_matches_full_forward_token_by_token(yarn):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T", [1, 2])
 @torch.no_grad()
-def test_absorbed_attention_in_low_precision_equals_the_fp32_math(dtype, T):
-    """In bf16 / fp16 on the CPU, W_UV is applied through each head's whole [W_UK; W_UV] block, keeping its W_UV
-    rows (see _attend_absorbed): the result equals the fp32 math on the same rounded weights and inputs within
-    the low precision's rounding, for 1 and 2 query tokens, with a slot masked out."""
+def test_absorbed_attention_in_low_precision_equals_the_fp32_math(dtype, T, monkeypatch):
+    """In bf16 / fp16 on a CPU with native products in them, W_UV is applied through each head's whole
+    [W_UK; W_UV] block, keeping its W_UV rows (see _attend_absorbed): the result equals the fp32 math on the same
+    rounded weights and inputs within the low precision's rounding, for 1 and 2 query tokens, with a slot masked
+    out."""
+    monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: True)
+    monkeypatch.setattr("nanoseek.devices.native_fp16", lambda device: True)
+    real_bmm, weights = torch.bmm, []
+    monkeypatch.setattr(torch, "bmm", lambda a, b: weights.append(tuple(b.shape)) or real_bmm(a, b))
     attn = tiny_model(seed=4).layers[1].self_attn
     attn_lp = copy.deepcopy(attn).to(dtype)
     attn.load_state_dict({k: v.float() for k, v in attn_lp.state_dict().items()})  # the same rounded weights
@@ -142,8 +147,10 @@ def test_absorbed_attention_in_low_precision_equals_the_fp32_math(dtype, T):
     mask = torch.ones(B, 1, T, S, dtype=torch.bool)
     mask[0, 0, -1, 3] = False
     expected = attn._attend_absorbed(q_nope.float(), q_rope.float(), kv.float(), mask)
+    weights.clear()
     got = attn_lp._attend_absorbed(q_nope, q_rope, kv, mask)
     assert got.dtype == dtype
+    assert weights[0] == (H, attn.qk_nope_head_dim + attn.v_head_dim, attn.kv_lora_rank)  # a whole block per head
     # the rounding's size: a relative error within twice the format's epsilon (measured: bf16 3.5e-3 - 6.2e-3 of
     # 1.6e-2, fp16 ~4.8e-4 of 2e-3); W_UK scaled by 0.85 gives 4.6e-2 - 8.2e-2, by 0.97 1e-2 - 1.7e-2
     error = (got.float() - expected).norm() / expected.norm()

@@ -111,6 +111,51 @@ def test_a_single_bf16_row_on_the_cpu_is_a_matrix_vector_product(monkeypatch):
     assert calls == [(48, 32)]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emulated_16_bit_products_of_many_rows_run_in_fp32(monkeypatch, dtype):
+    """On a CPU without native bf16 / fp16 products (AVX2 only), layers.linear and experts.expert_ffn multiply
+    EMULATED_ROWS rows or more in fp32 and round the result once: the fp32 product of the same 16-bit values.
+    Fewer rows, a CPU with native products, and autocast keep the 16-bit kernels; so do the routes that
+    low_precision_cpu picks for oneDNN's native paths."""
+    from nanoseek.model.layers import EMULATED_ROWS, low_precision_cpu
+
+    native = {"bf16": True, "fp16": True}
+    monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: native["bf16"])
+    monkeypatch.setattr("nanoseek.devices.native_fp16", lambda device: native["fp16"])
+    seen = []
+    real_linear, real_grouped = F.linear, experts_mod._grouped_mm
+    monkeypatch.setattr(F, "linear", lambda x, w, *a: seen.append(x.dtype) or real_linear(x, w, *a))
+    monkeypatch.setattr(experts_mod, "_grouped_mm", lambda x, w, offs: seen.append(x.dtype) or real_grouped(x, w, offs))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(40, 32, generator=g).to(dtype)
+    x = torch.randn(2, EMULATED_ROWS // 2, 32, generator=g).to(dtype)  # (B, T, D): EMULATED_ROWS rows
+    gate_up, down = torch.randn(4, 32, 16, generator=g).to(dtype), torch.randn(4, 16, 16, generator=g).to(dtype)
+    x_SD, counts = torch.randn(32, 16, generator=g).to(dtype), torch.tensor([10, 0, 16, 6])
+    fp32_ffn = experts_mod.expert_ffn(x_SD.float(), counts, gate_up.float(), down.float()).to(dtype)
+
+    native["bf16" if dtype == torch.bfloat16 else "fp16"] = False
+    seen.clear()
+    out = linear(x, w)
+    assert seen == [torch.float32] and out.dtype == dtype
+    assert torch.equal(out, F.linear(x.float(), w.float()).to(dtype))
+    seen.clear()
+    assert torch.equal(experts_mod.expert_ffn(x_SD, counts, gate_up, down), fp32_ffn)
+    assert seen and set(seen) == {torch.float32}
+    assert not low_precision_cpu(x)
+    seen.clear()
+    linear(x[:, 1:], w)  # one row short
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        linear(x.float(), w.float())
+    assert seen == [dtype, torch.float32]  # (autocast casts inside F.linear)
+
+    native["bf16"] = native["fp16"] = True
+    seen.clear()
+    linear(x, w)
+    experts_mod.expert_ffn(x_SD, counts, gate_up, down)
+    assert seen and set(seen) == {dtype}
+    assert low_precision_cpu(x)
+
+
 def test_rope_interleaved_pairs_by_hand():
     cfg = small_config(qk_rope_head_dim=4, rope_theta=100.0, rope_scaling_type=None, rope_factor=1.0)
     # theta_i = base^(-2i/d_R): theta_0 = 1, theta_1 = 100^(-1/2) = 0.1
@@ -340,8 +385,11 @@ def test_low_precision_causal_attention_matches_fp32(T):
 
 @pytest.mark.parametrize("mode", ["bf16_weights", "autocast"])
 def test_mla_low_precision_training_path_matches_fused_kernel(mode, monkeypatch):
-    """bf16 on the CPU without a mask: MLA runs causal_attention_lowp, close to the fused SDPA kernel's result."""
+    """bf16 on a CPU with native bf16 products, without a mask: MLA runs causal_attention_lowp, close to the fused
+    SDPA kernel's result. (Where bf16 is emulated, the fused kernel runs: test_emulated_16_bit_products...)"""
     import nanoseek.model.attention as attn_mod
+
+    monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: True)
 
     cfg = small_config(num_attention_heads=4, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
     torch.manual_seed(0)
@@ -608,8 +656,9 @@ def test_padded_counts_by_hand():
 
 @pytest.mark.parametrize("mode", ["bf16_weights", "autocast"])
 def test_padded_expert_groups_give_the_unpadded_result(mode, monkeypatch):
-    """bf16 on the CPU with >= 32 rows per expert: each expert's group is padded to a multiple of 32 rows for the
-    grouped products; output, gradients and counts equal those of the unpadded groups."""
+    """bf16 on a CPU with native bf16 products and >= 32 rows per expert: each expert's group is padded to a
+    multiple of 32 rows for the grouped products; output, gradients and counts equal those of the unpadded groups."""
+    monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: True)
     cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
                        n_group=1, topk_group=1)
     torch.manual_seed(0)
@@ -682,6 +731,7 @@ def test_compiled_permutations_gather_in_backward(monkeypatch):
     """Under torch.compile the rows go to and come back from the experts through autograd functions whose backward
     gathers (experts._DispatchRows, experts._GatherRows). Against index_select (whose backward scatters), directly
     and in the routed experts with padded groups: same outputs, same gradients (up to the order of bf16 sums)."""
+    monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: True)  # padded groups, bf16 products
     torch.manual_seed(0)
     T, K, G, D = 5, 2, 14, 3
     rows_S = torch.randperm(G)[: T * K]  # distinct rows; the other 4 are padding

@@ -134,7 +134,18 @@ def test_first_step_by_hand(tmp_path, cache):
     batches of the seeded order, the V3 objective's gradient averaged over them, its 2-norm (the logged grad_norm)
     clipped to 1.0 (SPEC §6), AdamW at the warmup's first learning rate 3e-3 / 2 with weight decay 0.1 on the
     matrices only, the bias update from both micro-batches' counts: the step-1 checkpoint's moments, weights and
-    biases, and the logged losses (means over the micro-batches)."""
+    biases, and the logged losses (means over the micro-batches). One thread on both sides, as the run has
+    (tiny's threads=1): fp32 sums split over two threads came out in another order on an AVX2 EPYC, which
+    g / (|g| + eps) magnifies for tiny gradients."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _first_step_by_hand(tmp_path, cache)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _first_step_by_hand(tmp_path, cache):
     run = tmp_path / "run"
     train(tiny(cache, steps=1, grad_accum=2, save_every=1, eval_every=1, keep_checkpoints=2), run, log=quiet)
     rec = of_type(read_metrics(run / "metrics.jsonl"), "train")[0]

@@ -144,7 +144,7 @@ def load_for_inference(args: argparse.Namespace):
     import torch
 
     from ..allocator import keep_freed_memory
-    from ..devices import native_bf16, pick_device
+    from ..devices import pick_device
     from ..hf import load_pretrained
     from ..tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer, TokenizerError
 
@@ -172,10 +172,6 @@ def load_for_inference(args: argparse.Namespace):
     for w in caught:
         _warn(args.command, str(w.message).splitlines()[0])
     model.eval()
-    if model.embed_tokens.weight.dtype == torch.bfloat16 and not native_bf16(device):
-        _warn(args.command, f"this {device.type} has no native bf16 matrix products, so a prompt's products run "
-                            "many times slower than in fp32 (decoding much less so): --dtype fp32 is faster where "
-                            "memory allows")
     if args.speculative and len(getattr(model, "mtp", ())) == 0:
         _warn(args.command, "the checkpoint has no MTP module: speculative decoding is off, decoding plainly")
         args.speculative = False

@@ -7,6 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import devices
+
+EMULATED_ROWS = 16  # from this many rows on, an emulated 16-bit product is faster done in fp32 (see linear)
+
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype x's matrix products run in: autocast's where it is on for x's device, else x's own."""
@@ -15,8 +19,19 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def low_precision_cpu(x: torch.Tensor) -> bool:
-    """Whether x is on the CPU and its products run in bf16 / fp16 (oneDNN's paths, see experts.PAD_ROWS)."""
-    return x.device.type == "cpu" and compute_dtype(x) in (torch.bfloat16, torch.float16)
+    """Whether x is on the CPU and its products run in bf16 / fp16 through oneDNN's native paths (see
+    experts.PAD_ROWS), which some layers take other routes for. Not on a CPU that only emulates them: there a
+    bf16 forward of 512 tokens (DeepSeek-V2-Lite's shapes, 3 layers) ran 2x faster on the fp32 routes."""
+    if x.device.type != "cpu" or compute_dtype(x) not in (torch.bfloat16, torch.float16):
+        return False
+    return torch.compiler.is_compiling() or devices.native_products(compute_dtype(x), x.device)
+
+
+def emulated_low_precision(x: torch.Tensor) -> bool:
+    """Whether x is bf16 / fp16 on a CPU that has no native products in that dtype (an AVX2-only x86 CPU), where
+    PyTorch runs them through a reference kernel, one row at a time (nanoseek.devices.native_products)."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
+            and not torch.compiler.is_compiling() and not devices.native_products(x.dtype, x.device))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -26,7 +41,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     against 0.64 ms, its 102400 x 2048 head 18 against 27 ms), 1.1-1.2x at 0.4-0.5 MiB and as fast below
     (benchmarks/results/decode.md).
     Not fp16, whose F.linear is 2-5x faster than its mv; not under autocast or torch.compile, whose paths are
-    their own (see nanoseek.inference.compiled)."""
+    their own (see nanoseek.inference.compiled).
+    On a CPU that only emulates 16-bit products, EMULATED_ROWS rows or more (a prompt chunk) are multiplied in
+    fp32 and rounded back: the emulated kernel's time grows with every row, so converting the weight first was
+    1.0-2.6x faster at 16 rows and 2.8-5.7x at 64 (2-core AVX2 EPYC, weights from 512 x 512 to 8192 x 512).
+    The result is the same product rounded once, up to the order of the fp32 sums."""
+    if (weight.dtype == x.dtype and x.numel() >= EMULATED_ROWS * x.shape[-1] and emulated_low_precision(x)
+            and not torch.is_autocast_enabled("cpu")):
+        return F.linear(x.float(), weight.float()).to(x.dtype)  # (..., N)
     if (x.dtype == torch.bfloat16 and not torch.compiler.is_compiling() and x.numel() == x.shape[-1]
             and weight.dtype == x.dtype and x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")):
         return torch.mv(weight, x.reshape(-1)).view(*x.shape[:-1], weight.shape[0])  # (..., N)
