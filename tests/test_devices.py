@@ -12,6 +12,16 @@ from nanoseek.train import build
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def _ask_onednn_again():
+    """nanoseek.devices asks oneDNN once per process: forget the answers these tests patch in."""
+    from nanoseek import devices
+
+    devices._onednn_supports.cache_clear()
+    yield
+    devices._onednn_supports.cache_clear()
+
+
 def test_pick_device():
     assert pick_device("cpu") == CPU
     assert pick_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
