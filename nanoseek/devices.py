@@ -44,10 +44,16 @@ def native_fp16(device: torch.device) -> bool:
     return True
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # so that a compiled model takes the same routes as an eager one
 def _onednn_supports(dtype: str) -> bool:
-    """oneDNN's report on this CPU's ``dtype`` ("bf16" / "fp16") products, asked once: the query costs ~8 us and
-    the model asks for it in every attention layer. A build without oneDNN has no fast path either."""
+    """oneDNN's report on this CPU's ``dtype`` ("bf16" / "fp16") products."""
+    return _ask_onednn(dtype)
+
+
+@functools.cache
+def _ask_onednn(dtype: str) -> bool:
+    """Asked once per process: the query costs ~8 us and the model asks in every attention layer. A build
+    without oneDNN has no fast path either."""
     try:
         return bool(getattr(torch.ops.mkldnn, f"_is_mkldnn_{dtype}_supported")())
     except (AttributeError, RuntimeError):

@@ -17,9 +17,9 @@ def _ask_onednn_again():
     """nanoseek.devices asks oneDNN once per process: forget the answers these tests patch in."""
     from nanoseek import devices
 
-    devices._onednn_supports.cache_clear()
+    devices._ask_onednn.cache_clear()
     yield
-    devices._onednn_supports.cache_clear()
+    devices._ask_onednn.cache_clear()
 
 
 def test_pick_device():

@@ -116,7 +116,7 @@ def test_emulated_16_bit_products_of_many_rows_run_in_fp32(monkeypatch, dtype):
     """On a CPU without native bf16 / fp16 products (AVX2 only), layers.linear and experts.expert_ffn multiply
     EMULATED_ROWS rows or more in fp32 and round the result once: the fp32 product of the same 16-bit values.
     Fewer rows, a CPU with native products, and autocast keep the 16-bit kernels; so do the routes that
-    low_precision_cpu picks for oneDNN's native paths."""
+    low_precision_cpu picks for oneDNN's native paths. torch.compile takes the eager route."""
     from nanoseek.model.layers import EMULATED_ROWS, low_precision_cpu
 
     native = {"bf16": True, "fp16": True}
@@ -154,6 +154,11 @@ def test_emulated_16_bit_products_of_many_rows_run_in_fp32(monkeypatch, dtype):
     experts_mod.expert_ffn(x_SD, counts, gate_up, down)
     assert seen and set(seen) == {dtype}
     assert low_precision_cpu(x)
+    if dtype == torch.bfloat16:  # compiled: the same route, the device asked while tracing
+        asked = []
+        monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: asked.append(device.type) and False)
+        compiled = torch.compile(linear, fullgraph=True, dynamic=False)
+        assert torch.equal(compiled(x, w), F.linear(x.float(), w.float()).to(dtype)) and asked == ["cpu"]
 
 
 def test_rope_interleaved_pairs_by_hand():

@@ -24,14 +24,14 @@ def low_precision_cpu(x: torch.Tensor) -> bool:
     bf16 forward of 512 tokens (DeepSeek-V2-Lite's shapes, 3 layers) ran 2x faster on the fp32 routes."""
     if x.device.type != "cpu" or compute_dtype(x) not in (torch.bfloat16, torch.float16):
         return False
-    return torch.compiler.is_compiling() or devices.native_products(compute_dtype(x), x.device)
+    return devices.native_products(compute_dtype(x), x.device)
 
 
 def emulated_low_precision(x: torch.Tensor) -> bool:
     """Whether x is bf16 / fp16 on a CPU that has no native products in that dtype (an AVX2-only x86 CPU), where
     PyTorch runs them through a reference kernel, one row at a time (nanoseek.devices.native_products)."""
     return (x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
-            and not torch.compiler.is_compiling() and not devices.native_products(x.dtype, x.device))
+            and not devices.native_products(x.dtype, x.device))
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
