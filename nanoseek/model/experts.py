@@ -58,11 +58,11 @@ def expert_ffn(x_SD: torch.Tensor, counts_E: torch.Tensor, gate_up_EFD: torch.Te
     if torch.is_autocast_enabled(x_SD.device.type):  # grouped_mm is not on autocast's list: cast here
         dtype = torch.get_autocast_dtype(x_SD.device.type)
         x_SD, gate_up, down = x_SD.to(dtype), gate_up.to(dtype), down.to(dtype)
-    # very few rows (decoding with many experts): grouped_mm still visits every empty group, and a loop over the
-    # used experts is faster below about E / 8 rows (measured on CPU from 16 to 256 experts, fp32 and bf16)
     if x_SD.shape[0] >= EMULATED_ROWS and emulated_low_precision(x_SD) and not torch.is_autocast_enabled("cpu"):
         # a prompt chunk on a CPU that emulates 16-bit products: in fp32 (see layers.linear), rounded back
         return expert_ffn(x_SD.float(), counts_E, gate_up.float(), down.float()).to(x_SD.dtype)  # (S, D)
+    # very few rows (decoding with many experts): grouped_mm still visits every empty group, and a loop over the
+    # used experts is faster below about E / 8 rows (measured on CPU from 16 to 256 experts, fp32 and bf16)
     if 8 * x_SD.shape[0] >= gate_up.shape[0] and _grouped_mm_ok(x_SD, gate_up, down):
         offsets = counts_E.cumsum(0).to(torch.int32)
         mm = _grouped_mm
