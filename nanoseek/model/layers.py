@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import devices
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 EMULATED_ROWS = 16  # from this many rows on, an emulated 16-bit product is faster done in fp32 (see linear)
 
 
@@ -22,16 +23,14 @@ def low_precision_cpu(x: torch.Tensor) -> bool:
     """Whether x is on the CPU and its products run in bf16 / fp16 through oneDNN's native paths (see
     experts.PAD_ROWS), which some layers take other routes for. Not on a CPU that only emulates them: there a
     bf16 forward of 512 tokens (DeepSeek-V2-Lite's shapes, 3 layers) ran 2x faster on the fp32 routes."""
-    if x.device.type != "cpu" or compute_dtype(x) not in (torch.bfloat16, torch.float16):
-        return False
-    return devices.native_products(compute_dtype(x), x.device)
+    dtype = compute_dtype(x)
+    return dtype in LOW_PRECISION and x.device.type == "cpu" and devices.native_products(dtype, x.device)
 
 
 def emulated_low_precision(x: torch.Tensor) -> bool:
     """Whether x is bf16 / fp16 on a CPU that has no native products in that dtype (an AVX2-only x86 CPU), where
     PyTorch runs them through a reference kernel, one row at a time (nanoseek.devices.native_products)."""
-    return (x.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu"
-            and not devices.native_products(x.dtype, x.device))
+    return x.dtype in LOW_PRECISION and x.device.type == "cpu" and not devices.native_products(x.dtype, x.device)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
