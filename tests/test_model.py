@@ -659,6 +659,57 @@ def test_padded_counts_by_hand():
     assert experts_mod.padded_counts(counts).tolist() == [0, 32, 32, 32, 64, 1024, 1024, 1088, 2048, 3072, 5120]
 
 
+def test_padded_rows_bound_holds_for_the_worst_counts():
+    """padded_rows_bound (the static row count of compiled padded groups) is at least padded_counts(c).sum() for
+    every count vector: the tight cases (each expert 1 row past a multiple of 32, or just past a power of two above
+    1024 rows) and random ones."""
+    cases = [([1] * 64, 64), ([33] * 64, 33 * 64), ([1025], 1025), ([1025, 1025, 2049], 4099), ([4097] * 3, 12291)]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        E = int(torch.randint(1, 80, (1,), generator=g))
+        counts = torch.randint(0, 3000, (E,), generator=g) * (torch.rand(E, generator=g) < 0.8)
+        cases.append((counts.tolist(), int(counts.sum())))
+    for counts, slots in cases:
+        padded = int(experts_mod.padded_counts(torch.tensor(counts)).sum())
+        assert padded <= experts_mod.padded_rows_bound(slots, len(counts)), counts
+    # close to the worst case: 64 experts of 1 row each pad to 32 x 64 rows
+    assert 32 * 64 <= experts_mod.padded_rows_bound(64, 64) <= 32 * 64 + 64 // 16
+
+
+def test_compiled_padded_experts_are_one_graph_with_eager_results(monkeypatch):
+    """bf16 routed experts with padded groups under torch.compile: one graph (the padded row count is the static
+    padded_rows_bound, where reading the sum would break it), rows past the last group left out of every product,
+    and eager mode's output and gradients."""
+    monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: True)  # padded groups, bf16 products
+    cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                       n_group=1, topk_group=1)
+    torch.manual_seed(0)
+    experts = RoutedExperts(cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    experts.to(torch.bfloat16)
+    x = torch.randn(70, 32, dtype=torch.bfloat16, requires_grad=True)  # 140 rows >= 32 x 4 experts: padded
+    w, idx = torch.rand(70, 2), torch.stack([torch.randperm(4)[:2] for _ in range(70)])
+    idx[:20] = torch.tensor([0, 1])  # uneven loads
+    offsets, rows = [], []
+    real = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, *r, **k: offsets.append(k["offs"].tolist())
+                        or rows.append(a.shape[0]) or real(a, *r, **k))
+    results = []
+    for fn in (experts, torch.compile(experts, fullgraph=True, backend="aot_eager")):
+        x.grad = None
+        experts.zero_grad()
+        out, counts = fn(x, w, idx)
+        out.float().square().sum().backward()
+        results.append([out.detach(), counts, x.grad, experts.gate_up_proj.grad, experts.down_proj.grad])
+    loads = torch.bincount(idx.flatten(), minlength=4)
+    padded = experts_mod.padded_counts(loads).cumsum(0).tolist()
+    assert offsets[0] == offsets[-1] == padded and rows[0] == padded[-1]
+    assert rows[-1] == experts_mod.padded_rows_bound(140, 4) > padded[-1]  # compiled: rows past the last group
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, atol=1e-2 * eager.abs().max().item(), rtol=1e-2)
+
+
 @pytest.mark.parametrize("mode", ["bf16_weights", "autocast"])
 def test_padded_expert_groups_give_the_unpadded_result(mode, monkeypatch):
     """bf16 on a CPU with native bf16 products and >= 32 rows per expert: each expert's group is padded to a

@@ -125,6 +125,13 @@ def padded_counts(counts_E: torch.Tensor) -> torch.Tensor:
     return (counts_E + step - 1) // step * step
 
 
+def padded_rows_bound(slots: int, n_experts: int) -> int:
+    """An upper bound on padded_counts(counts).sum() for any counts of ``slots`` slots over ``n_experts``: an
+    expert of c rows gains at most PAD_ROWS - 1 rows, or less than c / 16 above 1024 rows (its step, 1/32 of a
+    power of two below 2c)."""
+    return slots + n_experts * (PAD_ROWS - 1) + slots // 16
+
+
 def pads_expert_rows(x_TD: torch.Tensor, rows: int, n_experts: int) -> bool:
     """Whether to pad the expert groups: low-precision products on the CPU, with enough rows per expert on
     average that padding costs little (not for decoding, whose few rows would grow many-fold)."""
@@ -144,7 +151,12 @@ def expert_groups(source_S: torch.Tensor, expert_S: torch.Tensor, counts_E: torc
     counts_G = padded_counts(counts_E)
     shift_E = (counts_G.cumsum(0) - counts_G) - (counts_E.cumsum(0) - counts_E)  # padding rows before expert e
     pos_S = pos_S + shift_E[expert_S]
-    source_G = torch.zeros(int(counts_G.sum()), dtype=source_S.dtype, device=source_S.device)  # padding: row 0
+    # under torch.compile the rows are a static bound on counts_G.sum() (reading the sum would break the graph,
+    # twice per MoE layer); the rows past the last group belong to no expert: grouped_mm neither computes nor
+    # reads them, and no slot takes their output
+    rows = padded_rows_bound(source_S.numel(), counts_E.numel()) if torch.compiler.is_compiling() \
+        else int(counts_G.sum())
+    source_G = torch.zeros(rows, dtype=source_S.dtype, device=source_S.device)  # padding: row 0
     source_G.index_copy_(0, pos_S, source_S)
     return source_G, pos_S, counts_G
 
