@@ -659,6 +659,40 @@ def test_padded_counts_by_hand():
     assert experts_mod.padded_counts(counts).tolist() == [0, 32, 32, 32, 64, 1024, 1024, 1088, 2048, 3072, 5120]
 
 
+def test_compiled_embedding_gradient_sums_rows_in_fp32():
+    """The embedding with gradients takes the custom-op backward (under torch.compile ATen's kernel, not Inductor's
+    atomic scatter): compiled and eager give the same gradient in fp32, and in bf16 each token's rows summed in
+    fp32 and rounded once: 1 + 2^-8 + 2^-8 is 1 + 2^-7, where adding in bf16 would lose both halves."""
+    from nanoseek.model.embedding import Embedding, embedding_grad
+
+    torch.manual_seed(0)
+    emb = Embedding(10, 16)
+    ids = torch.tensor([[3, 1, 3], [0, 3, 9]])
+    grad = torch.randn(2, 3, 16)
+    grads = []
+    for fn in (emb, torch.compile(emb, fullgraph=True, backend="aot_eager")):
+        emb.weight.grad = None
+        out = fn(ids)
+        torch.testing.assert_close(out, emb.weight.detach()[ids], rtol=0, atol=0)
+        out.backward(grad)
+        grads.append(emb.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
+    torch.testing.assert_close(grads[1][3], grad[0, 0] + grad[0, 2] + grad[1, 1])
+    assert grads[1][[2, 4, 5, 6, 7, 8]].abs().sum() == 0
+
+    rows = torch.tensor([[1.0], [2.0 ** -8], [2.0 ** -8]], dtype=torch.bfloat16).expand(3, 16)
+    summed = embedding_grad(rows, torch.tensor([4, 4, 4]), 6)
+    assert summed.dtype == torch.bfloat16 and summed.shape == (6, 16)
+    assert summed[4].eq(1 + 2.0 ** -7).all() and summed[[0, 1, 2, 3, 5]].eq(0).all()
+    torch.library.opcheck(embedding_grad, (rows.contiguous(), torch.tensor([4, 0, 4]), 6))
+
+    emb.to(torch.bfloat16)
+    for fn in (emb, torch.compile(emb, fullgraph=True, backend="aot_eager")):
+        emb.weight.grad = None
+        fn(torch.tensor([4, 4, 4])).backward(rows)
+        assert emb.weight.grad[4].eq(1 + 2.0 ** -7).all()
+
+
 def test_padded_rows_bound_holds_for_the_worst_counts():
     """padded_rows_bound (the static row count of compiled padded groups) is at least padded_counts(c).sum() for
     every count vector: the tight cases (each expert 1 row past a multiple of 32, or just past a power of two above

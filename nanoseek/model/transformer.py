@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import MultiHeadLatentAttention, select_positions
+from .embedding import Embedding
 from .layers import MLP, Linear, RMSNorm
 from .moe import MoE, Routing, RoutedExperts, Router
 from .mtp import MTPModule
@@ -81,7 +82,7 @@ class DeepSeekV3(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = Linear(config.hidden_size, config.vocab_size)
