@@ -164,9 +164,10 @@ class LossTerms(NamedTuple):
     balance: torch.Tensor                # sum over MoE layers of sum_i f_i P_i, before alpha
 
 
-def training_loss(output: ModelOutput, labels: torch.Tensor, mtp_lambda: float = 0.3,
-                  balance_alpha: float = 0.0001, ignore_index: int = -100) -> LossTerms:
+def training_loss(output: ModelOutput, labels: torch.Tensor, mtp_lambda: float | torch.Tensor = 0.3,
+                  balance_alpha: float | torch.Tensor = 0.0001, ignore_index: int = -100) -> LossTerms:
     """The V3 pre-training objective: L_Main + lambda / D * sum_k L_k + alpha * L_Bal (eqs. 17, 25).
+    lambda and alpha: numbers, or 0-d tensors (inputs of a compiled step rather than constants).
 
     V3 values: lambda = 0.3 for the first 10T tokens, then 0.1; alpha = 0.0001 (SPEC §4-§5). E and K are
     read from the routing tensors themselves.

@@ -245,15 +245,21 @@ def test_resume_in_process_bf16_and_activation_checkpointing(tmp_path, cache, bf
     assert [v for _, v in losses(tmp_path / "c")] == pytest.approx([v for _, v in losses(tmp_path / "a")], rel=1e-3)
 
 
-def test_compiled_training_equals_eager(tmp_path, cache, bf16_products):
+def test_compiled_training_equals_eager(tmp_path, cache, bf16_products, monkeypatch):
     """`--compile`: the forward and the loss as one torch.compile'd function (bf16 autocast, the default
-    training dtype). Same losses as eager mode, within bf16's rounding."""
-    cfg = tiny(cache, steps=2, eval_every=2, save_every=2, dtype="bf16")
+    training dtype). Same losses as eager mode, within bf16's rounding. MTP's lambda switches to its later value
+    at step 3, and nothing compiles again for it (lambda is an input of the graph, not a constant)."""
+    cfg = tiny(cache, steps=3, eval_every=3, save_every=3, dtype="bf16", mtp_lambda_switch=0.5,
+               mtp_lambda_later=0.1)
     train(cfg, tmp_path / "eager", log=quiet)
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     train(cfg.replace(compile=True), tmp_path / "compiled", log=quiet)
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
-    assert [s for s, _ in compiled] == [1, 2]
+    assert [s for s, _ in compiled] == [1, 2, 3]
     assert [v for _, v in compiled] == pytest.approx([v for _, v in eager], rel=1e-3)
+    lambdas = [r["mtp_lambda"] for r in of_type(read_metrics(tmp_path / "compiled" / "metrics.jsonl"), "train")]
+    assert lambdas == [0.3, 0.3, 0.1]
 
 
 def test_compiled_bf16_weights_training_equals_eager(tmp_path, cache):

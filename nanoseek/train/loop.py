@@ -388,7 +388,8 @@ class Trainer:
             enable_activation_checkpointing(model)
         autocast = autocast_context(device, cfg.dtype, model)
 
-        def forward_and_loss(inputs: torch.Tensor, labels: torch.Tensor, lam: float, alpha: float):
+        def forward_and_loss(inputs: torch.Tensor, labels: torch.Tensor, lam: float | torch.Tensor,
+                             alpha: float | torch.Tensor):
             """One micro-batch: the forward (under autocast) and the V3 objective on its outputs."""
             with autocast():
                 out = model.forward_train(inputs)
@@ -453,13 +454,17 @@ class Trainer:
         for g in r.optimizer.param_groups:
             g["lr"] = lr
         lam, gamma, alpha = mtp_lambda(step, cfg), bias_gamma(step, cfg), cfg.effective_balance_alpha
+        weights = (lam, alpha)
+        if cfg.compile:  # as 0-d tensors, inputs of the compiled graph: a float is a constant of the graph, and the
+            # switch to lambda's later value would compile the model again (tens of seconds, late in the run)
+            weights = tuple(torch.tensor(v, dtype=torch.float32, device=r.device) for v in weights)
         n_micro = micro_batches(progress.tokens, cfg)
         tracker = ExpertLoadTracker()
         sums: dict[str, Any] = {"loss": 0.0, "main": 0.0, "mtp": 0.0, "balance": 0.0, "depth": None}
         try:
             for _ in range(n_micro):
                 batch = r.batches.next().to(r.device)  # (batch_size, seq_len + 1)
-                out, terms = r.forward_and_loss(batch[:, :-1], batch[:, 1:], lam, alpha)
+                out, terms = r.forward_and_loss(batch[:, :-1], batch[:, 1:], *weights)
                 (terms.total / n_micro).backward()
                 if out.routing:
                     tracker.add(out.expert_counts)
