@@ -692,6 +692,10 @@ def test_compiled_embedding_gradient_sums_rows_in_fp32():
         fn(torch.tensor([4, 4, 4])).backward(rows)
         assert emb.weight.grad[4].eq(1 + 2.0 ** -7).all()
 
+    padded = Embedding(10, 16, padding_idx=3)  # nn.Embedding's own options keep its own lookup: no gradient at 3
+    padded(ids).backward(grad)
+    assert padded.weight.grad[3].abs().sum() == 0 and padded.weight.grad[1].abs().sum() > 0
+
 
 def test_padded_rows_bound_holds_for_the_worst_counts():
     """padded_rows_bound (the static row count of compiled padded groups) is at least padded_counts(c).sum() for

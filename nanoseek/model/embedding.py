@@ -45,9 +45,11 @@ class _Lookup(torch.autograd.Function):
 
 
 class Embedding(nn.Embedding):
-    """nn.Embedding (same parameter, same checkpoint name) whose lookup with gradients takes the backward above."""
+    """nn.Embedding (same parameter, same checkpoint name) whose lookup with gradients takes the backward above
+    (the plain lookup only: nn.Embedding's padding_idx, max_norm, scale_grad_by_freq and sparse keep its own)."""
 
     def forward(self, ids: Tensor) -> Tensor:
-        if torch.is_grad_enabled() and self.weight.requires_grad:
+        plain = self.padding_idx is None and self.max_norm is None and not self.scale_grad_by_freq and not self.sparse
+        if plain and torch.is_grad_enabled() and self.weight.requires_grad:
             return _Lookup.apply(self.weight, ids)
         return super().forward(ids)
