@@ -245,7 +245,7 @@ def test_resume_in_process_bf16_and_activation_checkpointing(tmp_path, cache, bf
     assert [v for _, v in losses(tmp_path / "c")] == pytest.approx([v for _, v in losses(tmp_path / "a")], rel=1e-3)
 
 
-def test_compiled_training_equals_eager(tmp_path, cache, bf16_products, monkeypatch):
+def test_compiled_training_equals_eager(tmp_path, cache, bf16_products):
     """`--compile`: the forward and the loss as one torch.compile'd function (bf16 autocast, the default
     training dtype). Same losses as eager mode, within bf16's rounding. MTP's lambda switches to its later value
     at step 3, and nothing compiles again for it (lambda is an input of the graph, not a constant)."""
@@ -253,8 +253,8 @@ def test_compiled_training_equals_eager(tmp_path, cache, bf16_products, monkeypa
                mtp_lambda_later=0.1)
     train(cfg, tmp_path / "eager", log=quiet)
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    train(cfg.replace(compile=True), tmp_path / "compiled", log=quiet)
+    with torch._dynamo.config.patch(error_on_recompile=True):  # (monkeypatch's undo would hide the setting)
+        train(cfg.replace(compile=True), tmp_path / "compiled", log=quiet)
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert [s for s, _ in compiled] == [1, 2, 3]
     assert [v for _, v in compiled] == pytest.approx([v for _, v in eager], rel=1e-3)
