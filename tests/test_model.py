@@ -653,6 +653,16 @@ def test_one_token_runs_its_experts_in_turn_with_the_same_result():
     torch.testing.assert_close(low, out, atol=0.05 * out.abs().max().item(), rtol=0.05)
 
 
+def four_routed_experts() -> RoutedExperts:
+    """Routed experts of the padding tests: 4 experts (d 32, width 16, top-2, one group), weights N(0, 0.3^2)."""
+    cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+                       n_group=1, topk_group=1)
+    experts = RoutedExperts(cfg)
+    for p in experts.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return experts
+
+
 def test_padded_counts_by_hand():
     """Multiples of 32 up to 1024 rows, then of 1/32 of the count's power of two; empty experts stay empty."""
     counts = torch.tensor([0, 1, 31, 32, 33, 1000, 1024, 1025, 2048, 3000, 5000])
@@ -719,12 +729,8 @@ def test_compiled_padded_experts_are_one_graph_with_eager_results(monkeypatch):
     padded_rows_bound, where reading the sum would break it), rows past the last group left out of every product,
     and eager mode's output and gradients."""
     monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: True)  # padded groups, bf16 products
-    cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
-                       n_group=1, topk_group=1)
     torch.manual_seed(0)
-    experts = RoutedExperts(cfg)
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+    experts = four_routed_experts()
     experts.to(torch.bfloat16)
     x = torch.randn(70, 32, dtype=torch.bfloat16, requires_grad=True)  # 140 rows >= 32 x 4 experts: padded
     w, idx = torch.rand(70, 2), torch.stack([torch.randperm(4)[:2] for _ in range(70)])
@@ -753,12 +759,8 @@ def test_padded_expert_groups_give_the_unpadded_result(mode, monkeypatch):
     """bf16 on a CPU with native bf16 products and >= 32 rows per expert: each expert's group is padded to a
     multiple of 32 rows for the grouped products; output, gradients and counts equal those of the unpadded groups."""
     monkeypatch.setattr("nanoseek.devices.native_bf16", lambda device: True)
-    cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
-                       n_group=1, topk_group=1)
     torch.manual_seed(0)
-    experts = RoutedExperts(cfg)
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+    experts = four_routed_experts()
     if mode == "bf16_weights":
         experts.to(torch.bfloat16)
     T, K = 70, 2  # 140 rows >= 32 x 4 experts
@@ -844,11 +846,7 @@ def test_compiled_permutations_gather_in_backward(monkeypatch):
         assert torch.equal(out, ref())
         torch.testing.assert_close(got, want)
 
-    cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
-                       n_group=1, topk_group=1)
-    experts = RoutedExperts(cfg)
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+    experts = four_routed_experts()
     experts.to(torch.bfloat16)
     x = torch.randn(70, 32, dtype=torch.bfloat16, requires_grad=True)  # 140 rows: padded groups
     w, idx = torch.rand(70, 2), torch.stack([torch.randperm(4)[:2] for _ in range(70)])
@@ -880,11 +878,7 @@ def test_compiled_permutations_gather_in_backward(monkeypatch):
 
 
 def test_fp32_and_decoding_rows_are_not_padded(monkeypatch):
-    cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
-                       n_group=1, topk_group=1)
-    experts = RoutedExperts(cfg)
-    for p in experts.parameters():
-        torch.nn.init.normal_(p, std=0.3)
+    experts = four_routed_experts()
     offsets = []
     real = torch._grouped_mm
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: offsets.append(k["offs"][-1].item()) or real(*a, **k))
