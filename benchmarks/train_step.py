@@ -345,6 +345,9 @@ class Impl:
         self.times: list[float] = []
         self.cpu_times: list[float] = []
         self.others: list[float] = []  # share of the machine's CPUs used by other processes during each step
+        # minor page faults and system CPU seconds of this process during each step (fresh memory: the slow steps)
+        self.faults: list[int] = []
+        self.sys_times: list[float] = []
         self.losses: list[float] = []
         self.peak_mem: list[int] = []
         self.state = self.state_bytes()
@@ -372,6 +375,7 @@ class Impl:
             torch.cuda.reset_peak_memory_stats(device)
         sync(device)
         t0, c0, b0 = time.perf_counter(), time.process_time(), cpu_busy_seconds()
+        u0 = resource.getrusage(resource.RUSAGE_SELF)
         with autocast_ctx(self.args, device, self.name):
             loss = self.compiled(ids) if self.compiled is not None else self._logits_and_loss(ids)
         loss.backward()
@@ -386,11 +390,14 @@ class Impl:
         sync(device)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         others = max(0.0, cpu_busy_seconds() - b0 - cpu) / (wall * (os.cpu_count() or 1))
+        u1 = resource.getrusage(resource.RUSAGE_SELF)
         value = loss.item()
         if timed:
             self.times.append(wall)
             self.cpu_times.append(cpu)
             self.others.append(others)
+            self.faults.append(u1.ru_minflt - u0.ru_minflt)
+            self.sys_times.append(u1.ru_stime - u0.ru_stime)
         self.losses.append(value)
         if device.type == "cuda":
             self.peak_mem.append(torch.cuda.max_memory_allocated(device))
@@ -787,6 +794,9 @@ def report(args, cfg, machine, impls, peaks, flops, mem, first_losses, load_befo
                      f"{i.name} " + " ".join(f"{t:.2f}" + ("*" if o > args.max_other and len(i.clean(args.max_other))
                                                            < len(i.times) else "") for t, o in zip(i.times, i.others))
                      for i in impls) + ".")
+    if args.device == "cpu":
+        lines.append("Minor page faults / system CPU time (s) per timed step: " + "; ".join(
+            f"{i.name} " + " ".join(f"{f:,}/{s:.2f}" for f, s in zip(i.faults, i.sys_times)) for i in impls) + ".")
     lines.append("")
     notes = [f"{args.warmup} warmup + {args.steps} timed steps per implementation, alternating in one process "
              "(the first implementation of each step rotates); tokens/s = batch x seq / median step time (over the "
@@ -889,8 +899,8 @@ def main(argv=None) -> None:
             if s == 0:
                 first_losses[impl.name] = loss
             kind = "warmup" if s < args.warmup else "step"
-            extra = (f"  {impl.times[-1]:.3f} s  (other processes: {impl.others[-1]:.0%} of the CPUs)"
-                     if s >= args.warmup else "")
+            extra = (f"  {impl.times[-1]:.3f} s  (other processes: {impl.others[-1]:.0%} of the CPUs; "
+                     f"{impl.faults[-1]:,} page faults, {impl.sys_times[-1]:.2f} s system)" if s >= args.warmup else "")
             print(f"{kind} {s}: {impl.name:<9} loss {loss:.6f}{extra}", flush=True)
         if s == 0 and "nanoseek" in first_losses:
             ref = first_losses["nanoseek"]
