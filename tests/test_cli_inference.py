@@ -265,6 +265,15 @@ def test_generate_bad_input_is_one_line(ckpt, capsys, extra, message):
     assert err.count("\n") == 1 and err.startswith("nanoseek generate: error: ") and message in err
 
 
+@pytest.mark.parametrize("mode", ["--chat", "--raw"])
+def test_a_prompt_that_is_not_utf8_is_named_at_its_place_before_loading(ckpt, capsys, monkeypatch, mode):
+    """Byte 0xff in argv: the error gives its place in the prompt, not in the rendered chat prompt, and comes
+    before the (possibly large) model is loaded."""
+    monkeypatch.setattr(icli, "load_for_inference", lambda args: pytest.fail("the model was loaded"))
+    assert main(["generate", "--checkpoint", ckpt, "--prompt", "abc\udcff", mode]) == 2
+    assert capsys.readouterr().err == "nanoseek generate: error: the text is not valid UTF-8: '\\udcff' at character 3\n"
+
+
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_missing_checkpoint_or_tokenizer_is_one_line(ckpt_no_tokenizer, tmp_path, capsys, command, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
@@ -339,7 +348,8 @@ def test_chat_with_the_real_core_and_a_too_long_turn(ckpt, tok, capsys, monkeypa
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hello there\n" + "hello " * 600 + "\nbad \udcff byte\nshort\n"))
     assert main(["chat", "--checkpoint", ckpt, "--max-new-tokens", "6"]) == 0
     out, err = capsys.readouterr()
-    assert "nanoseek chat: error: the text is not valid UTF-8" in err  # said, and the chat went on
+    # said at its place in the line (the line never joined the history: no /reset needed), and the chat went on
+    assert "nanoseek chat: error: the text is not valid UTF-8: '\\udcff' at character 4\n" in err
     first = _reference(ckpt, tok, tok.apply_chat_template([{"role": "user", "content": "Hello there"}],
                                                           add_generation_prompt=True), 6)
     assert out.startswith("[think]" + first.replace("<think>", "[think]").replace("</think>", "[/think]"))
