@@ -291,7 +291,8 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     checkpoint and to the stored dtype otherwise; the router weights and balancing biases stay fp32.
     Missing, unexpected or mis-shaped tensors raise one :class:`CheckpointError` that lists them all
     (``strict=False`` tolerates unexpected ones). A checkpoint whose config.json asks for MTP layers it
-    does not hold (as transformers writes them) loads without MTP, with a warning.
+    does not hold (as transformers writes them) loads without MTP, with a warning. An ``lm_head.weight`` stored
+    although config.json ties it to the embedding loads when it equals the embedding (as in transformers).
     """
     path = Path(path)
     if not path.exists():
@@ -328,6 +329,7 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     skipped_layers: set[int] = set()
     missing_scales: list[str] = []
     seen: set[str] = set()
+    tied_head: torch.Tensor | None = None  # lm_head.weight stored although config.json ties it: compared, not loaded
     loaded: dict[str, torch.Tensor] = {}
     experts = _ExpertAssembler(config)
     by_file: dict[Path, list[str]] = defaultdict(list)
@@ -345,6 +347,12 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
                 if key in copies:
                     if entry.shape != copies[key]:
                         mis_shaped.append(f"{key} {entry.shape} != {copies[key]}")
+                    continue
+                if _tied(config, key) and entry.shape == (config.vocab_size, config.hidden_size) and entry.is_float:
+                    try:
+                        tied_head = f.get_tensor(key).to(target)
+                    except Exception as e:  # a truncated or corrupt shard
+                        raise CheckpointError(f"cannot read {key} from {file}: {e}") from None
                     continue
                 if key not in expected:
                     if _layer_index(key) >= beyond:  # MTP layers the config turns off (as transformers skips them)
@@ -404,6 +412,10 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
         problems.append(_listing("not floating point", sorted(mistyped, key=_natural)))
     if duplicated:
         problems.append(_listing("stored twice", duplicated))
+    embedding = loaded.get("embed_tokens.weight")
+    if tied_head is not None and embedding is not None and not torch.equal(tied_head.to(device), embedding):
+        problems.append("lm_head.weight differs from model.embed_tokens.weight, but config.json ties them "
+                        "(tie_word_embeddings=true): set it to false to load the two")
     if problems:
         err = CheckpointError(f"checkpoint {path} does not match its config.json: " + "; ".join(problems))
         err.missing, err.unexpected, err.mis_shaped = missing, unexpected, mis_shaped

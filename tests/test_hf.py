@@ -394,6 +394,26 @@ def test_missing_unexpected_and_misshaped_in_one_error(saved, tmp_path):
     assert "unexpected:" not in str(e.value) and "2 missing:" in str(e.value)
 
 
+def test_a_tied_head_stored_anyway_is_checked_not_rejected(tmp_path):
+    """tie_word_embeddings with lm_head.weight in the file as well (as some converters write it): a copy of the
+    embedding loads, as in transformers; a different head contradicts config.json and is named."""
+    cfg = TINY.replace(tie_word_embeddings=True, num_nextn_predict_layers=0)
+    model = make_model(cfg)
+    path = save_pretrained(model, tmp_path / "tied")
+    ckpt = load_file(path / "model.safetensors")
+    ckpt["lm_head.weight"] = ckpt["model.embed_tokens.weight"].clone()
+    save_file(ckpt, path / "model.safetensors")
+    loaded = load_pretrained(path)
+    assert loaded.lm_head.weight is loaded.embed_tokens.weight
+    assert_same_state(model, loaded)
+    ckpt["lm_head.weight"][0, 0] += 1
+    save_file(ckpt, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight differs from model\.embed_tokens\.weight, but "
+                                              r"config\.json ties them \(tie_word_embeddings=true\)") as e:
+        load_pretrained(path)
+    assert_clean(e.value)
+
+
 def test_unexpected_only_is_tolerated_when_not_strict(saved, tmp_path):
     path = copy_checkpoint(saved["single"], tmp_path / "extra")
     ckpt = load_file(path / "model.safetensors")
