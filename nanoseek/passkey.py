@@ -49,7 +49,8 @@ class PasskeyMaker:
         pads = [w for w in dict.fromkeys(w.strip(".") for w in self.words) if len(self._encode(" " + w)) == 1]
         if not pads:
             raise ValueError("the tokenizer has no single-token filler word: cannot build passkey examples of an "
-                             "exact length")
+                             "exact length (leave passkeys out with `extend --passkey-fraction 0` or "
+                             "`eval-long --passkey-samples 0`)")
         self.pad = pads[0]
 
     def _encode(self, text: str) -> list[int]:

@@ -201,6 +201,15 @@ def test_passkey_examples_leave_out_a_length_too_short_only_when_asked(bpe):
     assert [e.length for e in examples] == [64] * 4
 
 
+def test_a_tokenizer_without_a_one_token_filler_word_says_how_to_leave_passkeys_out():
+    """A small vocabulary (here digits only) makes no filler word one token: the error names the options that
+    leave passkeys out, as the too-short errors do, instead of only stopping `eval-long` or `extend`."""
+    from nanoseek.train.tokenizer_train import train_bpe
+
+    with pytest.raises(ValueError, match=r"no single-token filler word.*`eval-long --passkey-samples 0`"):
+        PasskeyMaker(train_bpe(["0123456789 " * 50], 260))
+
+
 def test_passkey_lengths_just_above_the_minimum_are_met_or_too_short(bpe):
     """Near the minimum the filler is pad words alone, and the first one starts its line (no space before it:
     two tokens here): each length is met exactly, or is PasskeyTooShort, never another error."""
