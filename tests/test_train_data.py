@@ -124,6 +124,16 @@ def test_jsonl_reads_the_configured_text_field_and_counts_what_it_skips(tmp_path
     assert c.skipped == {"empty": 1, "JSONL line without a string 'body'": 2}
 
 
+def test_jsonl_with_a_byte_order_mark_keeps_its_first_line(tmp_path):
+    """A JSONL file saved with a UTF-8 byte order mark (as some editors write it): its first line is a document,
+    as a text file's first line is, not a malformed line."""
+    j = tmp_path / "bom.jsonl"
+    j.write_bytes(b"\xef\xbb\xbf" + (json.dumps({"text": "first"}) + "\n" + json.dumps({"text": "second"})).encode())
+    c = D.load_corpus([str(j)], val_fraction=0.0)
+    assert [d.text for d in c.train] == ["first", "second"]
+    assert not c.skipped
+
+
 def test_files_of_the_same_name_are_all_read_and_one_file_named_twice_once(tmp_path):
     for side in ("a", "b"):
         (tmp_path / side / "src").mkdir(parents=True)

@@ -117,7 +117,7 @@ def _jsonl_documents(path: Path, doc_id: str, text_field: str, corpus: Corpus) -
                 continue
             where = f"{path}:{n}"
             try:
-                obj = json.loads(line.decode("utf-8"))
+                obj = json.loads(line.decode("utf-8-sig"))  # -sig: a byte order mark before the first line
             except (UnicodeDecodeError, json.JSONDecodeError):
                 corpus.skip("malformed JSONL line", where)
                 continue
