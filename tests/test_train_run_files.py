@@ -144,6 +144,18 @@ def test_report_values_of_a_hand_written_run(tmp_path, monkeypatch):
     np.testing.assert_allclose(shown[1], [[2.0, 0.5], [0.0, 0.5], [1.0, 0.5], [1.0, 2.5]])
 
 
+def test_report_of_an_interrupted_run_names_its_last_checkpoint(tmp_path, cache):  # noqa: F811
+    """A run stopped at step 5 whose last checkpoint is step 3: the report says so (steps 4 and 5 are logged but
+    their weights are lost; the sample and a resume start from step 3). A finished run's report does not."""
+    run = tmp_path / "run"
+    with interrupted_at(5), pytest.raises(KeyboardInterrupt):
+        train(tiny(cache, steps=6, save_every=3), run, log=quiet)
+    text = write_report(run, sample=False, log=quiet).read_text()
+    assert "| steps | 5 of 6 (interrupted); last checkpoint at step 3 (" in text
+    train(resume_config(run), run, resume=True, log=quiet)
+    assert "last checkpoint" not in write_report(run, sample=False, log=quiet).read_text()
+
+
 # ---------------------------------------------------------------------------------------------- --keep-checkpoints
 def test_keep_checkpoints_keeps_the_newest_and_an_older_one_resumes(tmp_path, cache):  # noqa: F811
     """keep_checkpoints=2 with saves at steps 0, 2, 4, 6: exactly step-4 and step-6 remain (the current one is

@@ -237,10 +237,13 @@ def write_report(run_dir: str | Path, sample: bool = True, prompt: str | None = 
             atomic_write_json(run_dir / "sample.json", sample_info, ensure_ascii=False)
 
     model = start.get("model", {})
+    saved = _checkpoint_step(run_dir)
     lines = [f"# Training report: `{run_dir}`", ""]
     rows = [
         ("steps", f"{s['steps']:,} of {s['planned_steps']:,} ({s['stopped_by'].replace('_', ' ')})"
-         + (f"; {s['skipped_steps']} skipped (NaN/inf)" if s["skipped_steps"] else "")),
+         + (f"; {s['skipped_steps']} skipped (NaN/inf)" if s["skipped_steps"] else "")
+         + (f"; last checkpoint at step {saved:,} (the weights of the sample; a resume continues from it)"
+            if saved is not None and saved < s["steps"] else "")),
         ("tokens", f"{s['tokens']:,} ({cfg.get('batch_size')} x {cfg.get('grad_accum')} x {cfg.get('seq_len')} per step"
                    + (f"; batch-size warmup from {cfg['batch_warmup_start']} sequences over "
                       f"{cfg['batch_warmup_tokens']:,} tokens" if cfg.get("batch_warmup_start") else "") + ")"),
@@ -297,6 +300,19 @@ def _read_json(path: Path) -> dict:
         return d if isinstance(d, dict) else {}
     except (OSError, ValueError):
         return {}
+
+
+def _checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the run's current checkpoint (None without a readable one): behind the last logged step when
+    the run was killed or stopped between two saves."""
+    from ..hf import CheckpointError
+    from .checkpoint import current_checkpoint, read_trainer_state
+
+    try:
+        ckpt = current_checkpoint(run_dir)
+        return read_trainer_state(ckpt)["step"] if ckpt is not None else None
+    except CheckpointError:
+        return None
 
 
 def _sample(run_dir: Path, cfg: dict, prompt: str | None, max_new_tokens: int | None, log) -> dict | None:
