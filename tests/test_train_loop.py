@@ -526,6 +526,56 @@ def test_an_overwrite_killed_before_its_first_checkpoint_gives_the_old_run_back(
     assert losses(run)[:2] == want and len(losses(run)) == 3 and not aside.exists()
 
 
+class Killed(Exception):
+    """A kill, simulated: raised where the process would die, caught by nothing in the trainer."""
+
+
+def test_an_overwrite_killed_while_setting_the_old_run_aside_keeps_all_of_it(tmp_path, cache, monkeypatch):
+    """A kill while --overwrite moves the old run's files aside (simulated after three of them) loses none: the
+    next command on the directory puts back what was moved, and the old run resumes with its own losses."""
+    run = tmp_path / "run"
+    train(tiny(cache, steps=2, save_every=2, eval_every=2), run, log=quiet)
+    want = losses(run)
+    real, moved = Path.rename, []
+
+    def rename(self, target):
+        if len(moved) == 3:
+            raise Killed
+        moved.append(self.name)
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    with pytest.raises(Killed):
+        train(tiny(cache, steps=1, eval_every=1), run, overwrite=True, log=quiet)
+    monkeypatch.undo()
+    train(resume_config(run, {"steps": 3}), run, resume=True, log=quiet)
+    assert losses(run)[:2] == want and len(losses(run)) == 3
+
+
+def test_an_overwrite_killed_while_deleting_the_old_run_keeps_the_new_one(tmp_path, cache, monkeypatch):
+    """Once the new run's first checkpoint is complete, --overwrite deletes the old run; a kill in the middle of
+    that (simulated) leaves the new run, which the next command keeps, deleting the rest of the old one."""
+    run = tmp_path / "run"
+    train(tiny(cache, steps=2, save_every=2, eval_every=2), run, log=quiet)
+    real = shutil.rmtree
+
+    def rmtree(path, *a, **kw):
+        if Path(path).name == loop.OLD_RUN_DIR:
+            real(Path(path) / ckpt_io.CHECKPOINTS)
+            raise Killed
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(loop.shutil, "rmtree", rmtree)
+    with pytest.raises(Killed):
+        train(tiny(cache, steps=1, eval_every=1), run, overwrite=True, log=quiet)
+    monkeypatch.undo()
+    cfg = resume_config(run)
+    assert cfg.steps == 1 and ckpt_io.current_checkpoint(run).name == "step-00000000"
+    assert not (run / loop.OLD_RUN_DIR).exists()
+    train(cfg, run, resume=True, log=quiet)
+    assert [s for s, _ in losses(run)] == [1]
+
+
 def test_resume_refuses_a_changed_corpus(tmp_path, cache):
     """A resumed run reads the documents its checkpoint was trained on (their cache keys are saved with it): a
     file added to the corpus since is a one-line error, not a silently different data order."""

@@ -60,6 +60,7 @@ class TrainResult:
 START_FILES = {ckpt_io.CONFIG_FILE, *ckpt_io.TOKENIZER_FILES, "data.json", "metrics.jsonl", ".lock",
                ckpt_io.CHECKPOINTS}
 OLD_RUN_DIR = ".old-run"  # with --overwrite: the replaced run's files until the new run's first checkpoint
+MOVING_ASIDE = ".old-run.partial"  # the replaced run's files while they are moved aside, renamed OLD_RUN_DIR after
 
 
 class StartInterrupted(KeyboardInterrupt):
@@ -87,15 +88,33 @@ def _put_back_old_run(d: Path) -> None:
         aside.rmdir()
 
 
+def _has_checkpoint(d: Path) -> bool:
+    try:
+        return ckpt_io.current_checkpoint(d) is not None
+    except CheckpointError:
+        return False
+
+
 def recover_killed_overwrite(d: Path) -> None:
     """Before any command on run directory d: an --overwrite start killed before its first checkpoint left the
-    run it was replacing in OLD_RUN_DIR; that run is put back in place."""
-    if (d / OLD_RUN_DIR).is_dir():
-        with ckpt_io.run_lock(d):  # never under a start still running
+    run it was replacing in OLD_RUN_DIR (or part of it in MOVING_ASIDE, the rest in place); that run is put back
+    in place. Killed after it, while deleting OLD_RUN_DIR, it left the new run: the deletion is finished."""
+    moving, aside = (d / MOVING_ASIDE).is_dir(), (d / OLD_RUN_DIR).is_dir()
+    if not (moving or aside):
+        return
+    with ckpt_io.run_lock(d):  # never under a start still running
+        if moving:  # killed while setting the old run aside: the new run has no file yet
+            for item in (d / MOVING_ASIDE).iterdir():
+                item.rename(d / item.name)
+            (d / MOVING_ASIDE).rmdir()
+        elif _has_checkpoint(d):  # the new run's first checkpoint is complete
+            shutil.rmtree(d / OLD_RUN_DIR)
+            return
+        else:
             _put_back_old_run(d)
-        if on_rank0():
-            print(f"{d}: a start with --overwrite stopped before its first checkpoint; the run it was to replace "
-                  "is back in place", file=sys.stderr)
+    if on_rank0():
+        print(f"{d}: a start with --overwrite stopped before its first checkpoint; the run it was to replace "
+              "is back in place", file=sys.stderr)
 
 
 def _interrupted_start(d: Path) -> bool:
@@ -255,11 +274,12 @@ class Trainer:
         """A new run's first file, under the lock: its train_config.json, which marks the directory as a run.
         With --overwrite the old run's files are first set aside (in OLD_RUN_DIR), not deleted: see starting()."""
         if self.overwrite:
-            aside = self.run_dir / OLD_RUN_DIR
+            aside = self.run_dir / MOVING_ASIDE
             aside.mkdir()
             for item in self.run_dir.iterdir():
-                if item.name not in (".lock", OLD_RUN_DIR):
+                if item.name not in (".lock", MOVING_ASIDE):
                     item.rename(aside / item.name)
+            aside.rename(self.run_dir / OLD_RUN_DIR)  # one rename: a kill before it leaves the old run whole
         self.cfg.save(self.run_dir / ckpt_io.CONFIG_FILE)
 
     @contextlib.contextmanager
