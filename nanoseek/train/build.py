@@ -28,6 +28,10 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int) ->
     unknown = sorted(set(overrides) - set(base.to_dict()))
     if unknown:
         raise ValueError(f"unknown model settings: {', '.join(unknown)}")
+    special = sorted({"bos_token_id", "eos_token_id"} & set(overrides))
+    if special:
+        raise ValueError(f"--model {special[0]}: the special token ids are the tokenizer's (its "
+                         "<｜begin▁of▁sentence｜> and <｜end▁of▁sentence｜>), not a model setting")
     vocab = overrides.pop("vocab_size", vocab_size)
     if isinstance(vocab, bool) or not isinstance(vocab, int):
         raise ValueError(f"--model vocab_size must be an integer, got {vocab!r}")
