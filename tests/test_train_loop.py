@@ -445,6 +445,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, cache, capsys):
         (["--data", STDLIB_JSON, "--preset", "nope"], "unknown preset 'nope'"),
         (["--data", STDLIB_JSON, "--model", "foo=1"], "unknown model settings: foo"),
         (["--data", STDLIB_JSON, "--model", "eos_token_id=7"], "--model eos_token_id: the special token ids are"),
+        (["--data", STDLIB_JSON, "--model", "num_nextn_predict_layers=2", "--mtp-depth", "1"], "give one of them"),
         (["--data", STDLIB_JSON, "--preset", "deepseek-v3"], "choose a smaller --preset"),
     ]
     for i, (args, message) in enumerate(cases):

@@ -38,6 +38,9 @@ def model_config(cfg: TrainConfig, vocab_size: int, bos_id: int, eos_id: int) ->
     if vocab < vocab_size:
         raise ValueError(f"model vocab_size {vocab} is smaller than the tokenizer's {vocab_size} tokens")
     if cfg.mtp_depth is not None:
+        if overrides.get("num_nextn_predict_layers", cfg.mtp_depth) != cfg.mtp_depth:
+            raise ValueError(f"--mtp-depth {cfg.mtp_depth} and --model num_nextn_predict_layers="
+                             f"{overrides['num_nextn_predict_layers']} set the same MTP depth: give one of them")
         overrides["num_nextn_predict_layers"] = cfg.mtp_depth
     mc = base.replace(vocab_size=vocab, bos_token_id=bos_id, eos_token_id=eos_id, **overrides)
     if cfg.seq_len > mc.max_position_embeddings:
