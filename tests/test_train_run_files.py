@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -142,6 +143,22 @@ def test_report_values_of_a_hand_written_run(tmp_path, monkeypatch):
     assert len(shown) == 2
     np.testing.assert_allclose(shown[0], [[0.5, 0.0], [1.5, 0.0], [1.0, 3.0], [1.0, 1.0]])
     np.testing.assert_allclose(shown[1], [[2.0, 0.5], [0.0, 0.5], [1.0, 0.5], [1.0, 2.5]])
+
+
+def test_report_of_a_one_step_run_warns_nothing(tmp_path):
+    """One logged step (--steps 1, or a run stopped after it): the expert-load plot spans that step instead of
+    matplotlib warning about identical x limits in the command's output."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps({"preset": "tiny", "steps": 1, "batch_size": 2, "grad_accum": 1,
+                                                      "seq_len": 8}))
+    (run / "metrics.jsonl").write_text(json.dumps({"type": "train", "step": 1, "tokens": 16, "loss": 4.0,
+                                                   "main_loss": 4.0, "lr": 1e-3, "tokens_per_s": 100.0,
+                                                   "elapsed": 1.0, "expert_counts": [[1, 3, 2, 2]]}) + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        write_report(run, sample=False, log=quiet)
+    assert (run / "plots" / "expert_load.png").is_file()
 
 
 def test_report_of_an_interrupted_run_names_its_last_checkpoint(tmp_path, cache):  # noqa: F811

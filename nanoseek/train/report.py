@@ -125,7 +125,7 @@ def make_plots(run_dir: Path, records: list[dict], unigram: float | None,
                 cols.append(c / max(c.mean(), 1e-9))
             img = np.stack(cols, axis=1)  # (E, bins)
             im = ax.imshow(img, aspect="auto", cmap="RdBu_r", vmin=0.0, vmax=2.0, interpolation="nearest",
-                           extent=(steps[0], steps[-1], E - 0.5, -0.5))
+                           extent=(steps[0], max(steps[-1], steps[0] + 1), E - 0.5, -0.5))  # one step: 1 wide
             ax.set_ylabel(f"{names[layer]}\nexpert", fontsize=8)
         axes[-1][0].set_xlabel("step")
         fig.suptitle("Expert load: tokens routed to each expert / mean (1 = balanced)")
