@@ -391,6 +391,16 @@ def extended(tmp_path_factory):
     return root, logs
 
 
+def test_extend_threads_zero_is_an_error_as_in_train(extended):
+    """--threads 0 is rejected as nanoseek train rejects it, not read as "the base run's"."""
+    from nanoseek.train.extend import extend
+
+    root, _ = extended
+    with pytest.raises(ValueError, match="--threads must be positive, got 0"):
+        extend(root / "base", root / "threads0", [4], steps=1, passkey_fraction=0.2, threads=0, progress=False,
+               log=lambda s: None)
+
+
 def test_extend_end_to_end_checkpoints_transformers_reads_as_yarn(extended):
     transformers = pytest.importorskip("transformers")
     from nanoseek.hf import load_pretrained

@@ -294,7 +294,8 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
     stages = plan_stages(base, base_model, out, run_dir, list(multiples), steps=steps, factor=factor, lr=lr,
                          warmup_steps=warmup_steps, time_budget=time_budget)
     for st in stages:
-        st.config = st.config.replace(threads=threads or base.threads, progress=progress, report=report)
+        st.config = st.config.replace(threads=base.threads if threads is None else threads, progress=progress,
+                                      report=report)
     rope = stages[0].config.model_overrides
     plan = {"base": str(run_dir.resolve()), "base_length": base.seq_len, "multiples": list(multiples),
             "rope": {k: rope[k] for k in yarn_overrides(0, 1, 0)},
