@@ -134,6 +134,13 @@ def test_jsonl_with_a_byte_order_mark_keeps_its_first_line(tmp_path):
     assert not c.skipped
 
 
+def test_jsonl_suffix_in_capitals_is_jsonl(tmp_path):
+    """DATA.JSONL is read line by line as any .jsonl, not as one text document of raw JSON."""
+    j = tmp_path / "DATA.JSONL"
+    j.write_text(json.dumps({"text": "first"}) + "\n" + json.dumps({"text": "second"}) + "\n")
+    assert [d.text for d in D.load_corpus([str(j)], val_fraction=0.0).train] == ["first", "second"]
+
+
 def test_files_of_the_same_name_are_all_read_and_one_file_named_twice_once(tmp_path):
     for side in ("a", "b"):
         (tmp_path / side / "src").mkdir(parents=True)

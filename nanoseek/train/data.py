@@ -132,7 +132,7 @@ def _jsonl_documents(path: Path, doc_id: str, text_field: str, corpus: Corpus) -
 
 
 def _file_documents(path: Path, doc_id: str, text_field: str, corpus: Corpus) -> Iterator[Document]:
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         yield from _jsonl_documents(path, doc_id, text_field, corpus)
     else:
         doc = _read_text(path, doc_id, corpus)
