@@ -161,6 +161,17 @@ def test_report_of_a_one_step_run_warns_nothing(tmp_path):
     assert (run / "plots" / "expert_load.png").is_file()
 
 
+def test_report_of_a_run_with_a_damaged_checkpoint_is_written_without_a_sample(tmp_path, cache):  # noqa: F811
+    """The report is the run's metrics: a checkpoint that cannot be read costs the sample only, and says why."""
+    run = tmp_path / "run"
+    train(tiny(cache, steps=2, save_every=2, eval_every=2), run, log=quiet)
+    (ckpt_io.current_checkpoint(run) / "model.safetensors").write_bytes(b"damaged")
+    logs = []
+    text = write_report(run, log=logs.append).read_text()
+    assert "| steps | 2 of 2 (done) |" in text and "## Sample" not in text
+    assert any(line.startswith("report: no sample (cannot read") for line in logs)
+
+
 def test_report_of_an_interrupted_run_names_its_last_checkpoint(tmp_path, cache):  # noqa: F811
     """A run stopped at step 5 whose last checkpoint is step 3: the report says so (steps 4 and 5 are logged but
     their weights are lost; the sample and a resume start from step 3). A finished run's report does not."""

@@ -331,7 +331,11 @@ def _sample(run_dir: Path, cfg: dict, prompt: str | None, max_new_tokens: int | 
         return None
     import torch
 
-    model = load_model(ckpt, torch.device("cpu"))
+    try:
+        model = load_model(ckpt, torch.device("cpu"))
+    except CheckpointError as e:  # a damaged checkpoint: the report of the metrics is still written
+        log(f"report: no sample ({e})")
+        return None
     tok_file = run_dir / "tokenizer.json"
     tok = load_tokenizer(tok_file if tok_file.is_file() else ckpt / "tokenizer.json")
     ids = special_ids(tok, where=tok_file)
