@@ -394,8 +394,10 @@ def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, cache, monkeypatch):
 
     monkeypatch.setattr(loop, "training_loss", always_nan)
     run = tmp_path / "always"
-    with pytest.raises(TrainingError, match="NaN/inf in 3 consecutive steps.*step-00000000.*intact"):
+    with pytest.raises(TrainingError, match="NaN/inf in 3 consecutive steps.*step-00000000.*intact") as e:
         train(tiny(cache, steps=10, save_every=2, eval_every=2), run, log=quiet)
+    # the learning rate cannot change on resume: a lower one is offered as a new run from these weights
+    assert f"--resume {run}" in str(e.value) and f"lower --lr from its weights: --init-from {run}" in str(e.value)
     assert ckpt_io.current_checkpoint(run).name == "step-00000000"
     load_pretrained(run)
     # a run whose last steps (fewer than --max-bad-steps) were skipped says so when it finishes

@@ -66,7 +66,7 @@ _OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--data", "data", str, "files, directories, globs, *.jsonl, hf:NAME[:CONFIG][:SPLIT] (default: the stdlib)"),
     ("--text-field", "text_field", str, "JSONL / dataset text field (default text)"),
     ("--val-fraction", "val_fraction", float, "fraction of documents held out (default 0.05)"),
-    ("--max-corpus-mb", "max_corpus_mb", float, "read at most this many million characters"),
+    ("--max-corpus-mb", "max_corpus_mb", float, "train on at most this many million characters (a deterministic subset of the documents)"),
     ("--tokenizer", "tokenizer", str, "a tokenizer.json (or its directory) instead of training one"),
     ("--vocab-size", "vocab_size", int, "vocabulary of the trained tokenizer (default 8192)"),
     ("--cache-dir", "cache_dir", str, "tokenizer and token cache (default $NANOSEEK_CACHE or ~/.cache/nanoseek)"),

@@ -142,10 +142,13 @@ def nonfinite_message(step: int, loss: float, grad_norm: float, bad_streak: int)
 
 
 def streak_stop_message(run: Path, step: int, bad_streak: int, resume_flags: str = "") -> str:
+    """The stop after --max-bad-steps NaN/inf steps in a row. A resume keeps the run's learning rate (see
+    RESUMABLE_CHANGES): a lower one is a new run started from the checkpoint's weights (--init-from)."""
     good = ckpt_io.current_checkpoint(run)
-    return (f"stopped: the loss was NaN/inf in {bad_streak} consecutive steps (up to step {step}); lower --lr or "
-            f"check the data; the last good checkpoint ({good.name if good else 'none'}) is intact: resume with "
-            f"--resume {run}" + (f" {resume_flags}" if resume_flags else ""))
+    return (f"stopped: the loss was NaN/inf in {bad_streak} consecutive steps (up to step {step}); the last good "
+            f"checkpoint ({good.name if good else 'none'}) is intact. Check the data, then resume with --resume {run}"
+            + (f" {resume_flags}" if resume_flags else "") + f" (a larger --max-bad-steps skips more bad steps), or "
+            f"start a new run with a lower --lr from its weights: --init-from {run} --out NEW_RUN")
 
 
 def end_event(run: Path, cfg: TrainConfig, stopped_by: str, progress: Progress) -> dict[str, Any]:
