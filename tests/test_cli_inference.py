@@ -184,6 +184,23 @@ def test_generate_speculative_greedy_equals_plain(ckpt, capsys):
     assert "MTP acceptance" in err and "n/a" not in err and "drafts)" in err
 
 
+def test_greedy_with_top_p_or_top_k_warns_that_they_are_ignored(ckpt, capsys):
+    """--top-p / --top-k without a temperature: the output is the greedy one, and a warning says they did nothing."""
+    args = ["generate", "--checkpoint", ckpt, "--prompt", "Hello", "--max-new-tokens", "5"]
+    assert main(args) == 0
+    greedy, err = capsys.readouterr()
+    assert "warning" not in err
+    for extra in (["--top-p", "0.5"], ["--top-k", "3"]):
+        assert main([*args, *extra]) == 0
+        out, err = capsys.readouterr()
+        assert out == greedy
+        assert [line for line in err.splitlines() if "warning" in line] == [
+            "nanoseek generate: warning: --top-p / --top-k apply to sampling only: greedy decoding (--temperature 0, "
+            "the default) ignores them"]
+    assert main([*args, "--top-k", "3", "--temperature", "0.7"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_speculative_without_mtp_warns_and_decodes_plainly(ckpt_no_mtp, capsys):
     args = ["generate", "--checkpoint", ckpt_no_mtp, "--prompt", "Hello", "--max-new-tokens", "5"]
     assert main(args) == 0

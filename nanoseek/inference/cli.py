@@ -150,6 +150,9 @@ def load_for_inference(args: argparse.Namespace):
 
     validate_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       max_new_tokens=args.max_new_tokens)
+    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
+        _warn(args.command, "--top-p / --top-k apply to sampling only: greedy decoding (--temperature 0, the "
+                            "default) ignores them")
     path = Path(args.checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
