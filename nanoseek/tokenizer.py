@@ -40,7 +40,7 @@ class TokenizerError(ValueError):
     """Missing or malformed tokenizer files, or a chat template that cannot be rendered."""
 
 
-def _check_text(text: str) -> str:
+def check_text(text: str) -> str:
     """``text`` if it is a str of valid Unicode. Bytes that are not UTF-8 reach Python's command line and stdin
     as lone surrogates (U+DC80-U+DCFF), which no tokenizer can encode."""
     if not isinstance(text, str):
@@ -233,7 +233,7 @@ class Tokenizer:
         """Token ids of ``text``: exactly ``tokenizers.Tokenizer.encode(text, add_special_tokens=...).ids`` on the
         same tokenizer.json. Special tokens written in the text (``<｜User｜>``) become their ids.
         ``add_bos`` prepends the bos id unless the ids already start with it."""
-        ids = self._tok.encode(_check_text(text), add_special_tokens=add_special_tokens).ids
+        ids = self._tok.encode(check_text(text), add_special_tokens=add_special_tokens).ids
         if add_bos:
             bos = self.bos_token_id
             if bos is None:
@@ -243,7 +243,7 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[list[int]]:
-        texts = [_check_text(t) for t in texts]
+        texts = [check_text(t) for t in texts]
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:

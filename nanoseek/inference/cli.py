@@ -333,12 +333,12 @@ def stream_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int
 
 def _prompt_text(args: argparse.Namespace) -> str:
     """The prompt, checked before the model loads: not empty, valid UTF-8 (its own positions in the message)."""
-    from ..tokenizer import _check_text
+    from ..tokenizer import check_text
 
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     if not text.strip():
         raise ValueError("the prompt is empty")
-    return _check_text(text)
+    return check_text(text)
 
 
 def _safe_stdout() -> TextIO:
@@ -398,7 +398,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from ..tokenizer import _check_text
+    from ..tokenizer import check_text
 
     tokenizer, model = load_for_inference(args)
     if not tokenizer.has_chat_template:
@@ -437,7 +437,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"nanoseek chat: unknown command {command} (commands: /reset, /exit)", file=sys.stderr)
             continue
         try:
-            _check_text(text)  # here, not in the rendered prompt: the message names the place in this line
+            check_text(text)  # here, not in the rendered prompt: the message names the place in this line
         except ValueError as e:
             print(f"nanoseek chat: error: {e}", file=sys.stderr)
             continue
