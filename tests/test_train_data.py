@@ -5,6 +5,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import shutil
 import sys
 from collections import Counter
@@ -107,6 +108,8 @@ def test_jsonl_glob_and_errors(tmp_path):
         D.load_corpus([str(tmp_path / "missing")])
     with pytest.raises(FileNotFoundError, match="matches no file"):
         D.load_corpus([str(tmp_path / "*.nothing")])
+    with pytest.raises(ValueError, match="not a regular file or directory"):
+        D.load_corpus([os.devnull])
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "bad.py").write_bytes(b"\xff\xfe\xfa")
     with pytest.raises(ValueError, match="holds no text.*1 undecodable"):
@@ -413,3 +416,27 @@ def test_token_cache_key_covers_the_special_ids(tmp_path):
     for f, (bos, eos) in ((a, (0, 1)), (b, (2, 3)), (swapped, (1, 0))):
         arr = f.tokens()
         assert (arr[0], arr[n + 1], arr[n + 2], arr[-1]) == (bos, eos, bos, eos)
+
+
+def test_glob_over_directories_reads_their_files_once(tmp_path):
+    """A glob matching directories reads every file under them, as a directory named directly does (hidden files
+    and run directories left out), and a file matched both itself and through its directory is read once."""
+    for name in ("proj_a", "proj_b"):
+        make_corpus(tmp_path / "repos" / name, n=2)
+    (tmp_path / "repos" / "empty_dir").mkdir()
+    run = tmp_path / "repos" / "proj_b" / "run"
+    run.mkdir()
+    (run / D.RUN_MARKER).write_text("{}")
+    (run / "notes.txt").write_text("a run's own file\n")
+    direct = D.load_corpus([str(tmp_path / "repos" / n) for n in ("proj_a", "proj_b")], val_fraction=0.0)
+    globbed = D.load_corpus(["repos/*"], val_fraction=0.0, root=str(tmp_path))
+    # the same files; ids from the matched paths (repos/proj_a/mod0.py, where the directory gives proj_a/mod0.py)
+    assert sorted("repos/" + d.id for d in direct.train) == sorted(d.id for d in globbed.train)
+    assert sorted(d.text for d in direct.train) == sorted(d.text for d in globbed.train)
+    assert len(globbed.train) == 2 * 3 and all(d.id.startswith("repos/proj_") for d in globbed.train)
+    assert globbed.skipped["run directory"] == 1 and globbed.skipped == direct.skipped
+    # src/** matches the directories and every file in them: each file is one document
+    everything = D.load_corpus(["repos/proj_a/**"], val_fraction=0.0, root=str(tmp_path))
+    assert sorted(d.id for d in everything.train) == sorted(d.id for d in globbed.train if "proj_a" in d.id)
+    with pytest.raises(FileNotFoundError, match="only directories without files"):
+        D.load_corpus(["repos/empty*"], val_fraction=0.0, root=str(tmp_path))

@@ -422,6 +422,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, cache, capsys):
     cases = [
         (["--data", str(tmp_path / "empty")], "holds no text"),
         (["--data", str(tmp_path / "missing")], "no such file or directory"),
+        (["--data", os.devnull], "not a regular file or directory"),
         (["--data", STDLIB_JSON, "--vocab-size", "100"], "--vocab-size must be an integer in"),
         (["--data", STDLIB_JSON, "--seq-len", "1024"], "exceeds the model's max_position_embeddings"),
         (["--data", STDLIB_JSON, "--seq-len", "4"], "--seq-len must be an integer in"),

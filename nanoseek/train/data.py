@@ -2,7 +2,8 @@
 into fixed-length sequences read through a memory map, and a resumable random batch order.
 
 Corpus specs (``TrainConfig.data``; none means the Python standard library of the running interpreter):
-  - a text file, a directory (every file under it, hidden ones excluded), or a glob (``src/**/*.py``);
+  - a text file, a directory (every file under it, hidden ones excluded), or a glob (``src/**/*.py``; a
+    directory it matches is read like a directory named directly);
   - ``*.jsonl``: one JSON object per line, its ``text`` field (``--text-field``) is a document;
   - ``hf:NAME``, ``hf:NAME:SPLIT``, ``hf:NAME:CONFIG:SPLIT``: a Hugging Face dataset (needs ``datasets``).
 Undecodable (non-UTF-8 or binary) files and malformed JSONL lines are skipped and counted, never fatal.
@@ -143,7 +144,8 @@ def _file_documents(path: Path, doc_id: str, text_field: str, corpus: Corpus) ->
 RUN_MARKER = "train_config.json"  # what every nanoseek run directory holds (train.loop)
 
 
-def _dir_documents(root: Path, prefix: str, text_field: str, corpus: Corpus) -> Iterator[Document]:
+def _dir_files(root: Path, prefix: str, corpus: Corpus) -> Iterator[tuple[Path, str]]:
+    """Every file under ``root`` (hidden ones and __pycache__ excluded) with its id ``prefix/relative path``."""
     for dirpath, dirnames, filenames in os.walk(root):
         if RUN_MARKER in filenames:  # a training run's own files (metrics, tokenizer, config) are not text to learn
             corpus.skip("run directory", dirpath)
@@ -155,7 +157,12 @@ def _dir_documents(root: Path, prefix: str, text_field: str, corpus: Corpus) -> 
                 continue
             path = Path(dirpath) / name
             if path.is_file():
-                yield from _file_documents(path, f"{prefix}/{path.relative_to(root).as_posix()}", text_field, corpus)
+                yield path, f"{prefix}/{path.relative_to(root).as_posix()}"
+
+
+def _dir_documents(root: Path, prefix: str, text_field: str, corpus: Corpus) -> Iterator[Document]:
+    for path, doc_id in _dir_files(root, prefix, corpus):
+        yield from _file_documents(path, doc_id, text_field, corpus)
 
 
 def _hf_documents(spec: str, text_field: str, corpus: Corpus) -> Iterator[Document]:
@@ -205,16 +212,32 @@ def iter_documents(specs: list[str], text_field: str, corpus: Corpus, root: str 
         elif path.is_file():
             yield from _file_documents(path, path.name, text_field, corpus)
         elif glob.has_magic(spec):
-            matches = sorted(glob.glob(os.path.expanduser(spec), root_dir=relative_to, recursive=True))
-            if not matches:
-                where = f" (from {relative_to})" if relative_to else ""
-                raise FileNotFoundError(f"--data {spec}: the pattern matches no file{where}")
-            for m in matches:
-                p = Path(relative_to, m) if relative_to else Path(m)
-                if p.is_file():
-                    yield from _file_documents(p, Path(m).as_posix(), text_field, corpus)
+            yield from _glob_documents(spec, relative_to, text_field, corpus)
+        elif path.exists():  # /dev/null, a FIFO, a socket: nothing to read as a corpus
+            raise ValueError(f"--data {spec}: not a regular file or directory")
         else:
             raise FileNotFoundError(f"--data {spec}: no such file or directory")
+
+
+def _glob_documents(spec: str, relative_to: str | None, text_field: str, corpus: Corpus) -> Iterator[Document]:
+    """A glob's files: a matched file as itself, a matched directory as every file under it (as when named
+    directly: ``data/*`` over a folder of folders reads them all). Ids are the matched paths, read in their
+    sorted order, so a file matched both itself and through its directory (``src/**``) is read once."""
+    matches = glob.glob(os.path.expanduser(spec), root_dir=relative_to, recursive=True)
+    where = f" (from {relative_to})" if relative_to else ""
+    if not matches:
+        raise FileNotFoundError(f"--data {spec}: the pattern matches no file{where}")
+    files: dict[str, Path] = {}  # id -> path
+    for m in matches:
+        p = Path(relative_to, m) if relative_to else Path(m)
+        if p.is_file():
+            files[Path(m).as_posix()] = p
+        elif p.is_dir():
+            files.update((doc_id, f) for f, doc_id in _dir_files(p, Path(m).as_posix(), corpus))
+    if not files:
+        raise FileNotFoundError(f"--data {spec}: the pattern matches no file{where}, only directories without files")
+    for doc_id in sorted(files):
+        yield from _file_documents(files[doc_id], doc_id, text_field, corpus)
 
 
 def _unit_hash(doc_id: str) -> float:
