@@ -201,6 +201,128 @@ def test_greedy_with_top_p_or_top_k_warns_that_they_are_ignored(ckpt, capsys):
     assert "warning" not in capsys.readouterr().err
 
 
+# DeepSeek-V3's generation_config.json, as published
+V3_GENERATION_CONFIG = {"_from_model_config": True, "bos_token_id": 0, "eos_token_id": 1, "do_sample": True,
+                        "temperature": 0.6, "top_p": 0.95, "transformers_version": "4.46.3"}
+FROM_FILE = "sampling settings from generation_config.json: "
+
+
+def _with_generation_config(ckpt, root: Path, content) -> str:
+    """A copy of the checkpoint ``ckpt`` in ``root`` with a generation_config.json holding ``content`` (a dict, or
+    the file's text)."""
+    root.mkdir()
+    for f in Path(ckpt).iterdir():
+        (root / f.name).write_bytes(f.read_bytes())
+    (root / "generation_config.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    return str(root)
+
+
+def _sampling_run(monkeypatch, capsys, root, *extra, command="generate"):
+    """(temperature, top_k, top_p) the core was asked for, and the stderr lines that mention the file or warn."""
+    fake = Scripted([[5]])
+    _use(monkeypatch, fake)
+    if command == "chat":
+        monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+        args = ["chat", "--checkpoint", root, *extra]
+    else:
+        args = ["generate", "--checkpoint", root, "--prompt", "hi", "--max-new-tokens", "2", *extra]
+    assert main(args) == 0
+    call = fake.calls[0]
+    err = capsys.readouterr().err
+    return (call.temperature, call.top_k, call.top_p), [l for l in err.splitlines() if "generation_config" in l
+                                                        or "warning" in l]
+
+
+@pytest.mark.parametrize("extra, sampling, line", [
+    ([], (0.6, 50, 0.95), "temperature 0.6, top-p 0.95, top-k 50 (transformers' default); --temperature 0 for greedy"),
+    (["--temperature", "0"], (0.0, None, None), None),  # greedy: the file's top-p / top-k do nothing, not taken
+    (["--temperature", "0.8", "--top-k", "5"], (0.8, 5, 0.95), "top-p 0.95"),
+    (["--top-p", "0.5"], (0.6, 50, 0.5), "temperature 0.6, top-k 50 (transformers' default); --temperature 0 for "
+                                         "greedy"),
+    (["--temperature", "0.7", "--top-p", "0.9", "--top-k", "3"], (0.7, 3, 0.9), None),
+])
+def test_generation_config_json_gives_the_sampling_defaults(ckpt, tmp_path, capsys, monkeypatch, extra, sampling,
+                                                            line):
+    """DeepSeek-V3's file samples (as transformers' generate does with it); an option given always wins, and one
+    stderr line says what came from the file."""
+    root = _with_generation_config(ckpt, tmp_path / "v3", V3_GENERATION_CONFIG)
+    got, lines = _sampling_run(monkeypatch, capsys, root, *extra)
+    assert got == sampling
+    assert lines == ([] if line is None else ["nanoseek generate: " + FROM_FILE + line])
+
+
+@pytest.mark.parametrize("config, extra, sampling, lines", [
+    ({"do_sample": False, "temperature": 0.6, "top_k": 5}, [], (0.0, None, None), []),
+    ({"temperature": 0.6, "top_p": 0.9}, [], (0.0, None, None), []),  # no do_sample: greedy, as in transformers
+    ({"do_sample": True}, [], (1.0, 50, None),
+     [FROM_FILE + "temperature 1 (transformers' default), top-k 50 (transformers' default); --temperature 0 for "
+                  "greedy"]),
+    ({"do_sample": True, "temperature": 0.7, "top_k": 0, "top_p": 1.0}, [], (0.7, None, None),  # both off
+     [FROM_FILE + "temperature 0.7; --temperature 0 for greedy"]),
+    ({"do_sample": True, "temperature": None, "top_k": 20}, [], (1.0, 20, None),  # null = absent
+     [FROM_FILE + "temperature 1 (transformers' default), top-k 20; --temperature 0 for greedy"]),
+    # the greedy warning is about the options given, not about the file's
+    ({"do_sample": True, "top_k": 20, "top_p": 0.5}, ["--temperature", "0"], (0.0, None, None), []),
+    ({"do_sample": False, "top_k": 20}, ["--top-k", "3"], (0.0, 3, None),
+     ["warning: --top-p / --top-k apply to sampling only: greedy decoding (--temperature 0, the default) ignores "
+      "them"]),
+])
+def test_generation_config_json_variants(ckpt, tmp_path, capsys, monkeypatch, config, extra, sampling, lines):
+    root = _with_generation_config(ckpt, tmp_path / "gc", config)
+    got, said = _sampling_run(monkeypatch, capsys, root, *extra)
+    assert got == sampling
+    assert said == ["nanoseek generate: " + line for line in lines]
+
+
+def test_chat_takes_its_sampling_defaults_from_generation_config_json(ckpt, tmp_path, capsys, monkeypatch):
+    root = _with_generation_config(ckpt, tmp_path / "v3", V3_GENERATION_CONFIG)
+    got, lines = _sampling_run(monkeypatch, capsys, root, command="chat")
+    assert got == (0.6, 50, 0.95)
+    assert lines == ["nanoseek chat: " + FROM_FILE + "temperature 0.6, top-p 0.95, top-k 50 (transformers' default); "
+                     "--temperature 0 for greedy"]
+    got, lines = _sampling_run(monkeypatch, capsys, root, "--temperature", "0", command="chat")
+    assert got == (0.0, None, None) and lines == []
+
+
+def test_generation_config_eos_token_ids_stop_generation(ckpt, tok, tmp_path, capsys, monkeypatch):
+    stop = tok.encode("!")[0]
+    assert stop not in (tok.eos_token_id, *icli._stop_tokens(tok, load_pretrained(ckpt)))
+    for eos in ([tok.eos_token_id, stop], stop):  # a list, or one id
+        root = _with_generation_config(ckpt, tmp_path / f"eos{len(str(eos))}", {"eos_token_id": eos})
+        fake = Scripted([[*tok.encode("ok"), stop, *tok.encode("after")]])
+        _use(monkeypatch, fake)
+        assert main(["generate", "--checkpoint", root, "--prompt", "hi", "--max-new-tokens", "9"]) == 0
+        assert capsys.readouterr().out == "ok\n"
+        assert stop in fake.calls[0].stop_tokens and tok.eos_token_id in fake.calls[0].stop_tokens
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "generation_config.json is not valid JSON"),
+    ("[1, 2]", "generation_config.json must hold a JSON object, got list"),
+    ({"do_sample": "yes"}, "generation_config.json: do_sample must be true or false, got 'yes'"),
+    ({"do_sample": True, "temperature": 0}, "generation_config.json: temperature must be a number > 0"),
+    ({"do_sample": True, "temperature": "0.6"}, "generation_config.json: temperature must be a number > 0"),
+    ('{"do_sample": true, "temperature": NaN}', "generation_config.json: temperature must be a number > 0"),
+    ({"do_sample": True, "top_p": 1.5}, "generation_config.json: top_p must be a number in (0, 1], got 1.5"),
+    ({"do_sample": True, "top_p": 0}, "generation_config.json: top_p must be a number in (0, 1], got 0"),
+    ({"do_sample": True, "top_k": 2.5}, "generation_config.json: top_k must be an integer >= 0"),
+    ({"do_sample": True, "top_k": -1}, "generation_config.json: top_k must be an integer >= 0"),
+    ({"eos_token_id": "</s>"}, "generation_config.json: eos_token_id must be a token id or a list of token ids"),
+    ({"eos_token_id": [1, None]}, "generation_config.json: eos_token_id must be a token id or a list of token ids"),
+])
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_malformed_generation_config_json_is_one_line(ckpt, tmp_path, capsys, monkeypatch, content, message,
+                                                        command):
+    root = _with_generation_config(ckpt, tmp_path / "bad", content)
+    monkeypatch.setattr(icli, "_core_generate", lambda: pytest.fail("generated"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+    extra = ["--prompt", "hi"] if command == "generate" else []
+    assert main([command, "--checkpoint", root, *extra]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"nanoseek {command}: error: {Path(root) / 'generation_config.json'}") and message in err
+
+
 def test_speculative_without_mtp_warns_and_decodes_plainly(ckpt_no_mtp, capsys):
     args = ["generate", "--checkpoint", ckpt_no_mtp, "--prompt", "Hello", "--max-new-tokens", "5"]
     assert main(args) == 0
@@ -239,6 +361,7 @@ def test_every_eos_id_of_the_config_stops_generation():
     tokenizer = SimpleNamespace(eos_token_id=1)
     model = SimpleNamespace(config=ModelConfig.preset("tiny").replace(eos_token_id=(7, 1, 9)))
     assert icli._stop_tokens(tokenizer, model) == (1, 7, 9)
+    assert icli._stop_tokens(tokenizer, model, (9, 4, 1)) == (1, 7, 9, 4)  # generation_config.json's
 
 
 def test_generate_system_prompt_and_context_clamp(ckpt, tok, capsys, monkeypatch):

@@ -17,9 +17,14 @@ terminal, and between ``[think]`` and ``[/think]`` markers otherwise (or with NO
 only the text after ``</think>`` (the template drops the rest). ``/reset`` starts over, ``/exit`` (or
 end of input) quits.
 
+Sampling defaults come from the checkpoint's ``generation_config.json``, as in transformers' ``generate``: when
+it sets ``do_sample: true``, the temperature, top-p and top-k that the command line leaves out are its own
+(transformers' defaults for what it lacks: temperature 1.0, top-k 50), and one stderr line says which; without
+the file, or when it does not sample, decoding is greedy. Its ``eos_token_id`` ids also stop generation.
+
 Bad input (empty prompt, prompt past the model's context, bad sampling parameters, a checkpoint directory
-that is missing or lacks tokenizer.json or tokenizer_config.json) is one ``nanoseek CMD: error: ...`` line on
-stderr and exit status 2.
+that is missing or lacks tokenizer.json or tokenizer_config.json, a malformed generation_config.json) is one
+``nanoseek CMD: error: ...`` line on stderr and exit status 2.
 Asking a model without MTP module for speculative decoding warns and decodes plainly.
 :func:`validate_sampling` holds the sampling-parameter checks for other callers.
 """
@@ -34,6 +39,8 @@ import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TextIO
+
+from .generation_config import GENERATION_CONFIG_FILE, HF_DEFAULT_TEMPERATURE, HF_DEFAULT_TOP_K, read_generation_config
 
 _DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
            "fp32": "float32", "float32": "float32"}
@@ -81,10 +88,16 @@ def _add_model_args(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
                    help="checkpoint directory (config.json, safetensors, tokenizer.json, tokenizer_config.json)")
     p.add_argument("--max-new-tokens", type=_int, default=max_new_tokens, metavar="N",
                    help=f"at most N new tokens per reply (default {max_new_tokens})")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 = greedy (default). R1's recommended setting: 0.6 with --top-p 0.95")
-    p.add_argument("--top-p", type=float, default=None, metavar="P", help="nucleus sampling: keep mass P, in (0, 1]")
-    p.add_argument("--top-k", type=_int, default=None, metavar="K", help="keep the K most likely tokens")
+    # None: not given, resolved from the checkpoint's generation_config.json (see _resolve_sampling)
+    p.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="sampling temperature; 0 = greedy. Default: the checkpoint's generation_config.json when it "
+                        "sets do_sample (DeepSeek-V3 / R1: 0.6 with top-p 0.95), else 0 (greedy)")
+    p.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="nucleus sampling: keep mass P, in (0, 1]. Default: generation_config.json's top_p when it "
+                        "samples, else none")
+    p.add_argument("--top-k", type=_int, default=None, metavar="K",
+                   help="keep the K most likely tokens. Default: generation_config.json's top_k when it samples "
+                        "(50, transformers' default, when it sets none), else none")
     p.add_argument("--seed", type=int, default=None,
                    help="random seed for sampling (chat: turn i uses SEED + i)")
     p.add_argument("--speculative", action=argparse.BooleanOptionalAction, default=False,
@@ -148,16 +161,20 @@ def load_for_inference(args: argparse.Namespace):
     from ..hf import load_pretrained
     from ..tokenizer import TOKENIZER_CONFIG_FILE, Tokenizer, TokenizerError
 
-    validate_sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      max_new_tokens=args.max_new_tokens)
-    if args.temperature == 0 and (args.top_k is not None or args.top_p is not None):
-        _warn(args.command, "--top-p / --top-k apply to sampling only: greedy decoding (--temperature 0, the "
-                            "default) ignores them")
+    validate_sampling(temperature=0.0 if args.temperature is None else args.temperature, top_k=args.top_k,
+                      top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     path = Path(args.checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if not path.is_dir():
         raise ValueError(f"checkpoint path {path} is not a directory")
+    generation_config = read_generation_config(path)
+    user_filters = args.top_k is not None or args.top_p is not None
+    _resolve_sampling(args, generation_config.sampling)
+    if args.temperature == 0 and user_filters:
+        _warn(args.command, "--top-p / --top-k apply to sampling only: greedy decoding (--temperature 0, the "
+                            "default) ignores them")
+    args.extra_stop_tokens = generation_config.eos_token_ids
     tokenizer = Tokenizer.from_pretrained(path)  # before the (large) model: fail fast without tokenizer files
     if not (path / TOKENIZER_CONFIG_FILE).is_file():  # the tokenizer loads without it, but then no bos is added
         raise TokenizerError(f"{path} has no {TOKENIZER_CONFIG_FILE} (the bos and eos tokens, the chat template): copy "
@@ -181,6 +198,31 @@ def load_for_inference(args: argparse.Namespace):
     return tokenizer, model
 
 
+def _resolve_sampling(args: argparse.Namespace, sampling: dict[str, Any] | None) -> None:
+    """Set the sampling options the command line left unset (None) from generation_config.json's ``sampling``
+    (None: the file does not sample, so decoding is greedy), as transformers' generate would, and say on stderr
+    which ones came from it. Its top-p / top-k are taken only when sampling: greedy decoding would ignore them."""
+    used = []
+    if args.temperature is None:
+        if sampling is not None:
+            args.temperature = sampling.get("temperature", HF_DEFAULT_TEMPERATURE)
+            used.append(f"temperature {args.temperature:g}" + ("" if "temperature" in sampling else
+                                                                " (transformers' default)"))
+        else:
+            args.temperature = 0.0
+    if sampling is not None and args.temperature > 0:
+        if args.top_p is None and sampling.get("top_p", 1.0) < 1.0:
+            args.top_p = sampling["top_p"]
+            used.append(f"top-p {args.top_p:g}")
+        if args.top_k is None and sampling.get("top_k", HF_DEFAULT_TOP_K) > 0:  # 0: no top-k
+            args.top_k = sampling.get("top_k", HF_DEFAULT_TOP_K)
+            used.append(f"top-k {args.top_k}" + ("" if "top_k" in sampling else " (transformers' default)"))
+    if used:
+        hint = "; --temperature 0 for greedy" if used[0].startswith("temperature") else ""
+        print(f"nanoseek {args.command}: sampling settings from {GENERATION_CONFIG_FILE}: {', '.join(used)}{hint}",
+              file=sys.stderr)
+
+
 def _core_generate() -> Callable:
     """``nanoseek.inference.generate``, imported when a command runs (``nanoseek info`` does not need it)."""
     from . import generate
@@ -188,9 +230,10 @@ def _core_generate() -> Callable:
     return generate
 
 
-def _stop_tokens(tokenizer, model) -> tuple[int, ...]:
+def _stop_tokens(tokenizer, model, extra: Iterable[int] = ()) -> tuple[int, ...]:
+    """The tokenizer's and the model config's eos tokens, then ``extra`` ones (generation_config.json's)."""
     stops: list[int] = []
-    for t in (tokenizer.eos_token_id, model.config.eos_token_id):
+    for t in (tokenizer.eos_token_id, model.config.eos_token_id, list(extra)):
         for i in (t if isinstance(t, (list, tuple)) else [t]):
             if isinstance(i, int) and i not in stops:
                 stops.append(i)
@@ -296,7 +339,7 @@ def stream_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int
     """Run the inference core on one prompt, writing decoded text through ``write`` as tokens are accepted.
     Returns (reply text, reply ids without stop tokens, stats)."""
     generate = _core_generate()
-    stops = _stop_tokens(tokenizer, model)
+    stops = _stop_tokens(tokenizer, model, getattr(args, "extra_stop_tokens", ()))
     decoder = tokenizer.stream_decoder(skip_special_tokens=True)
     state = {"done": False, "streamed": False}
 
