@@ -223,7 +223,7 @@ def _sampling_run(monkeypatch, capsys, root, *extra, command="generate"):
     _use(monkeypatch, fake)
     if command == "chat":
         monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
-        args = ["chat", "--checkpoint", root, *extra]
+        args = ["chat", "--checkpoint", root, "--max-new-tokens", "2", *extra]
     else:
         args = ["generate", "--checkpoint", root, "--prompt", "hi", "--max-new-tokens", "2", *extra]
     assert main(args) == 0
@@ -482,6 +482,29 @@ def test_chat_on_a_terminal_dims_the_reasoning(ckpt, tok, capsys, monkeypatch):
     monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
     assert main(["chat", "--checkpoint", ckpt]) == 0
     assert capsys.readouterr().out == "\x1b[2mhmm\x1b[0mHi.\n"
+
+
+def test_chat_warns_when_the_context_lowers_max_new_tokens(ckpt, tok, capsys, monkeypatch):
+    """As generate does: one warning for each reply that the model's context (512 here) cuts short."""
+    ok = [*tok.encode("ok"), tok.eos_token_id]
+    fake = Scripted([ok, ok, ok])
+    _use(monkeypatch, fake)
+
+    def length(*turns):
+        messages = [{"role": "assistant" if i % 2 else "user", "content": t} for i, t in enumerate(turns)]
+        return len(tok.apply_chat_template(messages, add_generation_prompt=True))
+
+    words = "hello"
+    while length("hi", "ok", words + " hello") < 500:
+        words += " hello"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"hi\n{words}\n/reset\n{words}\n"))
+    assert main(["chat", "--checkpoint", ckpt, "--max-new-tokens", "100"]) == 0
+    err = capsys.readouterr().err
+    n2, n3 = length("hi", "ok", words), length(words)  # the second turn's conversation, the one after /reset
+    assert [c.max_new_tokens for c in fake.calls] == [100, 512 - n2, 512 - n3]
+    assert [line for line in err.splitlines() if "warning" in line] == [
+        f"nanoseek chat: warning: --max-new-tokens 100 lowered to {512 - n}: the conversation is {n} tokens and the "
+        "model's context is 512" for n in (n2, n3)]
 
 
 def test_chat_with_the_real_core_and_a_too_long_turn(ckpt, tok, capsys, monkeypatch):

@@ -402,6 +402,17 @@ def _color(out: TextIO) -> bool:
         return False
 
 
+def _fit_new_tokens(command: str, what: str, n_prompt: int, max_new_tokens: int, model) -> int:
+    """:func:`check_prompt_length` in the model's context, with a warning when the context lowers
+    ``max_new_tokens`` (``what``: the prompt or the conversation)."""
+    context = model.config.max_position_embeddings
+    max_new = check_prompt_length(n_prompt, max_new_tokens, context)
+    if max_new < max_new_tokens:
+        _warn(command, f"--max-new-tokens {max_new_tokens} lowered to {max_new}: {what} is {n_prompt} tokens and "
+                       f"the model's context is {context}")
+    return max_new
+
+
 # -------------------------------------------------------------------------- commands
 def cmd_generate(args: argparse.Namespace) -> int:
     text = _prompt_text(args)  # an empty prompt fails before anything is loaded
@@ -417,11 +428,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                   "--system is ignored: the checkpoint has no chat template, so the prompt is used as it is")
         ids = tokenizer.encode(text, add_bos=tokenizer.bos_token_id is not None)
     _check_vocab(ids, model)
-    context = model.config.max_position_embeddings
-    max_new = check_prompt_length(len(ids), args.max_new_tokens, context)
-    if max_new < args.max_new_tokens:
-        _warn("generate", f"--max-new-tokens {args.max_new_tokens} lowered to {max_new}: the prompt is {len(ids)} "
-                          f"tokens and the model's context is {context}")
+    max_new = _fit_new_tokens("generate", "the prompt", len(ids), args.max_new_tokens, model)
     out = _safe_stdout()
 
     def write(piece: str) -> None:
@@ -449,7 +456,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
     out = _safe_stdout()
     color = _color(out)
     interactive = sys.stdin.isatty()
-    context = model.config.max_position_embeddings
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = list(system)
     print("nanoseek chat: /reset starts a new conversation, /exit quits", file=sys.stderr)
@@ -488,7 +494,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         try:
             ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             _check_vocab(ids, model)
-            max_new = check_prompt_length(len(ids), args.max_new_tokens, context)
+            max_new = _fit_new_tokens("chat", "the conversation", len(ids), args.max_new_tokens, model)
         except ValueError as e:
             print(f"nanoseek chat: error: {e}; /reset starts a new conversation", file=sys.stderr)
             continue
