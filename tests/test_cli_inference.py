@@ -405,6 +405,24 @@ def test_generate_bad_input_is_one_line(ckpt, capsys, extra, message):
     assert err.count("\n") == 1 and err.startswith("nanoseek generate: error: ") and message in err
 
 
+def test_raw_accepts_a_prompt_of_whitespace(ckpt, tok, capsys, monkeypatch):
+    """Indentation and blank lines are text with --raw (the start of a code block); the empty prompt is not."""
+    fake = Scripted([[5], [5]])
+    _use(monkeypatch, fake)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\t\n"))
+    for prompt, text in (("\n\n    ", "\n\n    "), ("-", "\t\n")):
+        assert main(["generate", "--checkpoint", ckpt, "--prompt", prompt, "--raw", "--max-new-tokens", "2"]) == 0
+        assert fake.calls[-1].prompts == [tok.encode(text, add_bos=True)]
+    assert len(fake.calls[-1].prompts[0]) > 1
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    whitespace = "the prompt is empty (only whitespace; --raw feeds it as it is)"
+    for prompt, mode, message in (("", "--raw", "the prompt is empty"), ("-", "--raw", "the prompt is empty"),
+                                  ("  \n", "--chat", whitespace), ("  \n", None, whitespace)):
+        assert main(["generate", "--checkpoint", ckpt, "--prompt", prompt, *([mode] if mode else [])]) == 2
+        assert capsys.readouterr().err == f"nanoseek generate: error: {message}\n"
+
+
 @pytest.mark.parametrize("mode", ["--chat", "--raw"])
 def test_a_prompt_that_is_not_utf8_is_named_at_its_place_before_loading(ckpt, capsys, monkeypatch, mode):
     """Byte 0xff in argv: the error gives its place in the prompt, not in the rendered chat prompt, and comes

@@ -375,12 +375,19 @@ def stream_generate(model, tokenizer, prompt_ids: list[int], max_new_tokens: int
 
 
 def _prompt_text(args: argparse.Namespace) -> str:
-    """The prompt, checked before the model loads: not empty, valid UTF-8 (its own positions in the message)."""
+    """The prompt, checked before the model loads: not empty, valid UTF-8 (its own positions in the message).
+
+    Whitespace alone is a prompt with --raw (code indentation, blank lines: text like any other), but not a chat
+    turn, where it is almost always a slip (``echo | nanoseek generate --prompt -``); the chat loop skips blank
+    lines alike. Without --chat or --raw the mode is known only once the tokenizer is loaded: refused there too.
+    """
     from ..tokenizer import check_text
 
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
-    if not text.strip():
+    if not text:
         raise ValueError("the prompt is empty")
+    if args.mode != "raw" and not text.strip():
+        raise ValueError("the prompt is empty (only whitespace; --raw feeds it as it is)")
     return check_text(text)
 
 
