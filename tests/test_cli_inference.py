@@ -263,6 +263,8 @@ def test_generation_config_json_gives_the_sampling_defaults(ckpt, tmp_path, caps
      [FROM_FILE + "temperature 1 (transformers' default), top-k 20; --temperature 0 for greedy"]),
     # the greedy warning is about the options given, not about the file's
     ({"do_sample": True, "top_k": 20, "top_p": 0.5}, ["--temperature", "0"], (0.0, None, None), []),
+    ({"do_sample": True, "top_k": 20}, ["--temperature", "0", "--top-k", "3"], (0.0, 3, None),
+     ["warning: --top-p / --top-k apply to sampling only: greedy decoding (--temperature 0) ignores them"]),
     ({"do_sample": False, "top_k": 20}, ["--top-k", "3"], (0.0, 3, None),
      ["warning: --top-p / --top-k apply to sampling only: greedy decoding (--temperature 0, the default) ignores "
       "them"]),

@@ -168,13 +168,7 @@ def load_for_inference(args: argparse.Namespace):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if not path.is_dir():
         raise ValueError(f"checkpoint path {path} is not a directory")
-    generation_config = read_generation_config(path)
-    user_filters = args.top_k is not None or args.top_p is not None
-    _resolve_sampling(args, generation_config.sampling)
-    if args.temperature == 0 and user_filters:
-        _warn(args.command, "--top-p / --top-k apply to sampling only: greedy decoding (--temperature 0, the "
-                            "default) ignores them")
-    args.extra_stop_tokens = generation_config.eos_token_ids
+    _apply_generation_config(args, path)
     tokenizer = Tokenizer.from_pretrained(path)  # before the (large) model: fail fast without tokenizer files
     if not (path / TOKENIZER_CONFIG_FILE).is_file():  # the tokenizer loads without it, but then no bos is added
         raise TokenizerError(f"{path} has no {TOKENIZER_CONFIG_FILE} (the bos and eos tokens, the chat template): copy "
@@ -198,29 +192,49 @@ def load_for_inference(args: argparse.Namespace):
     return tokenizer, model
 
 
-def _resolve_sampling(args: argparse.Namespace, sampling: dict[str, Any] | None) -> None:
-    """Set the sampling options the command line left unset (None) from generation_config.json's ``sampling``
-    (None: the file does not sample, so decoding is greedy), as transformers' generate would, and say on stderr
-    which ones came from it. Its top-p / top-k are taken only when sampling: greedy decoding would ignore them."""
-    used = []
-    if args.temperature is None:
-        if sampling is not None:
-            args.temperature = sampling.get("temperature", HF_DEFAULT_TEMPERATURE)
-            used.append(f"temperature {args.temperature:g}" + ("" if "temperature" in sampling else
-                                                                " (transformers' default)"))
-        else:
-            args.temperature = 0.0
-    if sampling is not None and args.temperature > 0:
-        if args.top_p is None and sampling.get("top_p", 1.0) < 1.0:
-            args.top_p = sampling["top_p"]
-            used.append(f"top-p {args.top_p:g}")
-        if args.top_k is None and sampling.get("top_k", HF_DEFAULT_TOP_K) > 0:  # 0: no top-k
-            args.top_k = sampling.get("top_k", HF_DEFAULT_TOP_K)
-            used.append(f"top-k {args.top_k}" + ("" if "top_k" in sampling else " (transformers' default)"))
+def _apply_generation_config(args: argparse.Namespace, path: Path) -> None:
+    """Complete the sampling options and the stop tokens (``args.extra_stop_tokens``) from the checkpoint's
+    generation_config.json, saying on stderr which settings came from it, and warn about --top-p / --top-k
+    given for greedy decoding."""
+    generation_config = read_generation_config(path)
+    given_temperature, given_filters = args.temperature is not None, args.top_k is not None or args.top_p is not None
+    used = _resolve_sampling(args, generation_config.sampling)
     if used:
-        hint = "; --temperature 0 for greedy" if used[0].startswith("temperature") else ""
+        hint = "" if given_temperature else "; --temperature 0 for greedy"
         print(f"nanoseek {args.command}: sampling settings from {GENERATION_CONFIG_FILE}: {', '.join(used)}{hint}",
               file=sys.stderr)
+    if args.temperature == 0 and given_filters:
+        greedy = "--temperature 0" if given_temperature else "--temperature 0, the default"
+        _warn(args.command, f"--top-p / --top-k apply to sampling only: greedy decoding ({greedy}) ignores them")
+    args.extra_stop_tokens = generation_config.eos_token_ids
+
+
+def _resolve_sampling(args: argparse.Namespace, sampling: dict[str, Any] | None) -> list[str]:
+    """Set the sampling options the command line left unset (None) from generation_config.json's ``sampling``
+    (None: the file does not sample, so decoding is greedy), as transformers' generate would. Returns the
+    settings taken from the file, described ("top-p 0.95")."""
+    if sampling is None:
+        if args.temperature is None:
+            args.temperature = 0.0
+        return []
+    used = []
+    if args.temperature is None:
+        args.temperature = sampling.get("temperature", HF_DEFAULT_TEMPERATURE)
+        used.append(f"temperature {args.temperature:g}" + _hf_default("temperature", sampling))
+    if args.temperature == 0:  # greedy (--temperature 0): the file's top-p / top-k would do nothing
+        return used
+    top_p, top_k = sampling.get("top_p", 1.0), sampling.get("top_k", HF_DEFAULT_TOP_K)
+    if args.top_p is None and top_p < 1.0:  # 1.0: no nucleus
+        args.top_p = top_p
+        used.append(f"top-p {top_p:g}")
+    if args.top_k is None and top_k > 0:  # 0: no top-k
+        args.top_k = top_k
+        used.append(f"top-k {top_k}" + _hf_default("top_k", sampling))
+    return used
+
+
+def _hf_default(name: str, sampling: dict[str, Any]) -> str:
+    return "" if name in sampling else " (transformers' default)"
 
 
 def _core_generate() -> Callable:
