@@ -289,8 +289,8 @@ def test_chat_takes_its_sampling_defaults_from_generation_config_json(ckpt, tmp_
 def test_generation_config_eos_token_ids_stop_generation(ckpt, tok, tmp_path, capsys, monkeypatch):
     stop = tok.encode("!")[0]
     assert stop not in (tok.eos_token_id, *icli._stop_tokens(tok, load_pretrained(ckpt)))
-    for eos in ([tok.eos_token_id, stop], stop):  # a list, or one id
-        root = _with_generation_config(ckpt, tmp_path / f"eos{len(str(eos))}", {"eos_token_id": eos})
+    for n, eos in enumerate(([tok.eos_token_id, stop], stop)):  # a list, or one id
+        root = _with_generation_config(ckpt, tmp_path / f"eos{n}", {"eos_token_id": eos})
         fake = Scripted([[*tok.encode("ok"), stop, *tok.encode("after")]])
         _use(monkeypatch, fake)
         assert main(["generate", "--checkpoint", root, "--prompt", "hi", "--max-new-tokens", "9"]) == 0
