@@ -35,17 +35,49 @@ def model_summary(config: ModelConfig, dtype_bytes: int = 2) -> dict:
     return summary
 
 
+def _mtp_in_weights(path: str, config: ModelConfig) -> int | None:
+    """How many of config.json's MTP modules a checkpoint's weights hold (transformers saves none); None when
+    the directory holds no weight files."""
+    from .hf import mtp_modules_stored, stored_tensor_names
+
+    names = stored_tensor_names(path)
+    return None if names is None else mtp_modules_stored(config, names)
+
+
+def _mtp_text(config: ModelConfig, in_weights: int | None) -> str:
+    """The MTP part of info's first line: config.json's count, and what the weights hold where that differs."""
+    text = f"{config.num_nextn_predict_layers} MTP module(s)"
+    if in_weights is None or in_weights == config.num_nextn_predict_layers:
+        return text
+    if in_weights == 0:
+        return (f"{text} in config.json, none in the weights (transformers drops them): "
+                "speculative decoding unavailable")
+    return f"{text} in config.json, {in_weights} in the weights"
+
+
+def _mtp_missing(config: ModelConfig, in_weights: int | None) -> str:
+    """A note for the MTP parameter count when the weights lack some of config.json's MTP modules."""
+    n = config.num_nextn_predict_layers
+    if in_weights is None or in_weights == n:
+        return ""
+    return ", not in the weights" if in_weights == 0 else f", {in_weights} of {n} modules in the weights"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    in_weights = None  # MTP modules in the checkpoint's weights
     if args.checkpoint:
         try:
             config = ModelConfig.from_hf(args.checkpoint)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{args.checkpoint}: {e}") from None
         name = args.checkpoint
+        in_weights = _mtp_in_weights(args.checkpoint, config)
     else:
         config = ModelConfig.preset(args.preset)
         name = args.preset
     s = model_summary(config)
+    if args.checkpoint:
+        s["mtp_modules_in_weights"] = in_weights  # null: no weight files
     context = getattr(args, "context", None)
     if context is not None:
         if context <= 0:
@@ -61,10 +93,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{name}: {c.num_hidden_layers} layers ({dense} dense, "
           f"{c.num_hidden_layers - dense} MoE), d={c.hidden_size}, {c.num_attention_heads} heads, "
           f"{c.n_shared_experts} shared + {c.n_routed_experts} routed experts, {c.num_experts_per_tok} active, "
-          f"{c.num_nextn_predict_layers} MTP module(s)")
+          f"{_mtp_text(c, in_weights)}")
+    if args.checkpoint and in_weights is None:
+        print(f"  {name} holds no weight files (model.safetensors or model.safetensors.index.json): "
+              "the figures below are config.json's, MTP included")
     rows = [
         ("total parameters (main model)", f"{s['total_params']:,}", _human(s["total_params"])),
-        ("MTP parameters (unique)", f"{s['mtp_params']:,}", _human(s["mtp_params"])),
+        ("MTP parameters (unique)", f"{s['mtp_params']:,}", _human(s["mtp_params"]) + _mtp_missing(c, in_weights)),
         ("activated per token", f"{s['activated_params']:,}", _human(s["activated_params"])),
         ("activated per token, no embedding", f"{s['activated_params_without_embedding']:,}",
          _human(s["activated_params_without_embedding"])),

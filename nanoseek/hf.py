@@ -31,6 +31,7 @@ from .errors import CheckpointError
 from .fp8 import SCALE_SUFFIX, dequantize_fp8, fp8_block_size, fp8_scale_shape
 from .model import DeepSeekV3
 
+INDEX_FILE = "model.safetensors.index.json"
 _EXPERT_KEY = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -168,25 +169,59 @@ def _read_config_json(path: Path) -> dict:
         raise CheckpointError(str(e)) from None
 
 
-def _checkpoint_files(path: Path) -> list[Path]:
-    index = path / "model.safetensors.index.json"
+def _weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file) of a ``model.safetensors.index.json``."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        sorted(set(weight_map.values()))  # raises unless a dict of names to comparable shard names
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index} is malformed: {type(e).__name__}: {e}") from None
+    return weight_map
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files, [] when it has none."""
+    index = path / INDEX_FILE
     single = path / "model.safetensors"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"{index} is malformed: {type(e).__name__}: {e}") from None
+        files = sorted(set(_weight_map(index).values()))
         missing = [f for f in files if not (path / f).is_file()]
         if missing:
             raise CheckpointError(f"{index} names shards that do not exist: {', '.join(missing)}")
         return [path / f for f in files]
     if single.is_file():
         return [single]
-    found = sorted(path.glob("*.safetensors"))
-    if found:
-        return found
-    raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    return sorted(path.glob("*.safetensors"))
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    files = _weight_files(path)
+    if not files:
+        raise CheckpointError(f"no model.safetensors or {INDEX_FILE} in {path}")
+    return files
+
+
+def stored_tensor_names(path: str | os.PathLike) -> set[str] | None:
+    """The names of the tensors a checkpoint directory holds, from its ``model.safetensors.index.json`` or else
+    the safetensors headers (no tensor data is read); None when it holds no weight files."""
+    path = Path(path)
+    if (path / INDEX_FILE).is_file():
+        return set(_weight_map(path / INDEX_FILE))
+    files = _weight_files(path)
+    if not files:
+        return None
+    names: set[str] = set()
+    for file in files:
+        with _open(file) as f:
+            names.update(f.keys())
+    return names
+
+
+def mtp_modules_stored(config: ModelConfig, names) -> int:
+    """How many of ``config``'s MTP modules (``model.layers.{L + k - 1}.*``) have tensors among ``names``.
+    transformers saves ``num_nextn_predict_layers`` in config.json but never these layers' weights."""
+    layers = {_layer_index(name) for name in names}
+    return sum(config.num_hidden_layers + k in layers for k in range(config.num_nextn_predict_layers))
 
 
 def _open(file: Path):
@@ -311,10 +346,10 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype | None = None,
     block = fp8_block_size(raw)
     files = _checkpoint_files(path)
     entries, duplicated = _scan(files)
-    mtp_prefix = f"model.layers.{config.num_hidden_layers}."
-    if config.num_nextn_predict_layers and not any(k.startswith(mtp_prefix) for k in entries):
+    if config.num_nextn_predict_layers and not mtp_modules_stored(config, entries):
         # transformers writes num_nextn_predict_layers but never the MTP weights: load the main model only
-        warnings.warn(f"{path} has no MTP weights ({mtp_prefix}*): loading without MTP modules", stacklevel=2)
+        warnings.warn(f"{path} has no MTP weights (model.layers.{config.num_hidden_layers}.*): "
+                      "loading without MTP modules", stacklevel=2)
         config = config.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = DeepSeekV3(config)
@@ -517,7 +552,7 @@ def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, max_shard_bytes:
                 os.replace(file, tmp / name)
                 weight_map.update({k: name for k in keys})
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         hf = model.config.to_hf()
         hf.pop("quantization_config", None)  # the weights written here are not quantized
         saved = dtype or model.embed_tokens.weight.dtype

@@ -67,6 +67,52 @@ def test_info_names_the_checkpoint_of_a_bad_config(tmp_path, capsys):
     assert capsys.readouterr().err.startswith(f"nanoseek info: error: {tmp_path}: ")
 
 
+def info_of(checkpoint, capsys) -> tuple[str, dict]:
+    """`nanoseek info --checkpoint`'s text and JSON."""
+    assert main(["info", "--checkpoint", str(checkpoint)]) == 0
+    text = capsys.readouterr().out
+    assert main(["info", "--checkpoint", str(checkpoint), "--json"]) == 0
+    return text, json.loads(capsys.readouterr().out)
+
+
+def test_info_says_a_transformers_checkpoint_holds_no_mtp_weights(tmp_path, capsys):
+    """transformers saves num_nextn_predict_layers = 1 in config.json but drops the MTP layer's weights."""
+    transformers = pytest.importorskip("transformers")
+    from nanoseek import ModelConfig
+
+    config = ModelConfig.preset("tiny")
+    transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**config.to_hf())).save_pretrained(tmp_path)
+    text, info = info_of(tmp_path, capsys)
+    assert ("1 MTP module(s) in config.json, none in the weights (transformers drops them): "
+            "speculative decoding unavailable") in text
+    assert "not in the weights)" in text.splitlines()[2]  # the MTP parameter count
+    assert info["mtp_modules_in_weights"] == 0 and info["config"]["num_nextn_predict_layers"] == 1
+
+
+@pytest.mark.parametrize("max_shard_bytes", [4 << 30, 64 * 1024])  # model.safetensors, an index and shards
+def test_info_on_a_checkpoint_with_its_mtp_weights_is_unchanged(tmp_path, capsys, max_shard_bytes):
+    from nanoseek import DeepSeekV3, ModelConfig
+    from nanoseek.hf import save_pretrained
+
+    save_pretrained(DeepSeekV3(ModelConfig.preset("tiny")), tmp_path / "ckpt", max_shard_bytes=max_shard_bytes)
+    text, info = info_of(tmp_path / "ckpt", capsys)
+    assert text.splitlines()[0].endswith(", 1 MTP module(s)") and "weights" not in text
+    assert info["mtp_modules_in_weights"] == 1
+
+
+def test_info_on_a_checkpoint_without_weight_files_says_so(tmp_path, capsys):
+    from nanoseek import ModelConfig
+
+    (tmp_path / "config.json").write_text(json.dumps(ModelConfig.preset("tiny").to_hf()))
+    text, info = info_of(tmp_path, capsys)
+    assert text.splitlines()[0].endswith(", 1 MTP module(s)")
+    assert text.splitlines()[1] == (f"  {tmp_path} holds no weight files (model.safetensors or "
+                                    "model.safetensors.index.json): the figures below are config.json's, MTP included")
+    assert info["mtp_modules_in_weights"] is None
+    main(["info", "--preset", "tiny", "--json"])
+    assert "mtp_modules_in_weights" not in json.loads(capsys.readouterr().out)  # a preset has no weights
+
+
 def test_version_and_a_subcommands_unknown_flag(capsys):
     from nanoseek import __version__
 
