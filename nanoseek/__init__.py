@@ -1,9 +1,23 @@
-"""nanoseek: DeepSeek-V3 / R1 in PyTorch: the model, its training objectives, inference and scale-out."""
+"""nanoseek: DeepSeek-V3 / R1 in PyTorch: the model, its training objectives, inference and scale-out.
 
-from .config import ModelConfig
-from .model import DeepSeekV3, ModelOutput
-from .inference import generate
-from .tokenizer import Tokenizer
+The names below are imported on first use (PEP 562), so that importing ``nanoseek.cli`` does not import torch
+before the ``nanoseek`` command can catch a Ctrl-C."""
+
+import importlib
 
 __version__ = "0.1.0"
+_EXPORTS = {"ModelConfig": ".config", "DeepSeekV3": ".model", "ModelOutput": ".model", "generate": ".inference",
+            "Tokenizer": ".tokenizer"}
 __all__ = ["DeepSeekV3", "ModelConfig", "ModelOutput", "Tokenizer", "generate", "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # the next look-up does not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,13 +1,19 @@
-"""The ``nanoseek`` command line: ``nanoseek info``, with more subcommands added as features land."""
+"""The ``nanoseek`` command line: ``nanoseek info``, with more subcommands added as features land.
+
+This module is the console script's entry point: it imports only what is light at the top, so that a Ctrl-C
+while torch and the feature modules are imported (in :func:`main`) ends with one line, not a stack trace."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from .config import PRESETS, ModelConfig
 from .errors import on_rank0, report_error
+
+if TYPE_CHECKING:
+    from .config import ModelConfig
 
 
 def _human(n: float) -> str:
@@ -64,6 +70,8 @@ def _mtp_missing(config: ModelConfig, in_weights: int | None) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .config import ModelConfig
+
     in_weights = None  # MTP modules in the checkpoint's weights
     if args.checkpoint:
         try:
@@ -124,6 +132,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .config import PRESETS
 
     parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 in PyTorch")
     parser.add_argument("--version", action="version", version=f"nanoseek {__version__}")
@@ -157,8 +166,11 @@ def _subcommand_registrars():
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        parser = build_parser()  # imports the feature modules, torch among them: seconds
+        args, unknown = parser.parse_known_args(argv)
+    except KeyboardInterrupt:
+        return _interrupted(None)
     if unknown:  # "nanoseek train: error: ...", with the subcommand's usage
         parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
@@ -166,12 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
     except KeyboardInterrupt:  # Ctrl-C before a command handles it itself (while importing or loading)
-        if on_rank0():  # under torchrun every rank is interrupted
-            print(f"\nnanoseek {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(args.command)
     except (ValueError, FileNotFoundError, OSError) as e:  # bad input: one line, no stack trace
         report_error(args.command, e)
         return 2
+
+
+def _interrupted(command: str | None) -> int:
+    """``nanoseek [COMMAND]: interrupted`` on stderr (once under torchrun, where every rank is interrupted), and
+    the shell's status for SIGINT."""
+    if on_rank0():
+        print(f"\nnanoseek{' ' + command if command else ''}: interrupted", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

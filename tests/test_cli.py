@@ -153,6 +153,34 @@ def test_console_entry_point_runs_as_module():
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
+INTERRUPTED_IMPORT = """
+import os, signal, sys
+
+class CtrlC:  # Ctrl-C while a module is imported
+    def find_spec(self, name, path=None, target=None):
+        if name == {module!r}:
+            os.kill(os.getpid(), signal.SIGINT)
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["nanoseek", "info", "--preset", "tiny"]
+{entry}
+"""
+
+
+@pytest.mark.parametrize("entry", [
+    "from nanoseek.cli import main; sys.exit(main())",  # the console script
+    "import runpy; runpy.run_module('nanoseek', run_name='__main__', alter_sys=True)",  # python -m nanoseek
+])
+@pytest.mark.parametrize("module", ["nanoseek.config", "torch", "nanoseek.train.cli"])  # all in main, torch seconds
+def test_ctrl_c_while_importing_is_one_line(entry, module):
+    """torch and the feature modules take seconds to import, before the command runs: a Ctrl-C then is no
+    stack trace either."""
+    code = INTERRUPTED_IMPORT.format(module=module, entry=entry)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and result.stderr == "\nnanoseek: interrupted\n", result.stderr
+    assert result.stdout == ""
+
+
 def test_train_switches_can_be_turned_off_for_a_resumed_run():
     """A run keeps the switches it started with (--compile, --no-report, a time budget) unless the resume names
     them: each has a --no- form, and --time-budget 0 removes the budget."""
