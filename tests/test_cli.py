@@ -181,6 +181,19 @@ def test_ctrl_c_while_importing_is_one_line(entry, module):
     assert result.stdout == ""
 
 
+def test_import_nanoseek_is_light_and_its_names_and_subpackages_load_on_use():
+    """``import nanoseek`` does not import torch (so the command can catch a Ctrl-C while it loads), and its
+    exported names and subpackages (``nanoseek.model``, ``nanoseek.hf``) still load on first use."""
+    code = ("import sys, nanoseek; assert 'torch' not in sys.modules; "
+            "from nanoseek.model.transformer import DeepSeekV3; "
+            "assert nanoseek.DeepSeekV3 is nanoseek.model.DeepSeekV3 is DeepSeekV3; "
+            "assert callable(nanoseek.hf.load_pretrained) and callable(nanoseek.generate); "
+            "assert 'ModelConfig' in dir(nanoseek); "
+            "import pytest; pytest.raises(AttributeError, lambda: nanoseek.no_such_name); print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == "ok\n", result.stderr
+
+
 def test_train_switches_can_be_turned_off_for_a_resumed_run():
     """A run keeps the switches it started with (--compile, --no-report, a time budget) unless the resume names
     them: each has a --no- form, and --time-budget 0 removes the budget."""
