@@ -156,6 +156,10 @@ def test_console_entry_point_runs_as_module():
 INTERRUPTED_IMPORT = """
 import os, signal, sys
 
+# as at a terminal: a shell without job control (CI scripts, `cmd &`) starts background jobs with SIGINT
+# ignored, and Python keeps an ignored SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 class CtrlC:  # Ctrl-C while a module is imported
     def find_spec(self, name, path=None, target=None):
         if name == {module!r}:
