@@ -401,6 +401,22 @@ def test_extend_threads_zero_is_an_error_as_in_train(extended):
                log=lambda s: None)
 
 
+def test_extend_out_and_the_base_run_must_not_hold_one_another(extended):
+    """--out inside the base run, or an extension output holding the base (one of its own stages): a one-line
+    error, and the extension is left as it was (with --overwrite, its plan used to be replaced by the new one and
+    stage 1's start set aside the very run it was initialised from)."""
+    from nanoseek.train.extend import extend
+
+    root, _ = extended
+    plan = (root / "ext" / "extend.json").read_text()
+    for base, out, kw in ((root / "base", root / "base" / "long", {}),
+                          (root / "ext" / "stage-1", root / "ext", {"overwrite": True})):
+        with pytest.raises(ValueError, match="must not lie one inside the other"):
+            extend(base, out, [2], steps=1, progress=False, log=lambda s: None, **kw)
+    assert not (root / "base" / "long").exists()
+    assert (root / "ext" / "extend.json").read_text() == plan
+
+
 def test_extend_end_to_end_checkpoints_transformers_reads_as_yarn(extended):
     transformers = pytest.importorskip("transformers")
     from nanoseek.hf import load_pretrained

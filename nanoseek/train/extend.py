@@ -288,6 +288,9 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
     base = base.replace(steps=max(1, base_step))  # the schedule as it actually ended
     if out.resolve() == run_dir.resolve():
         raise ValueError("--out must differ from the run directory being extended")
+    if run_dir.resolve() in out.resolve().parents or out.resolve() in run_dir.resolve().parents:
+        raise ValueError(f"--out {out} and the run directory being extended, {run_dir}, must not lie one inside the "
+                         "other")  # a stage's --overwrite would set its own base aside; extend.json would be replaced
     plan_file = out / "extend.json"
     if out.exists() and any(out.iterdir()) and not plan_file.is_file():
         raise ValueError(f"--out {out} exists and is not empty (and is not a `nanoseek extend` output)")
