@@ -9,6 +9,7 @@ clamped ramp, the position-interpolation property) and the recipe is checked to 
 
 import json
 import math
+import re
 import shutil
 import sysconfig
 from pathlib import Path
@@ -415,6 +416,18 @@ def test_extend_out_and_the_base_run_must_not_hold_one_another(extended):
             extend(base, out, [2], steps=1, progress=False, log=lambda s: None, **kw)
     assert not (root / "base" / "long").exists()
     assert (root / "ext" / "extend.json").read_text() == plan
+
+
+def test_extend_again_with_other_settings_names_the_setting(extended):
+    """Running a started extension again with another --steps or --lr names steps or lr, not "stages"."""
+    from nanoseek.train.extend import extend
+
+    root, _ = extended
+    for kw, changed in (({"steps": 3}, "(steps)"), ({"steps": 2, "lr": 1e-3}, "(lr)"),
+                        ({"steps": 2, "passkey_fraction": 0.3}, "(passkey_fraction)")):
+        with pytest.raises(ValueError, match=f"other settings {re.escape(changed)}: pass --overwrite"):
+            extend(root / "base", root / "ext", [4, 8], progress=False, log=lambda s: None,
+                   **{"passkey_fraction": 0.2, **kw})
 
 
 def test_extend_end_to_end_checkpoints_transformers_reads_as_yarn(extended):

@@ -257,6 +257,21 @@ def read_base(run_dir: Path) -> tuple[TrainConfig, ModelConfig, int]:
     return cfg, ModelConfig.from_hf(run_dir), int(state["step"])
 
 
+def _plan_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The settings that differ between two plans (extend.json): top-level keys, and for the per-stage
+    settings the field (steps, lr, warmup_steps, ...) rather than "stages"."""
+    changed = set()
+    for k in new:
+        if old.get(k) == new[k]:
+            continue
+        a, b = old.get(k), new[k]
+        if k == "stages" and isinstance(a, list) and len(a) == len(b) and all(isinstance(st, dict) for st in a):
+            changed.update(f for st_a, st_b in zip(a, b) for f in st_b if f != "dir" and st_a.get(f) != st_b[f])
+        else:
+            changed.add(k)
+    return sorted(changed)
+
+
 def _stage_done(stage: Stage) -> bool | None:
     """True: finished; False: started (resume it); None: not started."""
     from . import checkpoint as ckpt_io
@@ -312,7 +327,7 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
     if plan_file.is_file() and not overwrite and started:  # before any stage's checkpoint, a new plan replaces it
         old = json.loads(plan_file.read_text())
         if old != plan:
-            changed = sorted(k for k in plan if old.get(k) != plan.get(k))
+            changed = _plan_changes(old, plan)
             raise ValueError(f"{out} holds an extension with other settings ({', '.join(changed)}): pass --overwrite "
                              "to start again, or another --out")
     atomic_write_json(plan_file, plan)
