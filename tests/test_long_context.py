@@ -430,6 +430,47 @@ def test_extend_again_with_other_settings_names_the_setting(extended):
                    **{"passkey_fraction": 0.2, **kw})
 
 
+def test_extend_again_resumes_a_stage_to_the_steps_its_time_budget_fitted(extended):
+    """A stage whose --time-budget fitted it to fewer steps than the plan's, interrupted, is continued to its own
+    (fitted) steps, as `nanoseek train --resume` would; it used to be trained on to the plan's --steps."""
+    from nanoseek.train.extend import extend
+
+    root, _ = extended
+    out = root / "fitted"
+
+    def stop_at_step_2(line):
+        if line.startswith("step 2:"):  # validation at step 2, before its checkpoint: step 1 is saved
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extend(root / "base", out, [4], steps=6, passkey_fraction=0.2, progress=False, log=stop_at_step_2)
+    stage = out / "stage-1"
+    for path in (stage / "train_config.json", stage / "checkpoint" / "train_config.json"):  # as a fit leaves them
+        path.write_text(json.dumps({**json.loads(path.read_text()), "steps": 3}))
+    logs: list[str] = []
+    extend(root / "base", out, [4], steps=6, passkey_fraction=0.2, progress=False, log=logs.append)
+    assert json.loads((stage / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+    assert any(line.startswith("stage 1: 3 steps of") for line in logs)
+    assert logs[-1].startswith("extend: done")
+
+
+def test_extend_a_stage_stopped_by_the_time_budget_is_not_reported_done(extended, monkeypatch):
+    """A stage that the time budget stopped before its last step: extend says so and says to run it again,
+    instead of "extend: done"."""
+    import dataclasses
+
+    from nanoseek.train import loop
+    from nanoseek.train.extend import extend
+
+    root, _ = extended
+    real = loop.train
+    monkeypatch.setattr(loop, "train", lambda *a, **k: dataclasses.replace(real(*a, **k), stopped_by="time_budget"))
+    logs: list[str] = []
+    extend(root / "base", root / "budget", [4], steps=1, passkey_fraction=0.2, progress=False, log=logs.append)
+    assert "stage 1: stopped by the time budget at step 1; running the same command again continues it" in logs
+    assert logs[-1].startswith("extend: stage 1 stopped by the time budget before its last step")
+
+
 def test_extend_end_to_end_checkpoints_transformers_reads_as_yarn(extended):
     transformers = pytest.importorskip("transformers")
     from nanoseek.hf import load_pretrained

@@ -337,6 +337,7 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
 
     from .data import prepare_data
 
+    short = []  # stages a --time-budget stopped before their last step
     for st in stages:
         done = None if overwrite else _stage_done(st)
         if done:
@@ -350,16 +351,19 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
             frac = check_alignment(data, meta, st.seq_len)
             log(f"stage {st.index}: passkey examples are {frac:.1%} of the {st.seq_len}-token training windows")
         cfg = st.config
-        log(f"stage {st.index}: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} tokens, "
-            f"lr {cfg.lr:.3g}, from {cfg.init_from}")
-        if done is False:
+        if done is False:  # the stage's own steps: those a --time-budget fitted it to, if it did
             from .loop import resume_config
 
-            train(resume_config(st.run_dir, {"steps": cfg.steps, "time_budget": cfg.time_budget,
-                                             "threads": cfg.threads, "progress": cfg.progress}),
-                  st.run_dir, resume=True, log=log)
-        else:
-            train(cfg, st.run_dir, overwrite=True, log=log)
+            cfg = resume_config(st.run_dir, {"time_budget": cfg.time_budget,
+                                             "fit_steps_to_budget": cfg.fit_steps_to_budget,
+                                             "threads": cfg.threads, "progress": cfg.progress})
+        log(f"stage {st.index}: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} tokens, "
+            f"lr {cfg.lr:.3g}, from {cfg.init_from}")
+        result = train(cfg, st.run_dir, resume=done is False, overwrite=done is None, log=log)
+        if result.stopped_by == "time_budget":  # before its last step
+            short.append(st.index)
+            log(f"stage {st.index}: stopped by the time budget at step {result.step}; running the same command "
+                "again continues it")
         if report:
             from .report import write_report
 
@@ -368,8 +372,13 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
     if final.is_symlink() or final.exists():
         final.unlink()
     final.symlink_to(stages[-1].run_dir.name)
-    log(f"extend: done; the {stages[-1].seq_len}-token model is {final} ({stages[-1].run_dir}); "
-        f"evaluate with: nanoseek eval-long {out}")
+    if short:
+        log(f"extend: stage {', '.join(map(str, short))} stopped by the time budget before its last step: the "
+            f"{stages[-1].seq_len}-token model is {final} ({stages[-1].run_dir}) as it stands; run the same command "
+            "again to finish")
+    else:
+        log(f"extend: done; the {stages[-1].seq_len}-token model is {final} ({stages[-1].run_dir}); "
+            f"evaluate with: nanoseek eval-long {out}")
     return stages
 
 
