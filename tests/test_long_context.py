@@ -400,6 +400,10 @@ def test_extend_threads_zero_is_an_error_as_in_train(extended):
     with pytest.raises(ValueError, match="--threads must be positive, got 0"):
         extend(root / "base", root / "threads0", [4], steps=1, passkey_fraction=0.2, threads=0, progress=False,
                log=lambda s: None)
+    assert not (root / "threads0").exists()  # rejected before anything is written (it used to leave extend.json)
+    (root / "a-file").write_text("")
+    with pytest.raises(ValueError, match="--out .*a-file exists and is not a directory"):
+        extend(root / "base", root / "a-file", [4], steps=1, progress=False, log=lambda s: None)
 
 
 def test_extend_out_and_the_base_run_must_not_hold_one_another(extended):

@@ -307,6 +307,8 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
         raise ValueError(f"--out {out} and the run directory being extended, {run_dir}, must not lie one inside the "
                          "other")  # a stage's --overwrite would set its own base aside; extend.json would be replaced
     plan_file = out / "extend.json"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
     if out.exists() and any(out.iterdir()) and not plan_file.is_file():
         raise ValueError(f"--out {out} exists and is not empty (and is not a `nanoseek extend` output)")
     stages = plan_stages(base, base_model, out, run_dir, list(multiples), steps=steps, factor=factor, lr=lr,
@@ -314,6 +316,7 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
     for st in stages:
         st.config = st.config.replace(threads=base.threads if threads is None else threads, progress=progress,
                                       report=report)
+        st.config.validate()  # --threads: before anything is written
     rope = stages[0].config.model_overrides
     plan = {"base": str(run_dir.resolve()), "base_length": base.seq_len, "multiples": list(multiples),
             "rope": {k: rope[k] for k in yarn_overrides(0, 1, 0)},
