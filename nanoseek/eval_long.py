@@ -170,8 +170,13 @@ def subjects_of(directory: Path) -> tuple[list[Subject], Path, int]:
                Subject(f"(b) base + YaRN s={plan['rope']['rope_factor']:g}, no training", base, config_from=final,
                        trained_length=L)]
         for i, st in enumerate(stages, start=1):
-            out.append(Subject(f"(c{i}) stage {i}, trained at {st['seq_len']}", directory / st["dir"],
-                               trained_length=int(st["seq_len"])))
+            step, steps = _progress(directory / st["dir"])
+            if step is None:  # before any model is evaluated: (b) takes the final stage's config
+                raise ValueError(f"{directory}: the extension is unfinished ({st['dir']} has no checkpoint): run the "
+                                 "same `nanoseek extend` command again to finish it")
+            out.append(Subject(f"(c{i}) stage {i}, trained at {st['seq_len']}"
+                               + (f" (unfinished: step {step} of {steps})" if step < steps else ""),
+                               directory / st["dir"], trained_length=int(st["seq_len"])))
         return out, base, L
     from .train.config import TrainConfig
 
@@ -182,6 +187,17 @@ def subjects_of(directory: Path) -> tuple[list[Subject], Path, int]:
     cfg = TrainConfig.load(cfg_file)
     L = _extension_base_length(directory) or cfg.seq_len  # a stage alone: its extension's L, as evaluated together
     return [Subject(f"{directory.name}, trained at {cfg.seq_len}", directory, trained_length=cfg.seq_len)], directory, L
+
+
+def _progress(run_dir: Path) -> tuple[int | None, int]:
+    """(step of the current checkpoint, steps) of the training run in ``run_dir``; step None without one."""
+    from .train import checkpoint as ckpt_io
+
+    try:
+        _, state, saved = ckpt_io.read_checkpoint_config(run_dir)
+    except (OSError, ValueError):  # no run, no checkpoint yet, a damaged one
+        return None, 0
+    return int(state["step"]), int(saved.get("steps", 0))
 
 
 def _extension_base_length(run_dir: Path) -> int | None:

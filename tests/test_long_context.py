@@ -546,6 +546,26 @@ def test_eval_long_base_length_is_the_same_for_a_run_its_extension_and_a_stage(e
     assert ModelConfig.from_hf(run).original_max_position_embeddings == 128 and subjects_of(run)[2] == 32
 
 
+def test_eval_long_of_an_unfinished_extension(extended, capsys):
+    """A stage without a checkpoint is a one-line error before any model is evaluated (it used to come after
+    evaluating the base, as "no config.json at .../stage-2"); a stage short of its last step is labelled so."""
+    from nanoseek.eval_long import subjects_of
+
+    root, _ = extended
+    ext = root / "unfinished"
+    shutil.copytree(root / "ext", ext, symlinks=True)
+    ckpt_config = ext / "stage-1" / "checkpoint" / "train_config.json"
+    ckpt_config.write_text(json.dumps({**json.loads(ckpt_config.read_text()), "steps": 5}))
+    labels = [s.label for s in subjects_of(ext)[0]]
+    assert labels[2] == "(c1) stage 1, trained at 128 (unfinished: step 2 of 5)"
+    assert labels[3] == "(c2) stage 2, trained at 256"
+    shutil.rmtree(ext / "stage-2")
+    assert main(["eval-long", str(ext), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"nanoseek eval-long: error: {ext}: the extension is unfinished (stage-2 has no checkpoint): run "
+                   "the same `nanoseek extend` command again to finish it\n")
+
+
 def test_eval_long_skips_default_passkey_lengths_too_short_but_not_given_ones(extended, capsys):
     root, _ = extended
     flags = ["--windows", "1", "--passkey-samples", "1", "--lengths", "32", "--depths", "0.5", "--threads", "1",
