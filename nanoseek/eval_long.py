@@ -202,6 +202,7 @@ def _progress(run_dir: Path) -> tuple[int | None, int]:
 
 def _extension_base_length(run_dir: Path) -> int | None:
     """The base length L of the `nanoseek extend` output that ``run_dir`` is a stage of, or None."""
+    run_dir = run_dir.resolve()  # OUT/final -> OUT/stage-k
     plan_file = run_dir.parent / "extend.json"
     if not plan_file.is_file():
         return None

@@ -538,6 +538,7 @@ def test_eval_long_base_length_is_the_same_for_a_run_its_extension_and_a_stage(e
     root, _ = extended
     stage = json.loads((root / "ext" / "extend.json").read_text())["stages"][0]["dir"]
     assert [subjects_of(d)[2] for d in (root / "base", root / "ext", root / "ext" / stage)] == [32, 32, 32]
+    assert subjects_of(root / "ext" / "final")[2] == 32  # the link to the last stage too (it used to be 256)
     # a base run whose own config has YaRN (original length 128) but trained at 32: extend's L is 32, so here too
     run = root / "yarn-run"
     run.mkdir(exist_ok=True)
