@@ -475,6 +475,18 @@ def test_extend_a_stage_stopped_by_the_time_budget_is_not_reported_done(extended
     assert logs[-1].startswith("extend: stage 1 stopped by the time budget before its last step")
 
 
+def test_extend_a_checkpoint_directory_names_its_run_not_resume(extended, capsys):
+    """A run's checkpoint (RUN/checkpoint, RUN/checkpoints/step-N) is no run to extend: the error names the run
+    to extend instead (it used to say "resume the run with --resume RUN", an option extend does not have)."""
+    root, _ = extended
+    for ckpt in (root / "base" / "checkpoint", root / "base" / "checkpoints" / "step-00000004"):
+        assert main(["extend", str(ckpt), "--out", str(root / "from-ckpt")]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"nanoseek extend: error: {ckpt} is a checkpoint of the run {root / 'base'}, not a run: "
+                       f"extend the run ({root / 'base'}), which extends its last checkpoint\n")
+    assert not (root / "from-ckpt").exists()
+
+
 def test_extend_end_to_end_checkpoints_transformers_reads_as_yarn(extended):
     transformers = pytest.importorskip("transformers")
     from nanoseek.hf import load_pretrained

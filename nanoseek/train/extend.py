@@ -252,6 +252,10 @@ def read_base(run_dir: Path) -> tuple[TrainConfig, ModelConfig, int]:
     if not (run_dir / "train_config.json").is_file():
         raise ValueError(f"{run_dir} is not a nanoseek training run (no train_config.json): extend needs the run's "
                          "data, tokenizer and schedule")
+    if ckpt_io.current_checkpoint(run_dir) is None and (run_dir / ckpt_io.STATE_FILE).is_file():
+        run = run_dir.parent.parent if run_dir.parent.name == ckpt_io.CHECKPOINTS else run_dir.parent
+        raise ValueError(f"{run_dir} is a checkpoint of the run {run}, not a run: extend the run ({run}), which "
+                         "extends its last checkpoint")
     _, state, saved = ckpt_io.read_checkpoint_config(run_dir)
     cfg = TrainConfig.from_dict(saved)
     return cfg, ModelConfig.from_hf(run_dir), int(state["step"])
