@@ -579,6 +579,17 @@ def test_eval_long_of_an_unfinished_extension(extended, capsys):
                    "the same `nanoseek extend` command again to finish it\n")
 
 
+def test_eval_long_again_without_passkeys_leaves_no_stale_heatmap(extended):
+    root, _ = extended
+    out = root / "eval-again"
+    flags = ["--windows", "1", "--lengths", "32", "--passkey-lengths", "96", "--depths", "0.5", "--threads", "1",
+             "--no-progress", "--out", str(out)]
+    assert main(["eval-long", str(root / "base"), *flags, "--passkey-samples", "1"]) == 0
+    assert (out / "passkey.png").is_file()
+    assert main(["eval-long", str(root / "base"), *flags, "--passkey-samples", "0"]) == 0
+    assert not (out / "passkey.png").exists()  # it used to stay, as if this evaluation had passkey results
+
+
 def test_eval_long_skips_default_passkey_lengths_too_short_but_not_given_ones(extended, capsys):
     root, _ = extended
     flags = ["--windows", "1", "--passkey-samples", "1", "--lengths", "32", "--depths", "0.5", "--threads", "1",
