@@ -162,21 +162,24 @@ def subjects_of(directory: Path) -> tuple[list[Subject], Path, int]:
     plan_file = directory / "extend.json"
     if plan_file.is_file():
         plan = read_json_object(plan_file)
-        base = Path(plan["base"])
-        L = int(plan["base_length"])
-        stages = plan["stages"]
-        final = directory / stages[-1]["dir"]
+        try:
+            base, L, factor = Path(plan["base"]), int(plan["base_length"]), float(plan["rope"]["rope_factor"])
+            stages = [(str(st["dir"]), int(st["seq_len"])) for st in plan["stages"]]
+            final = directory / stages[-1][0]
+        except (KeyError, TypeError, ValueError, IndexError) as e:  # edited or damaged by hand
+            raise ValueError(f"{plan_file} is not a `nanoseek extend` plan ({type(e).__name__}: {e})") from None
+        if not base.is_dir():
+            raise FileNotFoundError(f"{directory}: the extension's base run {base} does not exist (moved or deleted)")
         out = [Subject(f"(a) base, trained at {L}", base, trained_length=L),
-               Subject(f"(b) base + YaRN s={plan['rope']['rope_factor']:g}, no training", base, config_from=final,
-                       trained_length=L)]
-        for i, st in enumerate(stages, start=1):
-            step, steps = _progress(directory / st["dir"])
+               Subject(f"(b) base + YaRN s={factor:g}, no training", base, config_from=final, trained_length=L)]
+        for i, (name, length) in enumerate(stages, start=1):
+            step, steps = _progress(directory / name)
             if step is None:  # before any model is evaluated: (b) takes the final stage's config
-                raise ValueError(f"{directory}: the extension is unfinished ({st['dir']} has no checkpoint): run the "
+                raise ValueError(f"{directory}: the extension is unfinished ({name} has no checkpoint): run the "
                                  "same `nanoseek extend` command again to finish it")
-            out.append(Subject(f"(c{i}) stage {i}, trained at {st['seq_len']}"
+            out.append(Subject(f"(c{i}) stage {i}, trained at {length}"
                                + (f" (unfinished: step {step} of {steps})" if step < steps else ""),
-                               directory / st["dir"], trained_length=int(st["seq_len"])))
+                               directory / name, trained_length=length))
         return out, base, L
     from .train.config import TrainConfig
 

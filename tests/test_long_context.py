@@ -590,6 +590,22 @@ def test_eval_long_again_without_passkeys_leaves_no_stale_heatmap(extended):
     assert not (out / "passkey.png").exists()  # it used to stay, as if this evaluation had passkey results
 
 
+def test_eval_long_of_a_damaged_plan_or_a_moved_base_is_one_line(extended, capsys):
+    root, _ = extended
+    ext = root / "damaged"
+    shutil.copytree(root / "ext", ext, symlinks=True)
+    plan = json.loads((ext / "extend.json").read_text())
+    for edited, message in (({k: v for k, v in plan.items() if k != "base"}, "is not a `nanoseek extend` plan "
+                                                                             "(KeyError: 'base')"),
+                            ({**plan, "stages": []}, "is not a `nanoseek extend` plan (IndexError"),
+                            ({**plan, "base": str(root / "gone")}, f"the extension's base run {root / 'gone'} does "
+                                                                   "not exist")):
+        (ext / "extend.json").write_text(json.dumps(edited))
+        assert main(["eval-long", str(ext), "--no-progress"]) == 2  # a traceback (KeyError) used to end it
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+
+
 def test_eval_long_skips_default_passkey_lengths_too_short_but_not_given_ones(extended, capsys):
     root, _ = extended
     flags = ["--windows", "1", "--passkey-samples", "1", "--lengths", "32", "--depths", "0.5", "--threads", "1",
