@@ -487,6 +487,19 @@ def test_extend_a_checkpoint_directory_names_its_run_not_resume(extended, capsys
     assert not (root / "from-ckpt").exists()
 
 
+def test_extend_again_over_a_damaged_plan_is_one_line(extended):
+    from nanoseek.train.extend import extend
+
+    root, _ = extended
+    ext = root / "damaged-plan"
+    shutil.copytree(root / "ext", ext, symlinks=True)
+    for text, message in (("[]", "extend.json must hold a JSON object, got list"),
+                          ("not json", "extend.json is not valid JSON")):
+        (ext / "extend.json").write_text(text)
+        with pytest.raises(ValueError, match=message):  # "[]" used to be an AttributeError traceback
+            extend(root / "base", ext, [4, 8], steps=2, passkey_fraction=0.2, progress=False, log=lambda s: None)
+
+
 def test_extend_end_to_end_checkpoints_transformers_reads_as_yarn(extended):
     transformers = pytest.importorskip("transformers")
     from nanoseek.hf import load_pretrained

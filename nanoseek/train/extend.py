@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from ..atomic import atomic_open, atomic_write_json, atomic_write_text
-from ..config import ModelConfig
+from ..config import ModelConfig, read_json_object
 from ..passkey import TRAIN_DEPTHS, PasskeyMaker
 from . import checkpoint as ckpt_io
 from .config import MAX_SEQ_LEN, TrainConfig
@@ -332,7 +332,7 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
     out.mkdir(parents=True, exist_ok=True)
     started = any(ckpt_io.current_checkpoint(st.run_dir) is not None for st in stages if st.run_dir.is_dir())
     if plan_file.is_file() and not overwrite and started:  # before any stage's checkpoint, a new plan replaces it
-        old = json.loads(plan_file.read_text())
+        old = read_json_object(plan_file)
         if old != plan:
             changed = _plan_changes(old, plan)
             raise ValueError(f"{out} holds an extension with other settings ({', '.join(changed)}): pass --overwrite "
