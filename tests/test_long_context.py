@@ -500,6 +500,41 @@ def test_extend_again_over_a_damaged_plan_is_one_line(extended):
             extend(root / "base", ext, [4, 8], steps=2, passkey_fraction=0.2, progress=False, log=lambda s: None)
 
 
+def test_extend_interrupted_overwrite_continues_without_keeping_stale_later_stages(extended, monkeypatch, capsys):
+    """An `extend --overwrite` interrupted in stage 1 leaves the old stage 2 (trained from the old stage 1) in
+    place. Run again without --overwrite (as the interruption message now says: with it, every stage would
+    start again), stage 1 is resumed and stage 2 starts again from it; the old stage 2 used to be taken for
+    finished."""
+    from nanoseek.train import extend as extend_mod
+
+    root, _ = extended
+    out = root / "redo"
+    kw = dict(steps=3, passkey_fraction=0.2, progress=False)
+    extend_mod.extend(root / "base", out, [4, 8], log=lambda s: None, **{**kw, "steps": 2})  # then redone with 3
+
+    def stop_in_stage_1(line):
+        if line.startswith("step 1:"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extend_mod.extend(root / "base", out, [4, 8], overwrite=True, log=stop_in_stage_1, **kw)
+    logs: list[str] = []
+    extend_mod.extend(root / "base", out, [4, 8], log=logs.append, **kw)
+    assert not any("already finished" in line for line in logs)
+    assert any(line.startswith("resumed") and "stage-1" in line for line in logs)
+    assert any(line.startswith("stage 2: 3 steps of") for line in logs)  # trained again, from the new stage 1
+    assert json.loads((out / "stage-2" / "checkpoint" / "trainer_state.json").read_text())["step"] == 3
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(extend_mod, "extend", interrupted)
+    for flags, again in (([], "run the same command again"), (["--overwrite"], "run the same command without "
+                                                                                "--overwrite again")):
+        assert main(["extend", str(root / "base"), "--out", str(out), *flags]) == 130
+        assert capsys.readouterr().err == f"\nnanoseek extend: interrupted; {again} to continue\n"
+
+
 def test_extend_end_to_end_checkpoints_transformers_reads_as_yarn(extended):
     transformers = pytest.importorskip("transformers")
     from nanoseek.hf import load_pretrained

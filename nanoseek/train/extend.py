@@ -29,7 +29,7 @@ carries the ``rope_scaling`` block transformers reads:
   passkey examples come first in the training stream, window-aligned; this is checked after tokenization.
 
 Running ``nanoseek extend`` again continues an interrupted extension (a finished stage is kept, an unfinished
-one resumed). ``nanoseek eval-long OUT`` evaluates the result.
+one resumed, and the stages after it start again from its new weights). ``nanoseek eval-long OUT`` evaluates the result.
 """
 
 from __future__ import annotations
@@ -345,8 +345,9 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
     from .data import prepare_data
 
     short = []  # stages a --time-budget stopped before their last step
+    restart = overwrite  # once a stage trains, every later one starts again: it starts from that stage's weights
     for st in stages:
-        done = None if overwrite else _stage_done(st)
+        done = None if restart else _stage_done(st)
         if done:
             log(f"stage {st.index}: {st.run_dir} already finished")
             continue
@@ -367,6 +368,7 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
         log(f"stage {st.index}: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} tokens, "
             f"lr {cfg.lr:.3g}, from {cfg.init_from}")
         result = train(cfg, st.run_dir, resume=done is False, overwrite=done is None, log=log)
+        restart = True
         if result.stopped_by == "time_budget":  # before its last step
             short.append(st.index)
             log(f"stage {st.index}: stopped by the time budget at step {result.step}; running the same command "
@@ -430,7 +432,8 @@ def cmd_extend(args) -> int:
         print(f"nanoseek extend: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nnanoseek extend: interrupted; run the same command again to continue", file=sys.stderr)
+        again = "the same command without --overwrite" if args.overwrite else "the same command"
+        print(f"\nnanoseek extend: interrupted; run {again} again to continue", file=sys.stderr)
         return 130
     print(Path(args.out) / "final")
     return 0
