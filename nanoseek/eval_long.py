@@ -298,9 +298,10 @@ def evaluate(directory: str | Path, *, lengths: list[int] | None = None, passkey
     try:
         for s in subjects:
             model = s.load(dev)
-            if T > model.config.max_position_embeddings:
+            longest = max([T] + [e.length for e in examples])  # loss windows and passkey examples
+            if longest > model.config.max_position_embeddings:
                 log(f"note: {s.label}: evaluating past its max_position_embeddings "
-                    f"({model.config.max_position_embeddings})")
+                    f"({model.config.max_position_embeddings}) up to {longest} tokens")
             if bar is not None:
                 bar.set_postfix_str(s.label[:40])
             curve = position_losses(model, val, chunk, batch_size, progress=bar.update if bar else None)

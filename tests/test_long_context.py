@@ -654,6 +654,16 @@ def test_eval_long_of_a_damaged_plan_or_a_moved_base_is_one_line(extended, capsy
         assert message in err and err.count("\n") == 1
 
 
+def test_eval_long_notes_passkey_lengths_past_max_position_embeddings(extended, capsys):
+    """The note on evaluating past max_position_embeddings (512 for the tiny base) counts the passkey examples,
+    not only the loss windows (64 tokens here): it used to stay silent for a 1024-token passkey example."""
+    root, _ = extended
+    assert main(["eval-long", str(root / "base"), "--windows", "1", "--lengths", "64", "--passkey-lengths", "1024",
+                 "--depths", "0.5", "--passkey-samples", "1", "--threads", "1", "--no-progress", "--out",
+                 str(root / "eval-past")]) == 0
+    assert "evaluating past its max_position_embeddings (512) up to 1024 tokens" in capsys.readouterr().err
+
+
 def test_eval_long_skips_default_passkey_lengths_too_short_but_not_given_ones(extended, capsys):
     root, _ = extended
     flags = ["--windows", "1", "--passkey-samples", "1", "--lengths", "32", "--depths", "0.5", "--threads", "1",
