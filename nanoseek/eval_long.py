@@ -189,7 +189,8 @@ def subjects_of(directory: Path) -> tuple[list[Subject], Path, int]:
                                 "(train_config.json)")
     cfg = TrainConfig.load(cfg_file)
     L = _extension_base_length(directory) or cfg.seq_len  # a stage alone: its extension's L, as evaluated together
-    return [Subject(f"{directory.name}, trained at {cfg.seq_len}", directory, trained_length=cfg.seq_len)], directory, L
+    name = directory.resolve().name  # "." -> the run's own name
+    return [Subject(f"{name}, trained at {cfg.seq_len}", directory, trained_length=cfg.seq_len)], directory, L
 
 
 def _progress(run_dir: Path) -> tuple[int | None, int]:

@@ -592,13 +592,16 @@ def test_init_from_trains_with_the_sources_tokenizer(extended):
         initialize_from(model, base, other)
 
 
-def test_eval_long_base_length_is_the_same_for_a_run_its_extension_and_a_stage(extended):
+def test_eval_long_base_length_is_the_same_for_a_run_its_extension_and_a_stage(extended, monkeypatch):
     from nanoseek.eval_long import subjects_of
 
     root, _ = extended
     stage = json.loads((root / "ext" / "extend.json").read_text())["stages"][0]["dir"]
     assert [subjects_of(d)[2] for d in (root / "base", root / "ext", root / "ext" / stage)] == [32, 32, 32]
     assert subjects_of(root / "ext" / "final")[2] == 32  # the link to the last stage too (it used to be 256)
+    monkeypatch.chdir(root / "ext" / stage)
+    subjects, _, L = subjects_of(Path("."))  # a run given as "." is labelled by its name (it used to be ", trained")
+    assert subjects[0].label == f"{stage}, trained at 128" and L == 32
     # a base run whose own config has YaRN (original length 128) but trained at 32: extend's L is 32, so here too
     run = root / "yarn-run"
     run.mkdir(exist_ok=True)
