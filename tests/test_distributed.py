@@ -655,3 +655,20 @@ def test_fp8_products_under_expert_and_pipeline_parallelism(reference):
         assert got == pytest.approx(want, rel=2e-3), name
         # FP8 on the ranks: closer to one process in FP8 than to one in fp32
         assert max(abs(a - b) for a, b in zip(got, want)) < max(abs(a - b) for a, b in zip(got, fp32)), name
+
+
+def test_a_run_in_use_stops_every_rank_with_that_cause(tmp_path):
+    """A second job on a run directory another process trains in: rank 0 cannot take the run's lock, and every
+    rank stops with that error (rank 1 used to wait for rank 0 and report a dead peer instead)."""
+    from nanoseek.train.checkpoint import run_lock
+
+    out = tmp_path / "busy"
+    cfg = base_config(tmp_path / "cache")
+    with run_lock(out):  # the other job
+        with pytest.raises(RuntimeError) as err:
+            run_spawned(_train_worker, 2, cfg.to_dict(), str(out), (2, 1, 1), "dualpipev", False, timeout_s=30)
+    text = str(err.value)
+    assert "collective failed" not in text, text[:3000]
+    for rank in (0, 1):
+        assert f"rank {rank}: ValueError: {out} is in use by another training process" in text, text[:3000]
+    assert [p.name for p in out.iterdir()] == [".lock"]

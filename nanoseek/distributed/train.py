@@ -180,10 +180,10 @@ class DistributedTrainer:
         ok = False
         try:
             self.ctx = init_parallel(self.parallel.layout, device, self.parallel.timeout_s)
-            lock = ckpt_io.run_lock if self.ctx.is_main else (lambda d: contextlib.nullcontext())
             self._single = single = Trainer(self.cfg, self.run_dir, self.resume, self.overwrite)
             self._on_main(single._prepare_run_dir)
-            with lock(self.run_dir):
+            with contextlib.ExitStack() as lock:  # rank 0 holds the run's lock; a run in use stops every rank
+                self._on_main(lambda: lock.enter_context(ckpt_io.run_lock(self.run_dir)))
                 if not self.resume:
                     self._on_main(single._start_files)
                 result = self._run(device)
