@@ -672,3 +672,34 @@ def test_a_run_in_use_stops_every_rank_with_that_cause(tmp_path):
     for rank in (0, 1):
         assert f"rank {rank}: ValueError: {out} is in use by another training process" in text, text[:3000]
     assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def _slow_reader_worker(rank: int, world: int, cfg_dict: dict, out: str) -> None:
+    """_microbatch_worker, with rank 1 reading the new run's tokenizer late (a slower process or filesystem)."""
+    import nanoseek.distributed.train as dist_train
+
+    prepare = dist_train.prepare_data
+
+    def slow(*args, **kw):
+        if rank == 1:
+            time.sleep(3)
+        return prepare(*args, **kw)
+
+    dist_train.prepare_data = slow
+    _microbatch_worker(rank, world, cfg_dict, out)
+
+
+def test_a_setup_error_after_the_data_is_every_ranks_own(reference):
+    """A setting every rank rejects once the data is read (--microbatches that do not split the batch): each rank
+    stops with it. Rank 0 removes the failed start's files, tokenizer.json among them, only once every rank has
+    read them (a slower rank 1 used to fail first on the missing file, "rank 1: no tokenizer.json", the wrong
+    cause, printed at once)."""
+    root, cache = reference
+    out = root / "slow_reader"
+    with pytest.raises(RuntimeError) as err:
+        run_spawned(_slow_reader_worker, 2, base_config(cache).to_dict(), str(out), timeout_s=60)
+    text = str(err.value)
+    assert "tokenizer" not in text, text[:3000]
+    for rank in (0, 1):
+        assert f"rank {rank}: ValueError: --microbatches 3: each data rank's 8 sequences" in text, text[:3000]
+    assert [p.name for p in out.iterdir()] == [".lock"]

@@ -279,6 +279,7 @@ class DistributedTrainer:
             tok = resumed_tokenizer(run, ckpt_dir) if self.resume else run / "tokenizer.json"
             with self._own_errors():
                 data = prepare_data(cfg, tokenizer_path=tok, log=lambda _: None)
+        dist.barrier()  # every rank has read the new run's files before a set-up error has rank 0 remove them
         if self.resume:
             with self._own_errors():
                 check_same_corpus(run, state, data.summary["cache"])
