@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import TYPE_CHECKING
 
-from .errors import on_rank0, report_error
+from .errors import defer_to_rank0, on_rank0, report_error
 
 if TYPE_CHECKING:
     from .config import ModelConfig
@@ -130,11 +131,22 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser (its subcommands' too), whose usage errors are said once under torchrun, like
+    report_error's: every rank parses the same command line."""
+
+    def error(self, message: str):
+        if not on_rank0():
+            defer_to_rank0()
+            message = f"rank {os.environ['RANK']}: {message}"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .config import PRESETS
 
-    parser = argparse.ArgumentParser(prog="nanoseek", description="DeepSeek-V3 / R1 in PyTorch")
+    parser = _Parser(prog="nanoseek", description="DeepSeek-V3 / R1 in PyTorch")
     parser.add_argument("--version", action="version", version=f"nanoseek {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="parameter counts and KV-cache size of a preset or checkpoint",

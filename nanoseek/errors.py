@@ -19,6 +19,13 @@ def on_rank0() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) <= 1 or int(os.environ.get("RANK", "0")) == 0
 
 
+def defer_to_rank0() -> None:
+    """Under a torchrun agent, a rank other than 0 that stops on an error rank 0 shares first gives rank 0 the
+    time to say it and end the job (torchrun stops every rank once one has exited)."""
+    if not on_rank0() and "TORCHELASTIC_RUN_ID" in os.environ:
+        time.sleep(RANK0_GRACE_S)
+
+
 def report_error(command: str, error: BaseException) -> None:
     """``nanoseek COMMAND: error: ...`` on stderr, once per job where it can tell.
 
@@ -29,8 +36,7 @@ def report_error(command: str, error: BaseException) -> None:
     rank, with its number: never lost, at worst said twice."""
     rank = getattr(error, "rank", None)
     if rank is None and not on_rank0():
-        if "TORCHELASTIC_RUN_ID" in os.environ:
-            time.sleep(RANK0_GRACE_S)  # if rank 0 stops for the same reason, torchrun ends this process here
+        defer_to_rank0()  # if rank 0 stops for the same reason, torchrun ends this process here
         rank = int(os.environ["RANK"])
     print(f"nanoseek {command}: error: " + (f"rank {rank}: " if rank is not None else "") + str(error),
           file=sys.stderr)

@@ -703,3 +703,28 @@ def test_a_setup_error_after_the_data_is_every_ranks_own(reference):
     for rank in (0, 1):
         assert f"rank {rank}: ValueError: --microbatches 3: each data rank's 8 sequences" in text, text[:3000]
     assert [p.name for p in out.iterdir()] == [".lock"]
+
+
+def test_a_usage_error_under_torchrun_is_said_by_rank_0(monkeypatch, capsys):
+    """argparse's errors (an unknown flag, a bad value) under torchrun: rank 0 says it; another rank first waits
+    for torchrun to end it, as for the errors every rank shares (each rank used to print usage and error)."""
+    import types
+
+    import nanoseek.errors as errors
+    from nanoseek.cli import main
+
+    waits: list[float] = []
+    monkeypatch.setattr(errors, "time", types.SimpleNamespace(sleep=waits.append))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    for argv, said in ((["train", "--ep", "2", "--bogus", "3"], "unrecognized arguments: --bogus 3"),
+                       (["train", "--steps", "abc"], "argument --steps: invalid int value: 'abc'")):
+        for rank in (0, 1):
+            monkeypatch.setenv("RANK", str(rank))
+            waits.clear()
+            with pytest.raises(SystemExit) as stop:
+                main(argv)
+            assert stop.value.code == 2
+            err = capsys.readouterr().err
+            assert waits == ([] if rank == 0 else [errors.RANK0_GRACE_S])
+            assert err.endswith("nanoseek train: error: " + ("rank 1: " if rank else "") + said + "\n"), err
