@@ -728,3 +728,37 @@ def test_a_usage_error_under_torchrun_is_said_by_rank_0(monkeypatch, capsys):
             err = capsys.readouterr().err
             assert waits == ([] if rank == 0 else [errors.RANK0_GRACE_S])
             assert err.endswith("nanoseek train: error: " + ("rank 1: " if rank else "") + said + "\n"), err
+
+
+def _dropped_interrupt_worker(rank: int, world: int, cfg_dict: dict, out: str) -> None:
+    """_train_worker (EP=2) where Ctrl-C comes in the first step: its KeyboardInterrupt is dropped (as torch's
+    autograd engine can drop one raised while a backward pass waits in an all-to-all), then the collective fails
+    as the interrupted peers exit."""
+    import signal
+
+    import nanoseek.distributed.train as dist_train
+
+    def step(self, s):
+        try:
+            signal.raise_signal(signal.SIGINT)
+            time.sleep(1)  # the handler has run by now
+        except KeyboardInterrupt:
+            pass
+        raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:1234")
+
+    dist_train.DistributedTrainer._step = step
+    _train_worker(rank, world, cfg_dict, out, (2, 1, 1), "dualpipev", False)
+
+
+def test_a_ctrl_c_whose_interrupt_torch_dropped_is_an_interrupt(reference):
+    """Ctrl-C under torchrun (which sends SIGINT to every rank) during expert parallelism: a rank whose
+    KeyboardInterrupt torch dropped sees its all-to-all fail as the other ranks exit; it stops as interrupted
+    (rank 0 then says "interrupted; continue with ..."), not with "a peer rank died or hangs"."""
+    root, cache = reference
+    with pytest.raises(RuntimeError) as err:
+        run_spawned(_dropped_interrupt_worker, 2, base_config(cache).to_dict(), str(root / "interrupted"),
+                    timeout_s=60)
+    text = str(err.value)
+    assert "collective failed" not in text, text[:3000]
+    for rank in (0, 1):
+        assert f"rank {rank}: KeyboardInterrupt" in text, text[:3000]

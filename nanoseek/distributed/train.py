@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +97,27 @@ def _collective_failure(e: BaseException | None) -> BaseException | None:
             return e
         e = e.__cause__ or e.__context__
     return None
+
+
+class _SigintNoted:
+    """While a run trains: SIGINT raises KeyboardInterrupt as usual, and is noted. torch's autograd engine can
+    drop the KeyboardInterrupt of a Ctrl-C that comes while a backward pass waits in a collective, which then
+    fails as the interrupted peers exit: the rank must still say it was interrupted, not that a peer died."""
+
+    def __init__(self):
+        self.seen = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame):
+        self.seen = True
+        signal.default_int_handler(signum, frame)
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 @dataclass
@@ -178,6 +201,7 @@ class DistributedTrainer:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         ok = False
+        sigint = _SigintNoted()
         try:
             self.ctx = init_parallel(self.parallel.layout, device, self.parallel.timeout_s)
             self._single = single = Trainer(self.cfg, self.run_dir, self.resume, self.overwrite)
@@ -191,6 +215,8 @@ class DistributedTrainer:
             return result if self.ctx.is_main else None
         except Exception as e:
             failed = _collective_failure(e)
+            if failed is not None and sigint.seen:  # Ctrl-C: the peers stopped too
+                raise KeyboardInterrupt from None
             if failed is not None:
                 rank = dist.get_rank() if dist.is_initialized() else world_from_env()[0]
                 raise TrainingError(  # this rank's own view: it prints it (nanoseek.errors.report_error)
@@ -200,6 +226,7 @@ class DistributedTrainer:
                     f"{layout_flags(self.parallel.layout)}", rank=rank) from None
             raise
         finally:
+            sigint.restore()
             self._close_bar()
             torch.set_num_threads(threads)
             if owns_group and dist.is_initialized():
