@@ -493,6 +493,8 @@ def test_expert_parallel_bf16_pads_each_experts_rows_like_one_process(monkeypatc
 
 
 def test_layout_errors():
+    import dataclasses
+
     from nanoseek.config import ModelConfig
     from nanoseek.distributed.mesh import Layout
 
@@ -502,6 +504,9 @@ def test_layout_errors():
         Layout(ep=3).validate(3, ModelConfig.preset("tiny"))
     with pytest.raises(ValueError, match="--pp must be a positive integer"):
         Layout(pp=0).validate(0)
+    dense = dataclasses.replace(ModelConfig.preset("tiny"), first_k_dense_replace=3, num_nextn_predict_layers=0)
+    with pytest.raises(ValueError, match="--ep 2: the model has no MoE layer, no routed experts to split"):
+        Layout(ep=2).validate(2, dense)
 
 
 def test_metrics_list_moe_layers_in_model_order_past_ten_layers(tmp_path):

@@ -50,8 +50,8 @@ class Layout:
             raise ValueError(f"--ep {self.ep} x --pp {self.pp} x --dp {self.dp} = {self.world_size} ranks, but the "
                              f"job has {world_size} (torchrun --nproc-per-node x --nnodes)")
         if model is not None and self.ep > 1:
-            if model.n_routed_experts == 0:
-                raise ValueError(f"--ep {self.ep}: the model has no routed experts to split")
+            if not model.has_moe:  # no routed experts, or only dense layers and no MoE MTP block
+                raise ValueError(f"--ep {self.ep}: the model has no MoE layer, no routed experts to split")
             if model.n_routed_experts % self.ep:
                 raise ValueError(f"--ep {self.ep} does not divide the model's {model.n_routed_experts} routed experts")
 
