@@ -18,6 +18,7 @@ checkpoints), spread over EP x PP x DP ranks:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
 import signal
@@ -99,6 +100,9 @@ def _collective_failure(e: BaseException | None) -> BaseException | None:
     return None
 
 
+DATA_WAIT = datetime.timedelta(days=1)  # how long the other ranks wait for rank 0 to prepare the data
+
+
 class _SigintNoted:
     """While a run trains: SIGINT raises KeyboardInterrupt as usual, and is noted. torch's autograd engine can
     drop the KeyboardInterrupt of a Ctrl-C that comes while a backward pass waits in a collective, which then
@@ -162,9 +166,9 @@ class DistributedTrainer:
         else:
             self._print(msg)
 
-    def _on_main(self, fn: Callable[[], Any]) -> Any:
+    def _on_main(self, fn: Callable[[], Any], group: dist.ProcessGroup | None = None) -> Any:
         """Run ``fn`` on rank 0; if it fails, every rank raises the same error (no rank waits for a peer
-        that has stopped)."""
+        that has stopped). The others wait for it in ``group`` (default: the job's, --dist-timeout)."""
         result, error = None, None
         if self.ctx.is_main:
             try:
@@ -172,7 +176,7 @@ class DistributedTrainer:
             except (ValueError, FileNotFoundError, TrainingError, OSError) as e:
                 error = f"{type(e).__name__}:{e}"
         box = [error]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         if box[0] is not None:
             kind, msg = box[0].split(":", 1)
             raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(msg)
@@ -296,17 +300,21 @@ class DistributedTrainer:
         if self.resume:
             with self._own_errors():
                 ckpt_dir, state, _ = ckpt_io.read_checkpoint_config(run)
+        # (training a tokenizer and tokenizing a corpus, or downloading one, may take longer than --dist-timeout:
+        # the others wait for it in a group of their own, which a dead rank 0 still fails at once)
+        waiting = dist.new_group(backend="gloo", timeout=DATA_WAIT)
         if ctx.is_main:
             data = self._on_main(lambda: prepare_data(
                 cfg, **({"tokenizer_path": resumed_tokenizer(run, ckpt_dir)} if self.resume
                         else {"run_dir": run, "tokenizer_path": init_from_tokenizer(cfg)}),
-                log=self.log))
+                log=self.log), group=waiting)
         else:
-            self._on_main(lambda: None)
+            self._on_main(lambda: None, group=waiting)
             tok = resumed_tokenizer(run, ckpt_dir) if self.resume else run / "tokenizer.json"
             with self._own_errors():
                 data = prepare_data(cfg, tokenizer_path=tok, log=lambda _: None)
-        dist.barrier()  # every rank has read the new run's files before a set-up error has rank 0 remove them
+        dist.barrier(group=waiting)  # each rank has read the new run's files before a set-up error deletes them
+        dist.destroy_process_group(waiting)
         if self.resume:
             with self._own_errors():
                 check_same_corpus(run, state, data.summary["cache"])
