@@ -769,30 +769,31 @@ def test_a_ctrl_c_whose_interrupt_torch_dropped_is_an_interrupt(reference):
         assert f"rank {rank}: KeyboardInterrupt" in text, text[:3000]
 
 
-def _slow_data_worker(rank: int, world: int, cfg_dict: dict, out: str) -> int:
+def _slow_rank0_worker(rank: int, world: int, cfg_dict: dict, out: str) -> int:
     """_train_worker (EP=2; run_spawned's collectives time out after 3 s) where rank 0 takes 6 s to prepare the
-    data."""
+    data and 6 s to write each checkpoint."""
     import nanoseek.distributed.train as dist_train
     from nanoseek.distributed.mesh import Layout
     from nanoseek.distributed.train import ParallelSettings, train_distributed
 
-    prepare = dist_train.prepare_data
-
-    def slow(*args, **kw):
-        if rank == 0:
+    def slow(fn):
+        def call(*args, **kw):
             time.sleep(6)
-        return prepare(*args, **kw)
+            return fn(*args, **kw)
+        return call
 
-    dist_train.prepare_data = slow
+    if rank == 0:
+        dist_train.prepare_data = slow(dist_train.prepare_data)
+        dist_train.ckpt_io.save_checkpoint = slow(dist_train.ckpt_io.save_checkpoint)
     result = train_distributed(TrainConfig.from_dict(cfg_dict), out, ParallelSettings(Layout(2, 1, 1)), log=quiet)
     return result.step if result is not None else -1
 
 
-def test_data_preparation_longer_than_the_collective_timeout(reference):
-    """Rank 0 trains the tokenizer and tokenizes the corpus (minutes for a large one) while the other ranks wait:
-    that wait is not a collective that times out after --dist-timeout (rank 1 used to fail with "a collective
-    failed or timed out ... a peer rank died or hangs")."""
+def test_data_preparation_and_saving_longer_than_the_collective_timeout(reference):
+    """Rank 0 trains the tokenizer and tokenizes the corpus, and writes the checkpoints (minutes for a large corpus
+    or model), while the other ranks wait: those waits are not collectives that time out after --dist-timeout (rank
+    1 used to fail with "a collective failed or timed out ... a peer rank died or hangs")."""
     root, cache = reference
-    steps = run_spawned(_slow_data_worker, 2, base_config(cache, steps=1, eval_batches=1).to_dict(),
+    steps = run_spawned(_slow_rank0_worker, 2, base_config(cache, steps=1, eval_batches=1).to_dict(),
                         str(root / "slow_data"), timeout_s=3)
     assert steps == [1, -1]

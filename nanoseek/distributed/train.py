@@ -100,7 +100,7 @@ def _collective_failure(e: BaseException | None) -> BaseException | None:
     return None
 
 
-DATA_WAIT = datetime.timedelta(days=1)  # how long the other ranks wait for rank 0 to prepare the data
+RANK0_WAIT = datetime.timedelta(days=1)  # how long the others wait for rank 0 to prepare the data or save
 
 
 class _SigintNoted:
@@ -300,9 +300,10 @@ class DistributedTrainer:
         if self.resume:
             with self._own_errors():
                 ckpt_dir, state, _ = ckpt_io.read_checkpoint_config(run)
-        # (training a tokenizer and tokenizing a corpus, or downloading one, may take longer than --dist-timeout:
-        # the others wait for it in a group of their own, which a dead rank 0 still fails at once)
-        waiting = dist.new_group(backend="gloo", timeout=DATA_WAIT)
+        # (training a tokenizer and tokenizing a corpus, or downloading one, and writing a large model's checkpoint
+        # may take longer than --dist-timeout: the others wait for them in a group of their own, which a dead rank 0
+        # still fails at once)
+        self._waiting = waiting = dist.new_group(backend="gloo", timeout=RANK0_WAIT)
         if ctx.is_main:
             data = self._on_main(lambda: prepare_data(
                 cfg, **({"tokenizer_path": resumed_tokenizer(run, ckpt_dir)} if self.resume
@@ -314,7 +315,6 @@ class DistributedTrainer:
             with self._own_errors():
                 data = prepare_data(cfg, tokenizer_path=tok, log=lambda _: None)
         dist.barrier(group=waiting)  # each rank has read the new run's files before a set-up error deletes them
-        dist.destroy_process_group(waiting)
         if self.resume:
             with self._own_errors():
                 check_same_corpus(run, state, data.summary["cache"])
@@ -417,7 +417,7 @@ class DistributedTrainer:
             st = s.progress.state(self.cfg, s.batches.position, s.data_keys, layout=str(self.parallel.layout))
             ckpt_io.save_checkpoint(self.run_dir, full_model(s.mc, model_sd), optim, st, self.cfg.to_dict(),
                                     keep=self.cfg.keep_checkpoints)
-        dist.barrier()
+        dist.barrier(group=self._waiting)
 
     # ------------------------------------------------------------------ one optimizer step
     def _step(self, s: "_Session") -> tuple[float, float]:
