@@ -500,6 +500,8 @@ def test_layout_errors():
 
     with pytest.raises(ValueError, match="= 4 ranks, but the job has 2"):
         Layout(ep=2, dp=2).validate(2)
+    with pytest.raises(ValueError, match=r"= 1 rank, but the job has 2 .*: give the layout, e.g. --dp 2$"):
+        Layout().validate(2)  # torchrun without layout flags
     with pytest.raises(ValueError, match="does not divide the model's 16 routed experts"):
         Layout(ep=3).validate(3, ModelConfig.preset("tiny"))
     with pytest.raises(ValueError, match="--pp must be a positive integer"):

@@ -47,8 +47,10 @@ class Layout:
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {v!r}")
         if self.world_size != world_size:
-            raise ValueError(f"--ep {self.ep} x --pp {self.pp} x --dp {self.dp} = {self.world_size} ranks, but the "
-                             f"job has {world_size} (torchrun --nproc-per-node x --nnodes)")
+            hint = f": give the layout, e.g. --dp {world_size}" if self.world_size == 1 else ""
+            raise ValueError(f"--ep {self.ep} x --pp {self.pp} x --dp {self.dp} = {self.world_size} "
+                             f"rank{'s' if self.world_size > 1 else ''}, but the job has {world_size} (torchrun "
+                             f"--nproc-per-node x --nnodes){hint}")
         if model is not None and self.ep > 1:
             if not model.has_moe:  # no routed experts, or only dense layers and no MoE MTP block
                 raise ValueError(f"--ep {self.ep}: the model has no MoE layer, no routed experts to split")
