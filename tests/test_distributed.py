@@ -745,6 +745,10 @@ def _dropped_interrupt_worker(rank: int, world: int, cfg_dict: dict, out: str) -
 
     import nanoseek.distributed.train as dist_train
 
+    # as under torchrun at a terminal: a shell without job control (CI scripts, `cmd &`) starts background jobs
+    # with SIGINT ignored, and the spawned ranks inherit that
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     def step(self, s):
         try:
             signal.raise_signal(signal.SIGINT)
