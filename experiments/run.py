@@ -90,7 +90,9 @@ def train_arm(arm: str, steps: int, eval_every: int, scratch: Path, force: bool)
     log(f"{arm}: {shlex.join(cmd)}")
     t0 = time.time()
     with open(scratch / f"{arm}.log", "w") as f:
-        subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
+        # `nanoseek ...` run as `python -m nanoseek ...` with this interpreter: the package this script imports,
+        # whether or not a `nanoseek` command is on PATH (an interpreter run without activating its venv)
+        subprocess.run([sys.executable, "-m", *cmd], env=env, stdout=f, stderr=subprocess.STDOUT, check=True)
     dt = time.time() - t0
     atomic_write_text(run / "experiment_cmd.json", json.dumps(cmd))
     log(f"{arm}: done in {dt / 60:.1f} min")

@@ -77,7 +77,8 @@ def run(cmd: list[str], log_file: Path) -> float:
     log(shlex.join(cmd))
     t0 = time.time()
     with open(log_file, "w") as f:
-        subprocess.run(cmd, env=ENV, stdout=f, stderr=subprocess.STDOUT, check=True)
+        # `nanoseek ...` run as `python -m nanoseek ...` with this interpreter (no `nanoseek` on PATH needed)
+        subprocess.run([sys.executable, "-m", *cmd], env=ENV, stdout=f, stderr=subprocess.STDOUT, check=True)
     dt = time.time() - t0
     log(f"done in {dt / 60:.1f} min (log: {log_file})")
     return dt
