@@ -993,6 +993,17 @@ def test_causality_main_and_mtp(model, j):
 
 
 @torch.no_grad()
+def test_attn_mask_must_be_bool(model):
+    """A bool mask replaces the causal mask; a float 0/1 mask (which SDPA would add to the scores, masking
+    nothing) is refused instead of silently attending to the future."""
+    ids = _ids(B=1, T=6)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    torch.testing.assert_close(model(ids, attn_mask=causal), model(ids), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attn_mask must be a bool tensor"):
+        model(ids, attn_mask=causal.float())
+
+
+@torch.no_grad()
 def test_expert_counts_shape(model):
     cfg = model.config
     ids = _ids(B=3, T=6)

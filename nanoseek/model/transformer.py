@@ -127,6 +127,8 @@ class DeepSeekV3(nn.Module):
             raise ValueError(f"input_ids must be integer token ids of shape (batch, length), both at least 1, got "
                              f"{input_ids.dtype} of shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
+        if attn_mask is not None and attn_mask.dtype != torch.bool:  # SDPA would add a float mask to the scores
+            raise ValueError(f"attn_mask must be a bool tensor (True = attend), got {attn_mask.dtype}")
         cos, sin = self._rope(T, input_ids.device, positions)
         x = self.embed_tokens(input_ids)
         routing: list[Routing] = []
@@ -138,7 +140,8 @@ class DeepSeekV3(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Main-head logits (B, T, V) for token ids (B, T)."""
+        """Main-head logits (B, T, V) for token ids (B, T); ``positions`` (B or 1, T) default 0..T-1;
+        ``attn_mask`` bool (True = attend), broadcastable to (B, 1, T, T), replaces the causal mask."""
         hidden, _, _ = self.backbone(input_ids, positions, attn_mask)
         return self.lm_head(hidden)
 
