@@ -1003,6 +1003,19 @@ def test_attn_mask_must_be_bool(model):
         model(ids, attn_mask=causal.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cast_model_keeps_fp32_rope_frequencies(dtype):
+    """model.to(bf16) rounded the RoPE frequencies to bf16 (angles off by up to position / 512 radians), unlike a
+    model loaded in bf16; they stay the fp32 frequencies, and so do the angles at long positions."""
+    cfg = ModelConfig.preset("tiny")
+    model = DeepSeekV3(cfg).to(dtype)
+    assert model.rotary.inv_freq.dtype == torch.float32
+    torch.testing.assert_close(model.rotary.inv_freq, rope_frequencies(cfg), atol=0, rtol=0)
+    assert model.embed_tokens.weight.dtype == dtype
+    model.to(torch.float32).half().bfloat16()
+    torch.testing.assert_close(model.rotary.inv_freq, rope_frequencies(cfg), atol=0, rtol=0)
+
+
 @torch.no_grad()
 def test_expert_counts_shape(model):
     cfg = model.config

@@ -62,6 +62,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
         self.attention_factor = rope_attention_factor(config)
 
+    def _apply(self, fn, recurse=True):
+        """Keep the frequencies fp32 when the model is cast (``model.to(torch.bfloat16)``): rounded to bf16 they
+        are off by up to 2^-9 of themselves, so the angle at position p by up to p / 512 radians, and the cast model
+        would disagree with one built or loaded in bf16 (whose frequencies are fp32), more so at long contexts."""
+        old = self.inv_freq
+        super()._apply(fn, recurse)
+        new = self.inv_freq
+        if new.is_floating_point() and new.dtype != torch.float32 and not new.is_meta:
+            self.inv_freq = old.to(new.device) if old.dtype == torch.float32 and not old.is_meta else new.float()
+        return self
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., T, d_R/2)
         return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
