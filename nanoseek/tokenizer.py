@@ -13,6 +13,7 @@ character that spans several byte-level tokens.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -100,6 +101,8 @@ class Tokenizer:
         for key, value in self.config.items():
             if key.endswith("_token") and (content := _token_content(value)) is not None:
                 self.special_tokens[key] = content
+        # (config, chat template) as read from source: save copies source's files while they are unchanged
+        self._as_loaded = None if source is None else (copy.deepcopy(self.config), copy.deepcopy(self._chat_template))
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -148,14 +151,15 @@ class Tokenizer:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the tokenizer files into ``path`` (created if needed; other files there are kept), e.g. next to a
         checkpoint written by :func:`nanoseek.hf.save_pretrained`. Files this tokenizer was loaded from are copied
-        byte for byte; otherwise ``tokenizer.json`` and ``tokenizer_config.json`` are serialised."""
+        byte for byte while ``config`` and ``chat_template`` are as loaded; otherwise ``tokenizer.json`` and
+        ``tokenizer_config.json`` (which then holds the chat template) are serialised."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         src = self._source
-        same = src is not None and src.resolve() == path.resolve()
-        if same:
+        unchanged = self._as_loaded == (self.config, self._chat_template)
+        if unchanged and src is not None and src.resolve() == path.resolve():
             return path
-        if src is not None and (src / TOKENIZER_FILE).is_file():
+        if unchanged and src is not None and (src / TOKENIZER_FILE).is_file():
             for name in TOKENIZER_FILES:
                 if (src / name).is_file() and name != CHAT_TEMPLATE_FILE:
                     atomic_copy(src / name, path / name)
@@ -166,6 +170,10 @@ class Tokenizer:
         with atomic_path(path / TOKENIZER_FILE) as tmp:
             self._tok.save(str(tmp))
         self._write_config(path)
+        # template files there would win over tokenizer_config.json's chat_template when read back
+        (path / CHAT_TEMPLATE_FILE).unlink(missing_ok=True)
+        for f in (path / CHAT_TEMPLATE_DIR).glob("*.jinja"):
+            f.unlink()
         return path
 
     def _write_config(self, path: Path) -> None:

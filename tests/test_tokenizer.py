@@ -375,6 +375,23 @@ def test_save_of_an_in_memory_tokenizer(tmp_path, reference_tokenizers):
     assert again.encode(ENCODE_TEXTS[5]) == reference_tokenizers.encode(ENCODE_TEXTS[5], add_special_tokens=False).ids
 
 
+def test_save_keeps_a_chat_template_changed_after_loading(tmp_path):
+    """save copied the loaded files byte for byte, so a chat template set after from_pretrained was dropped (and
+    saving into the source directory wrote nothing); a stale chat_template.jinja there won over the new one."""
+    src = _checkpoint_dir(tmp_path / "src", R1_STYLE_TEMPLATE)
+    (src / "chat_template.jinja").write_text(R1_STYLE_TEMPLATE, encoding="utf-8")
+    tok = Tokenizer.from_pretrained(src)
+    unchanged = tok.save(tmp_path / "copy")
+    assert (unchanged / "tokenizer_config.json").read_bytes() == (src / "tokenizer_config.json").read_bytes()
+    tok.chat_template = FEATURES_TEMPLATE
+    for out in (tmp_path / "out", src):
+        tok.save(out)
+        again = Tokenizer.from_pretrained(out)
+        assert again.chat_template == FEATURES_TEMPLATE
+        assert again.encode(ENCODE_TEXTS[4]) == tok.encode(ENCODE_TEXTS[4])
+        assert (again.bos_token_id, again.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+
+
 @pytest.mark.parametrize("added_tokens_decoder", [False, True])
 def test_legacy_special_tokens_map_as_transformers_reads_it(tmp_path, added_tokens_decoder):
     """special_tokens_map.json (written by transformers before 4.34) against tokenizer_config.json: without an
