@@ -1003,6 +1003,30 @@ def test_attn_mask_must_be_bool(model):
         model(ids, attn_mask=causal.float())
 
 
+@torch.no_grad()
+def test_bad_input_ids_and_positions_are_named(model):
+    """Ids outside the vocabulary failed in the embedding ('index out of range in self'; a device-side assert on
+    a GPU), bool / uint8 ids there too, and positions of the wrong length in the RoPE broadcast."""
+    ids = _ids(B=2, T=5)
+    V = model.config.vocab_size
+    for bad in (V, -1):
+        wrong = ids.clone()
+        wrong[1, 3] = bad
+        with pytest.raises(ValueError, match=rf"input_ids must be in \[0, vocab_size={V}\)"):
+            model(wrong)
+        with pytest.raises(ValueError, match="input_ids must be in"):
+            model.forward_train(wrong)
+    for dtype in (torch.bool, torch.uint8):
+        with pytest.raises(ValueError, match="input_ids must be integer token ids"):
+            model(ids.to(dtype))
+    torch.testing.assert_close(model(ids.int()), model(ids))
+    for positions in (torch.arange(5), torch.arange(5)[None], torch.arange(5).expand(2, 5)):
+        torch.testing.assert_close(model(ids, positions=positions), model(ids))
+    for positions in (torch.arange(4)[None], torch.arange(5).expand(3, 5), torch.arange(5)[None, None]):
+        with pytest.raises(ValueError, match="positions must be of shape"):
+            model(ids, positions=positions)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cast_model_keeps_fp32_rope_frequencies(dtype):
     """model.to(bf16) rounded the RoPE frequencies to bf16 (angles off by up to position / 512 radians), unlike a

@@ -123,10 +123,19 @@ class DeepSeekV3(nn.Module):
     def backbone(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                  attn_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, list[Routing], tuple]:
         """Run the main layers; return the final normed hidden state (B, T, d), routing, and (cos, sin)."""
-        if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.numel() == 0:
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32) or input_ids.numel() == 0:
             raise ValueError(f"input_ids must be integer token ids of shape (batch, length), both at least 1, got "
                              f"{input_ids.dtype} of shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
+        if not torch.compiler.is_compiling():  # (an out-of-range id fails in the embedding as 'index out of range
+            lo, hi = torch.aminmax(input_ids)   # in self' on the CPU, as a device-side assert on a GPU)
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got ids from "
+                                 f"{int(lo)} to {int(hi)}")
+        if positions is not None and (positions.dim() not in (1, 2) or positions.shape[-1] != T
+                                      or positions.dim() == 2 and positions.shape[0] not in (1, B)):
+            raise ValueError(f"positions must be of shape (B, T), (1, T) or (T,) for input_ids of shape (B, T) = "
+                             f"{(B, T)}, got {tuple(positions.shape)}")
         if attn_mask is not None and attn_mask.dtype != torch.bool:  # SDPA would add a float mask to the scores
             raise ValueError(f"attn_mask must be a bool tensor (True = attend), got {attn_mask.dtype}")
         cos, sin = self._rope(T, input_ids.device, positions)
@@ -140,7 +149,8 @@ class DeepSeekV3(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Main-head logits (B, T, V) for token ids (B, T); ``positions`` (B or 1, T) default 0..T-1;
+        """Main-head logits (B, T, V) for token ids (B, T) (int64 or int32, in [0, vocab_size)); ``positions``
+        (B, T), (1, T) or (T,) default 0..T-1;
         ``attn_mask`` bool (True = attend), broadcastable to (B, 1, T, T), replaces the causal mask."""
         hidden, _, _ = self.backbone(input_ids, positions, attn_mask)
         return self.lm_head(hidden)
