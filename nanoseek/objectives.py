@@ -14,6 +14,8 @@ neither in the numerator nor in the denominator of the cross-entropy means.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import NamedTuple, Sequence
 
 import torch
@@ -43,7 +45,8 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
 
     Args:
         logits: (B, T, V) (or (N, V)) scores of any float dtype; upcast to fp32 before the softmax.
-        labels: (B, T) (or (N,)) targets; ``labels[b, i]`` is t_{i+1} for main-head position i.
+        labels: (B, T) (or (N,)) integer targets (any integer dtype, e.g. int32 as the ids); ``labels[b, i]`` is
+            t_{i+1} for main-head position i.
         ignore_index: label value of positions that carry no loss.
 
     Returns:
@@ -51,8 +54,10 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} do not match labels {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer token ids, got {labels.dtype}")
     flat_NV = logits.reshape(-1, logits.shape[-1]).float()  # (N, V) fp32
-    flat_N = labels.reshape(-1)  # (N,)
+    flat_N = labels.reshape(-1).long()  # (N,): cross_entropy takes int64 targets only
     # CE = -log softmax(z)[y] summed over valid positions, divided by their number (SPEC §5: -(1/T) sum log P)
     valid_N = flat_N != ignore_index
     if torch.compiler.is_compiling():
@@ -212,6 +217,8 @@ def update_balance_bias(model: DeepSeekV3, counts: torch.Tensor, gamma: float) -
     Keep the bias buffers in fp32 (SPEC §4) when casting the model to bf16: near |b| = 1 bf16 values are
     2^-7 = 0.0078 apart, more than gamma = 0.001, so the updates would round away.
     """
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma):
+        raise ValueError(f"gamma must be a finite number, got {gamma!r}")  # a NaN would make every bias NaN
     routers = moe_routers(model)
     if counts.dim() != 2 or counts.shape[0] != len(routers):
         raise ValueError(f"counts must be (n_moe_layers={len(routers)}, E), got {tuple(counts.shape)}")

@@ -180,6 +180,21 @@ def test_training_loss_combines_terms():
     assert terms.total.item() == pytest.approx(1.237464, abs=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8])
+def test_training_loss_takes_labels_of_any_integer_dtype(dtype):
+    """The model takes int32 ids, but labels sliced from the same int32 tokens failed in cross_entropy
+    ('expected target dtype to be Long'); float labels are named instead."""
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, LN2, 0.0], [0.0, LN2, 0.0]]])
+    out = ModelOutput(logits=logits, hidden=torch.zeros(1, 3, 1), mtp_logits=[torch.zeros(1, 2, 3)])
+    labels = torch.tensor([[2, 1, 1]])
+    expected = training_loss(out, labels)
+    terms = training_loss(out, labels.to(dtype))
+    torch.testing.assert_close(terms.total, expected.total)
+    torch.testing.assert_close(terms.main, expected.main)
+    with pytest.raises(ValueError, match="labels must be integer token ids, got torch.float32"):
+        training_loss(out, labels.float())
+
+
 def test_training_loss_two_depths_and_another_ignore_index():
     """lambda applies once to the mean over D = 2 depths (lambda / D * sum_k L_k, not divided by D again), and an
     ignore_index other than -100 reaches the main and the MTP cross-entropies. labels = [2, 1, 0, -1], V = 3:
@@ -344,6 +359,19 @@ def test_update_balance_bias_tiny(tiny):
         assert model.forward_train(x).expert_counts[:, 0].sum().item() == 0
     for router in routers:
         router.e_score_correction_bias.zero_()
+
+
+@pytest.mark.parametrize("gamma", [float("nan"), float("inf"), "0.001", None])
+def test_update_balance_bias_refuses_a_gamma_that_is_not_a_finite_number(tiny, gamma):
+    """A NaN gamma turned every balancing bias into NaN silently; a string failed inside the update."""
+    model, x, _ = tiny
+    with torch.no_grad():
+        counts = model.forward_train(x).expert_counts
+    before = [r.e_score_correction_bias.clone() for r in moe_routers(model)]
+    with pytest.raises(ValueError, match="gamma must be a finite number"):
+        update_balance_bias(model, counts, gamma)
+    for router, b in zip(moe_routers(model), before):
+        assert torch.equal(router.e_score_correction_bias, b)
 
 
 def test_cross_entropy_sums_by_hand():
