@@ -251,6 +251,9 @@ class Tokenizer:
         return ids
 
     def encode_batch(self, texts: Sequence[str], *, add_special_tokens: bool = False) -> list[list[int]]:
+        """Token ids of each text of ``texts`` (a list of strings), as :meth:`encode` gives them."""
+        if isinstance(texts, (str, bytes)):  # iterating it would encode each character as a text of its own
+            raise TokenizerError(f"encode_batch takes a list of texts, got one {type(texts).__name__}: use encode")
         texts = [check_text(t) for t in texts]
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 

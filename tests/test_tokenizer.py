@@ -375,6 +375,13 @@ def test_save_of_an_in_memory_tokenizer(tmp_path, reference_tokenizers):
     assert again.encode(ENCODE_TEXTS[5]) == reference_tokenizers.encode(ENCODE_TEXTS[5], add_special_tokens=False).ids
 
 
+def test_encode_batch_of_a_single_string_is_refused(ds_tok):
+    """encode_batch("hello") encoded each character as a text of its own, silently."""
+    assert ds_tok.encode_batch(["hello", "hi"]) == [ds_tok.encode("hello"), ds_tok.encode("hi")]
+    with pytest.raises(TokenizerError, match="encode_batch takes a list of texts, got one str"):
+        ds_tok.encode_batch("hello")
+
+
 def test_save_keeps_a_chat_template_changed_after_loading(tmp_path):
     """save copied the loaded files byte for byte, so a chat template set after from_pretrained was dropped (and
     saving into the source directory wrote nothing); a stale chat_template.jinja there won over the new one."""
