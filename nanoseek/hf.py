@@ -492,8 +492,12 @@ def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, max_shard_bytes:
     Each shard is written as soon as it is full, so at most one shard of converted copies is held. The
     directory is written next to the target and renamed into place, so an interrupted save never leaves a
     half-written checkpoint behind; an existing directory's other files (e.g. tokenizer) are kept.
-    Router weights and balancing biases stay fp32 whatever ``dtype`` says.
+    Router weights and balancing biases stay fp32 whatever ``dtype`` says. ``model`` may be wrapped by
+    ``torch.compile``.
     """
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: its names all start with _orig_mod.
+    if not isinstance(model, DeepSeekV3):
+        raise TypeError(f"save_pretrained writes a nanoseek DeepSeekV3, got {type(model).__name__}")
     path = Path(path)
     if path.is_symlink() and path.is_dir():  # save into the directory the link names; the link stays
         path = path.resolve()

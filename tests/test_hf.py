@@ -104,6 +104,19 @@ def test_round_trip_state_and_logits(tiny, saved, layout):
     assert all(p.requires_grad for p in loaded.parameters())
 
 
+def test_save_of_a_compiled_model_writes_the_checkpoint_names(tiny, saved, tmp_path):
+    """save_pretrained(torch.compile(model)) wrote every tensor as model._orig_mod.*: a checkpoint that no loader
+    reads (over an existing one, too). The wrapper is now looked through; anything else is a TypeError."""
+    out = save_pretrained(torch.compile(tiny), tmp_path / "compiled")  # wrapping compiles nothing yet
+    with safe_open(str(out / "model.safetensors"), "pt") as f, \
+            safe_open(str(saved["single"] / "model.safetensors"), "pt") as g:
+        assert sorted(f.keys()) == sorted(g.keys())
+    assert_same_state(tiny, load_pretrained(out))
+    with pytest.raises(TypeError, match="save_pretrained writes a nanoseek DeepSeekV3, got Linear"):
+        save_pretrained(torch.nn.Linear(2, 2), tmp_path / "linear")
+    assert not (tmp_path / "linear").exists()
+
+
 def test_single_file_layout(saved):
     files = sorted(p.name for p in saved["single"].iterdir())
     assert files == ["config.json", "model.safetensors"]
