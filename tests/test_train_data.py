@@ -270,6 +270,10 @@ def test_tokenizer_errors(tmp_path):
     for bad in (1, 4):
         with pytest.raises(ValueError, match="--seq-len must be"):
             TrainConfig(seq_len=bad).validate()
+    # a single string (the Python API) was taken as one data spec per character
+    with pytest.raises(ValueError, match="data must be a list of files, directories, globs or hf: datasets, got str"):
+        TrainConfig(data="corpus.txt").validate()
+    TrainConfig(data=["corpus.txt"]).validate()
 
 
 def test_unusable_cache_directory_is_named_before_the_corpus_is_read(tmp_path, monkeypatch):

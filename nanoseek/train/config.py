@@ -187,6 +187,9 @@ class TrainConfig:
             raise ValueError(f"--sample-tokens must be >= 0, got {self.sample_tokens}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2 ** 63:
             raise ValueError(f"--seed must be an integer in [0, 2^63), got {self.seed!r}")
+        if not isinstance(self.data, (list, tuple)):  # a str would be read as one spec per character
+            raise ValueError(f"data must be a list of files, directories, globs or hf: datasets, got "
+                             f"{type(self.data).__name__} {self.data!r}")
         for spec in self.data:
             if not isinstance(spec, str) or not spec.strip():
                 raise ValueError(f"--data names a file, directory, glob or hf: dataset, got {spec!r}")
