@@ -178,6 +178,7 @@ class Tokenizer:
 
     def _write_config(self, path: Path) -> None:
         config = dict(self.config)
+        config.pop("chat_template", None)  # the loaded one, unless chat_template was set to None since
         if isinstance(self._chat_template, str):
             config["chat_template"] = self._chat_template
         elif isinstance(self._chat_template, dict):

@@ -397,6 +397,9 @@ def test_save_keeps_a_chat_template_changed_after_loading(tmp_path):
         assert again.chat_template == FEATURES_TEMPLATE
         assert again.encode(ENCODE_TEXTS[4]) == tok.encode(ENCODE_TEXTS[4])
         assert (again.bos_token_id, again.eos_token_id) == (tok.bos_token_id, tok.eos_token_id)
+    tok.chat_template = None  # removed: not read back from the loaded tokenizer_config.json's entry either
+    tok.save(tmp_path / "none")
+    assert Tokenizer.from_pretrained(tmp_path / "none").chat_template is None
 
 
 @pytest.mark.parametrize("added_tokens_decoder", [False, True])
