@@ -73,18 +73,21 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     return total / valid_N.sum().clamp_min(1)
 
 
-def cross_entropy_sums(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> list[tuple[float, int]]:
+def cross_entropy_sums(logits: Sequence[torch.Tensor], labels: torch.Tensor,
+                       ignore_index: int = -100) -> list[tuple[float, int]]:
     """(sum of cross-entropies, number of positions) of the main head and of each MTP depth, for validation.
 
     ``logits[0]`` is the main head's (B, T, V), ``logits[k]`` depth k's (B, T - k, V), whose position i predicts
     t_{i+k+1} = ``labels[:, i + k]`` (SPEC §5). Sums, not means, so that batches and ranks add up exactly.
+    Positions labelled ``ignore_index`` count in neither.
     """
     out = []
     for k, logits_k in enumerate(logits):
-        target = labels[:, k:]  # (B, T - k)
+        target = labels[:, k:].long()  # (B, T - k)
         # (B*(T-k), V) against (B*(T-k),), in fp32
-        ce = F.cross_entropy(logits_k.float().flatten(0, 1), target.flatten(), reduction="sum")
-        out.append((ce.item(), target.numel()))
+        ce = F.cross_entropy(logits_k.float().flatten(0, 1), target.flatten(), ignore_index=ignore_index,
+                             reduction="sum")
+        out.append((ce.item(), int((target != ignore_index).sum())))
     return out
 
 

@@ -374,6 +374,17 @@ def test_update_balance_bias_refuses_a_gamma_that_is_not_a_finite_number(tiny, g
         assert torch.equal(router.e_score_correction_bias, b)
 
 
+def test_cross_entropy_sums_count_no_ignored_position():
+    """Labels of ignore_index (-100) were left out of the sums by cross_entropy but counted in the number of
+    positions, so sum / n came out too small; int32 labels failed."""
+    logits = torch.tensor([[[0.0, 0.0, 0.0], [0.0, LN2, 0.0], [0.0, LN2, 0.0]]])
+    labels = torch.tensor([[2, 1, -100]])
+    (main_sum, main_n), (d1_sum, d1_n) = cross_entropy_sums([logits, torch.zeros(1, 2, 3)], labels.int())
+    assert (main_n, d1_n) == (2, 1)
+    assert main_sum / main_n == pytest.approx(next_token_loss(logits, labels).item(), abs=1e-6)
+    assert d1_sum == pytest.approx(LN3, abs=1e-6)
+
+
 def test_cross_entropy_sums_by_hand():
     """Validation sums: depth k's position i predicts labels[:, i + k] (SPEC §5); -log softmax summed."""
     torch.manual_seed(0)
