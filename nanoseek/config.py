@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,6 +216,10 @@ class ModelConfig:
         ``FileNotFoundError`` (naming the path) when there is no file and ``ValueError`` for invalid JSON,
         an unsupported model, or an impossible architecture.
         """
+        if not isinstance(source, (dict, str, os.PathLike)):
+            hint = ": pass its .to_dict()" if hasattr(source, "to_dict") else ""  # a transformers config object
+            raise TypeError(f"ModelConfig.from_hf takes a config.json dict, file or directory, got "
+                            f"{type(source).__name__}{hint}")
         if not isinstance(source, dict):
             source = read_config_json(source)
         return _from_hf_dict(source)

@@ -389,6 +389,19 @@ def test_from_hf_missing_file(tmp_path):
         ModelConfig.from_hf(tmp_path / "nope.json")
 
 
+def test_from_hf_of_something_else_names_the_argument():
+    """A transformers config object (or a number) failed inside pathlib ('expected str, bytes or os.PathLike')."""
+    transformers = pytest.importorskip("transformers")
+    cfg = ModelConfig.preset("tiny")
+    theirs = transformers.DeepseekV3Config(**cfg.to_hf())
+    with pytest.raises(TypeError, match=r"from_hf takes a config.json dict, file or directory, got "
+                                        r"DeepseekV3Config: pass its .to_dict\(\)"):
+        ModelConfig.from_hf(theirs)
+    assert ModelConfig.from_hf(theirs.to_dict()) == cfg
+    with pytest.raises(TypeError, match="got int$"):
+        ModelConfig.from_hf(3)
+
+
 def test_from_hf_invalid_json(tmp_path):
     bad = tmp_path / "config.json"
     bad.write_text('{"hidden_size": 64,')
