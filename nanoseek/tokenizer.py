@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import os
 import shutil
 from collections.abc import Iterable, Mapping, Sequence
@@ -51,6 +52,22 @@ def check_text(text: str) -> str:
     except UnicodeEncodeError as e:
         raise TokenizerError(f"the text is not valid UTF-8: {text[e.start:e.end]!a} at character {e.start}") from None
     return text
+
+
+def token_ids(ids: Any, what: str) -> list[int]:
+    """``ids`` (an int, a list of ints, a 1-D tensor or array) as a list of Python ints; TypeError naming ``what``
+    for a string (whose characters int() would read as ids), fractional numbers or nested lists."""
+    if hasattr(ids, "tolist") and not isinstance(ids, (str, bytes)):
+        ids = ids.tolist()  # a tensor or numpy array: its ids, or one id for a 0-d one
+    if isinstance(ids, numbers.Integral) and not isinstance(ids, bool):
+        return [int(ids)]
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+        raise TypeError(f"{what} takes token ids (ints), got {type(ids).__name__}")
+    ids = list(ids)
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"{what} takes token ids (ints), got {i!r}")
+    return [int(i) for i in ids]
 
 
 def _token_content(value: Any) -> str | None:
@@ -261,7 +278,7 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         """Text of ``ids`` (``tokenizers`` decode). A multi-byte character cut off at either end comes out as
         U+FFFD; use :meth:`stream_decoder` to decode a sequence that is still growing."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return self._tok.decode(token_ids(ids, "decode"), skip_special_tokens=skip_special_tokens)
 
     def stream_decoder(self, *, skip_special_tokens: bool = True) -> StreamDecoder:
         """An incremental decoder: feed it ids as they are generated, it returns the new text, never a partial
@@ -313,7 +330,9 @@ class Tokenizer:
         the assistant header (R1: ``<｜Assistant｜><think>\\n``). Extra keyword arguments reach the template."""
         template = self.get_chat_template(chat_template, tools)
         if not isinstance(messages, (list, tuple)) or not messages:
-            raise TokenizerError("a chat needs at least one message")
+            got = "an empty list" if isinstance(messages, (list, tuple)) else f"one {type(messages).__name__}"
+            raise TokenizerError(f"a chat needs at least one message: messages is a list of {{'role': ..., "
+                                 f"'content': ...}} dicts, got {got}")
         text = render_chat_template(template, messages, add_generation_prompt=add_generation_prompt, tools=tools,
                                     documents=documents, **{**self.special_tokens_map, **kwargs})
         return self.encode(text) if tokenize else text
@@ -355,9 +374,7 @@ class StreamDecoder:
         return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
 
     def push(self, ids: int | Iterable[int]) -> str:
-        if isinstance(ids, int):
-            ids = [ids]
-        self.ids.extend(int(i) for i in ids)
+        self.ids.extend(token_ids(ids, "push"))
         return self._advance(final=False)
 
     def flush(self) -> str:

@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+import torch
 import tokenizers
 
 from nanoseek import Tokenizer
@@ -380,6 +381,24 @@ def test_encode_batch_of_a_single_string_is_refused(ds_tok):
     assert ds_tok.encode_batch(["hello", "hi"]) == [ds_tok.encode("hello"), ds_tok.encode("hi")]
     with pytest.raises(TokenizerError, match="encode_batch takes a list of texts, got one str"):
         ds_tok.encode_batch("hello")
+
+
+def test_decode_and_push_take_token_ids_only(ds_tok):
+    """decode("12") read the characters as the ids 1 and 2, decode([1.7]) truncated to id 1, a (1, T) tensor
+    failed in int(); apply_chat_template of one message dict said the chat had no message."""
+    ids = ds_tok.encode("hello world")
+    text = ds_tok.decode(ids)
+    assert ds_tok.decode(torch.tensor(ids)) == ds_tok.decode(tuple(ids)) == text
+    assert ds_tok.decode(torch.tensor(ids[0])) == ds_tok.decode(ids[0]) == ds_tok.decode(ids[:1])
+    for bad in ("12", b"12", [1.7], [[1, 2]], torch.tensor([ids]), [True], None):
+        with pytest.raises(TypeError, match="decode takes token ids"):
+            ds_tok.decode(bad)
+    stream = ds_tok.stream_decoder(skip_special_tokens=False)
+    assert stream.push(torch.tensor(ids)) + stream.flush() == text
+    with pytest.raises(TypeError, match="push takes token ids"):
+        stream.push("12")
+    with pytest.raises(TokenizerError, match="a chat needs at least one message: .* got one dict"):
+        ds_tok.apply_chat_template({"role": "user", "content": "hi"})
 
 
 def test_save_keeps_a_chat_template_changed_after_loading(tmp_path):
