@@ -198,10 +198,10 @@ def _progress(run_dir: Path) -> tuple[int | None, int]:
     from .train import checkpoint as ckpt_io
 
     try:
-        _, state, saved = ckpt_io.read_checkpoint_config(run_dir)
-    except (OSError, ValueError):  # no run, no checkpoint yet, a damaged one
-        return None, 0
-    return int(state["step"]), int(saved.get("steps", 0))
+        progress = ckpt_io.run_progress(run_dir)
+    except (OSError, ValueError, KeyError):  # a damaged checkpoint
+        progress = None
+    return progress if progress is not None else (None, 0)
 
 
 def _extension_base_length(run_dir: Path) -> int | None:

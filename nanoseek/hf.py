@@ -208,13 +208,7 @@ def stored_tensor_names(path: str | os.PathLike) -> set[str] | None:
     if (path / INDEX_FILE).is_file():
         return set(_weight_map(path / INDEX_FILE))
     files = _weight_files(path)
-    if not files:
-        return None
-    names: set[str] = set()
-    for file in files:
-        with _open(file) as f:
-            names.update(f.keys())
-    return names
+    return set(_scan(files)[0]) if files else None
 
 
 def mtp_modules_stored(config: ModelConfig, names) -> int:

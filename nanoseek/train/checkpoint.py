@@ -292,6 +292,24 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
     return state
 
 
+def run_of_checkpoint(path: Path) -> Path | None:
+    """The run that ``path`` is a checkpoint of (runs/x/checkpoint, runs/x/checkpoints/step-N -> runs/x), or
+    None when ``path`` is not a checkpoint directory (a run, or anything else)."""
+    path = Path(path)
+    if current_checkpoint(path) is not None or not (path / STATE_FILE).is_file():
+        return None
+    return path.parent.parent if path.parent.name == CHECKPOINTS else path.parent
+
+
+def run_progress(run_dir: Path) -> tuple[int, int] | None:
+    """(step of the current checkpoint, the run's planned steps), or None before the run's first checkpoint."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or current_checkpoint(run_dir) is None:
+        return None
+    _, state, saved = read_checkpoint_config(run_dir)
+    return int(state["step"]), int(saved["steps"])
+
+
 def read_checkpoint_config(run_dir: Path) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """(checkpoint dir, its trainer state, its train config dict) of a run directory, validated."""
     run_dir = Path(run_dir)
@@ -301,8 +319,7 @@ def read_checkpoint_config(run_dir: Path) -> tuple[Path, dict[str, Any], dict[st
         raise FileNotFoundError(f"run directory {run_dir} does not exist")
     ckpt = current_checkpoint(run_dir)
     if ckpt is None:
-        if (run_dir / STATE_FILE).is_file():  # a checkpoint itself: runs/x/checkpoint, runs/x/checkpoints/step-N
-            run = run_dir.parent.parent if run_dir.parent.name == CHECKPOINTS else run_dir.parent
+        if (run := run_of_checkpoint(run_dir)) is not None:
             raise CheckpointError(f"{run_dir} is a checkpoint of the run {run}, not a run: resume the run with "
                                   f"--resume {run}")
         if (run_dir / CONFIG_FILE).is_file():

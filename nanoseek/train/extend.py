@@ -252,8 +252,7 @@ def read_base(run_dir: Path) -> tuple[TrainConfig, ModelConfig, int]:
     if not (run_dir / "train_config.json").is_file():
         raise ValueError(f"{run_dir} is not a nanoseek training run (no train_config.json): extend needs the run's "
                          "data, tokenizer and schedule")
-    if ckpt_io.current_checkpoint(run_dir) is None and (run_dir / ckpt_io.STATE_FILE).is_file():
-        run = run_dir.parent.parent if run_dir.parent.name == ckpt_io.CHECKPOINTS else run_dir.parent
+    if (run := ckpt_io.run_of_checkpoint(run_dir)) is not None:
         raise ValueError(f"{run_dir} is a checkpoint of the run {run}, not a run: extend the run ({run}), which "
                          "extends its last checkpoint")
     _, state, saved = ckpt_io.read_checkpoint_config(run_dir)
@@ -278,13 +277,8 @@ def _plan_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def _stage_done(stage: Stage) -> bool | None:
     """True: finished; False: started (resume it); None: not started."""
-    from . import checkpoint as ckpt_io
-
-    if not stage.run_dir.is_dir() or ckpt_io.current_checkpoint(stage.run_dir) is None:
-        return None
-    state = ckpt_io.read_trainer_state(ckpt_io.current_checkpoint(stage.run_dir))
-    saved = json.loads((stage.run_dir / ckpt_io.CONFIG_FILE).read_text())
-    return state["step"] >= saved["steps"]
+    progress = ckpt_io.run_progress(stage.run_dir)
+    return None if progress is None else progress[0] >= progress[1]
 
 
 def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16), *, steps: int | None = None,
