@@ -10,7 +10,8 @@ backward, AdamW step, zero_grad.
     both sides see the same batches.
   * transformers runs its default implementation (in 5.24: experts ``grouped_mm``, attention ``sdpa``); the
     implementation it actually used is read back from ``model.config._experts_implementation`` /
-    ``_attn_implementation``. ``--impls nanoseek,hf,hf-eager`` adds transformers with the per-expert loop.
+    ``_attn_implementation``. ``--impls nanoseek,hf,hf-eager`` adds transformers with the per-expert loop;
+    ``nanoseek-explicit-attn`` is nanoseek without its fused CPU attention kernel (nanoseek.model.cpu_attention).
   * Precision (``--dtype``): ``fp32``; ``bf16`` with ``--bf16-mode autocast`` (default: fp32 master weights and
     AdamW state, forward under ``torch.autocast(bfloat16)`` on both sides, the realistic training setup) or
     ``--bf16-mode weights`` (bf16 parameters, gradients and AdamW state on both sides; routers stay fp32, as
@@ -65,7 +66,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "train_step.md"
-IMPLS = ("nanoseek", "hf", "hf-eager")
+IMPLS = ("nanoseek", "nanoseek-explicit-attn", "hf", "hf-eager")
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -147,7 +148,7 @@ def compute_dtype(args) -> torch.dtype:
 
 
 def autocast_ctx(args, device: torch.device, name: str = ""):
-    if args.dtype == "bf16" and (args.bf16_mode == "autocast" or (args.bf16_mode == "master" and name != "nanoseek")):
+    if args.dtype == "bf16" and (args.bf16_mode == "autocast" or (args.bf16_mode == "master" and not name.startswith("nanoseek"))):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -327,14 +328,15 @@ class Impl:
 
     def __init__(self, name: str, model: torch.nn.Module, args, device: torch.device, info: str):
         self.name, self.model, self.info = name, model, info
+        self.nanoseek = name.startswith("nanoseek")
         self.model.train()
         # as `nanoseek train --compile`: the forward and the loss as one compiled function
-        self.compiled = torch.compile(self._logits_and_loss) if name == "nanoseek" and args.compile else None
+        self.compiled = torch.compile(self._logits_and_loss) if self.nanoseek and args.compile else None
         # Same optimizer, same settings, both sides (default torch implementation choice).
         impl_kw = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[args.adamw]
         self.masters = None
         params = [p for p in model.parameters() if p.requires_grad]
-        if name == "nanoseek" and args.dtype == "bf16" and args.bf16_mode == "master":
+        if self.nanoseek and args.dtype == "bf16" and args.bf16_mode == "master":
             from nanoseek.train.precision import MasterWeights
 
             # bf16 weights; fp32 copies stepped by AdamW, with --compile in one compiled pass per weight (as train)
@@ -352,8 +354,16 @@ class Impl:
         self.peak_mem: list[int] = []
         self.state = self.state_bytes()
 
+    def routes(self):
+        """nanoseek-explicit-attn: nanoseek without its fused CPU attention kernel (traced without it, too)."""
+        if self.name == "nanoseek-explicit-attn":
+            from nanoseek.model import cpu_attention
+
+            return cpu_attention.disabled()
+        return contextlib.nullcontext()
+
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.name == "nanoseek":
+        if self.nanoseek:
             return self.model(ids)
         return self.model(input_ids=ids, use_cache=False).logits
 
@@ -363,7 +373,7 @@ class Impl:
     def loss(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy, each library's own (the same math): nanoseek's as `nanoseek train` computes
         it; for transformers what its ForCausalLMLoss computes, cross-entropy on the fp32 copy of the logits."""
-        if self.name == "nanoseek":
+        if self.nanoseek:
             from nanoseek.objectives import next_token_loss
 
             return next_token_loss(logits[:, :-1], ids[:, 1:])
@@ -376,9 +386,9 @@ class Impl:
         sync(device)
         t0, c0, b0 = time.perf_counter(), time.process_time(), cpu_busy_seconds()
         u0 = resource.getrusage(resource.RUSAGE_SELF)
-        with autocast_ctx(self.args, device, self.name):
+        with autocast_ctx(self.args, device, self.name), self.routes():
             loss = self.compiled(ids) if self.compiled is not None else self._logits_and_loss(ids)
-        loss.backward()
+            loss.backward()
         if self.masters is not None:
             self.masters.step(self.opt)  # AdamW on the masters, then the bf16 weights refreshed
         else:
@@ -419,13 +429,17 @@ class Impl:
 
 def load_impl(name: str, ckpt: Path, args, device: torch.device) -> Impl:
     wd = weight_dtype(args)
-    if name == "nanoseek":
+    if name.startswith("nanoseek"):
         from nanoseek.hf import load_pretrained
+        from nanoseek.model import cpu_attention
+
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = load_pretrained(ckpt, dtype=wd, device=device)
-        return Impl(name, model, args, device, "grouped experts (torch._grouped_mm when eligible), F.sdpa"
+        fused = name == "nanoseek" and args.dtype == "bf16" and cpu_attention.available()
+        attention = "fused CPU attention kernel (bf16)" if fused else "F.sdpa / explicit bf16 scores"
+        return Impl(name, model, args, device, f"grouped experts (torch._grouped_mm when eligible), {attention}"
                     + (", torch.compile" if args.compile else ""))
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import cpu_attention
 from .layers import Linear, RMSNorm, compute_dtype, low_precision_cpu
 from .rope import apply_rope
 
@@ -150,6 +151,12 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, d_h + d_h^R)  eq. 40
         k_rope_heads = k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)  # k^R (B, S, d_R) -> (B, S, H, d_R)
         k = torch.cat((k_nope, k_rope_heads), dim=-1)  # (B, S, H, d_h + d_h^R)  eq. 44
+        if (attn_mask is None and compute_dtype(q) == torch.bfloat16 and low_precision_cpu(q)
+                and cpu_attention.shapes_supported(self.qk_head_dim, self.v_head_dim) and cpu_attention.available()):
+            with torch.autocast("cpu", enabled=False):  # fused CPU kernel: scores never leave the cache
+                o = cpu_attention.causal_attention(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16),
+                                                   self.softmax_scale)  # (B, T, H, d_v)
+            return self.o_proj(o.reshape(B, T, self.n_heads * self.v_head_dim))  # (B, T, H, d_v) -> (B, T, H*d_v), eq. 47
         if attn_mask is None and low_precision_cpu(q) and B * self.n_heads * T * T <= LOWP_SCORES_BUDGET:
             dtype = compute_dtype(q)
             with torch.autocast("cpu", enabled=False):

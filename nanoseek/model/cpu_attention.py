@@ -1,0 +1,195 @@
+"""Fused causal attention for bf16 on CPUs with AVX-512 bf16 dot products: csrc/causal_attention_bf16.cpp.
+
+The training forward's attention (causal, no other mask) in bf16 on such a CPU runs here instead of as explicit
+score products (attention.causal_attention_lowp): softmax(scale q k^T + causal mask) v and its backward in 64 x 64
+tiles that stay in the cache, FlashAttention-2's algorithm. The (T x T) scores, probabilities and their gradients,
+which the explicit form writes and reads about eleven times per layer, are never written to memory.
+
+The kernel is compiled with the system's C++ compiler (``$CXX``, else g++ / c++) at first use and cached under
+$NANOSEEK_CACHE (else ~/.cache/nanoseek) / kernels, keyed by the source and the flags. It runs through ctypes and
+needs no torch headers (a build takes a few seconds). Where it cannot run (another CPU, no compiler, a failed
+build, ``NANOSEEK_CPU_KERNELS=0``) :func:`available` is False and the callers keep their other paths; a failed
+build says why once.
+
+No ``from __future__ import annotations`` here: torch.library reads the ops' schemas from the annotations.
+"""
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import uuid
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).parent / "csrc" / "causal_attention_bf16.cpp"
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+         "-mavx512bf16", "-mfma"]
+
+
+def shapes_supported(dk: int, dv: int) -> bool:
+    """Head widths the kernel takes: products run over pairs and columns in vectors of 16."""
+    return dk % 16 == 0 and dv % 16 == 0 and dk > 0 and dv > 0
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("NANOSEEK_CPU_KERNELS", "1") == "0":
+        return None
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
+    if "avx512_bf16" not in flags or "avx512bw" not in flags:
+        return None
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if not compiler:
+        return None
+    try:
+        path = _build(compiler)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        warnings.warn(f"nanoseek: the fused CPU attention kernel was not built ({e}); attention runs as explicit "
+                      "products", RuntimeWarning, stacklevel=2)
+        return None
+    if not lib.nanoseek_cpu_supported():
+        return None
+    ptr, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    lib.nanoseek_causal_attention_forward.argtypes = [ptr] * 5 + [i64] * 5 + [f32, c_int]
+    lib.nanoseek_causal_attention_forward.restype = None
+    lib.nanoseek_causal_attention_backward.argtypes = [ptr] * 9 + [i64] * 5 + [f32, c_int]
+    lib.nanoseek_causal_attention_backward.restype = None
+    return lib
+
+
+def _kernel_dir() -> Path:
+    env = os.environ.get("NANOSEEK_CACHE")
+    root = Path(env).expanduser() if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoseek"
+    return root / "kernels"
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library, built once per source, flags and compiler; written under a temporary name and renamed,
+    so concurrent builds (the ranks of a torchrun job) each leave a whole file."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [compiler, version]).encode()).hexdigest()[:16]
+    directory = _kernel_dir()
+    target = directory / f"causal_attention_bf16-{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = directory / f".{target.name}.{uuid.uuid4().hex}"
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True,
+                              timeout=600)
+        if done.returncode != 0:
+            raise OSError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
+_disabled = 0  # > 0 inside disabled()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Attention takes its other paths inside this block (compiled models: those traced inside it), e.g. to
+    compare the two."""
+    global _disabled
+    _disabled += 1
+    try:
+        yield
+    finally:
+        _disabled -= 1
+
+
+def available() -> bool:
+    """Whether attention takes the kernel: it runs on this machine (built on the first call) and is not
+    :func:`disabled`. torch.compile guards on the latter, so a graph traced inside ``disabled()`` is not reused
+    outside it."""
+    return not _disabled and _loaded()
+
+
+@torch.compiler.assume_constant_result  # a compiled model takes the same route as an eager one
+def _loaded() -> bool:
+    return _library() is not None
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+@torch.library.custom_op("nanoseek::causal_attention_bf16", mutates_args=())
+def causal_attention_bf16(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """softmax(scale q k^T + causal mask) v for q, k (B, T, H, d), v (B, T, H, d_v) in bf16: the output
+    (B, T, H, d_v) and the log2 of each row's softmax denominator (B, H, T, fp32), which the backward reads."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    out = q.new_empty(B, T, H, dv)
+    lse2 = q.new_empty(B, H, T, dtype=torch.float32)
+    _library().nanoseek_causal_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                                  lse2.data_ptr(), B, T, H, dk, dv, scale, _threads())
+    return out, lse2
+
+
+@causal_attention_bf16.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    B, T, H, _ = q.shape
+    return q.new_empty(B, T, H, v.shape[-1]), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("nanoseek::causal_attention_bf16_backward", mutates_args=())
+def causal_attention_bf16_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor, d_out: Tensor, lse2: Tensor,
+                                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv of :func:`causal_attention_bf16` for the output gradient d_out (B, T, H, d_v)."""
+    q, k, v, out, d_out = (t.contiguous() for t in (q, k, v, out, d_out))
+    B, T, H, dk = q.shape
+    dv = v.shape[-1]
+    dq, dk_, dv_ = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    _library().nanoseek_causal_attention_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+                                                   d_out.data_ptr(), lse2.contiguous().data_ptr(), dq.data_ptr(),
+                                                   dk_.data_ptr(), dv_.data_ptr(), B, T, H, dk, dv, scale, _threads())
+    return dq, dk_, dv_
+
+
+@causal_attention_bf16_backward.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, out: Tensor, d_out: Tensor, lse2: Tensor,
+      scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    out, lse2 = output
+    ctx.save_for_backward(q, k, v, out, lse2)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse2)
+
+
+def _backward(ctx, d_out: Tensor, _d_lse2: Tensor):
+    q, k, v, out, lse2 = ctx.saved_tensors
+    if d_out is None:
+        return None, None, None, None
+    dq, dk, dv = causal_attention_bf16_backward(q, k, v, out, d_out.to(out.dtype), lse2, ctx.scale)
+    return dq, dk, dv, None
+
+
+causal_attention_bf16.register_autograd(_backward, setup_context=_setup_context)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """softmax(scale q k^T + causal mask) v for q, k (B, T, H, d), v (B, T, H, d_v) in bf16: (B, T, H, d_v)."""
+    return causal_attention_bf16(q, k, v, scale)[0]
