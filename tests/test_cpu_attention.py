@@ -221,3 +221,16 @@ def test_kernel_builds_where_the_cpu_supports_it():
     if not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")):
         pytest.skip("no C++ compiler")
     assert cpu_attention.available()
+
+
+@needs_kernel
+def test_bad_inputs_are_one_line_errors():
+    q, k, v = _inputs(1, 8, 2, 48, 32)
+    with pytest.raises(TypeError, match="bf16 CPU tensors"):
+        cpu_attention.causal_attention_bf16(q.float(), k, v, 0.1)
+    with pytest.raises(ValueError, match=r"q, k \(B, T, H, d_k\)"):
+        cpu_attention.causal_attention_bf16(q, k[:, :4], v, 0.1)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        cpu_attention.causal_attention_bf16(q[..., :40], k[..., :40], v, 0.1)
+    with pytest.raises(ValueError, match="positive softmax scale"):
+        cpu_attention.causal_attention_bf16(q, k, v, -0.1)

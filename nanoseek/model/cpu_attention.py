@@ -135,6 +135,7 @@ def _threads() -> int:
 def causal_attention_bf16(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """softmax(scale q k^T + causal mask) v for q, k (B, T, H, d), v (B, T, H, d_v) in bf16: the output
     (B, T, H, d_v) and the log2 of each row's softmax denominator (B, H, T, fp32), which the backward reads."""
+    _check(q, k, v, scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, H, dk = q.shape
     dv = v.shape[-1]
@@ -143,6 +144,23 @@ def causal_attention_bf16(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tupl
     _library().nanoseek_causal_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                                   lse2.data_ptr(), B, T, H, dk, dv, scale, _threads())
     return out, lse2
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, scale: float) -> None:
+    """What the kernel assumes, as one-line errors (it reads raw memory)."""
+    if not (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == k.device.type == v.device.type == "cpu"):
+        raise TypeError(f"causal_attention_bf16 takes bf16 CPU tensors, got {q.dtype}/{k.dtype}/{v.dtype} on "
+                        f"{q.device}/{k.device}/{v.device}")
+    if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3] or v.dim() != 4:
+        raise ValueError(f"causal_attention_bf16 wants q, k (B, T, H, d_k) and v (B, T, H, d_v), got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not shapes_supported(q.shape[-1], v.shape[-1]):
+        raise ValueError(f"causal_attention_bf16 needs head widths that are multiples of 16, got d_k = {q.shape[-1]}, "
+                         f"d_v = {v.shape[-1]}")
+    if not scale > 0:
+        raise ValueError(f"causal_attention_bf16 needs a positive softmax scale, got {scale}")
+    if _library() is None:
+        raise RuntimeError("the fused CPU attention kernel does not run on this machine (cpu_attention.available())")
 
 
 @causal_attention_bf16.register_fake
