@@ -32,8 +32,9 @@ LATENT_NORM_EPS = 1e-6
 # of any length needs activation memory for one chunk, not for the whole prefix:
 EXPANDED_KV_BUDGET = 1 << 28  # per-head keys + values of the prefix (B x S x H x (d_h + d_v)): else absorbed
 SCORES_BUDGET = 1 << 26  # absorbed attention's scores (B x H x T x S): else flash attention over the latent
-# Causal self-attention in bf16 / fp16 on the CPU without a mask (the full forward: training, validation) runs
-# as explicit scores up to this many (B x H x T x T), see causal_attention_lowp:
+# Causal self-attention in bf16 / fp16 on the CPU without a mask (the full forward: training, validation) runs in
+# nanoseek's fused kernel (cpu_attention: bf16 on CPUs with AVX-512 bf16), else as explicit scores up to this many
+# (B x H x T x T), see causal_attention_lowp:
 LOWP_SCORES_BUDGET = 1 << 25
 
 
@@ -156,7 +157,7 @@ class MultiHeadLatentAttention(nn.Module):
             with torch.autocast("cpu", enabled=False):  # fused CPU kernel: scores never leave the cache
                 o = cpu_attention.causal_attention(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16),
                                                    self.softmax_scale)  # (B, T, H, d_v)
-            return self.o_proj(o.reshape(B, T, self.n_heads * self.v_head_dim))  # (B, T, H, d_v) -> (B, T, H*d_v), eq. 47
+            return self.o_proj(o.reshape(B, T, self.n_heads * self.v_head_dim))  # (B, T, H*d_v), eq. 47
         if attn_mask is None and low_precision_cpu(q) and B * self.n_heads * T * T <= LOWP_SCORES_BUDGET:
             dtype = compute_dtype(q)
             with torch.autocast("cpu", enabled=False):

@@ -74,7 +74,9 @@ def _library() -> ctypes.CDLL | None:
 
 def _kernel_dir() -> Path:
     env = os.environ.get("NANOSEEK_CACHE")
-    root = Path(env).expanduser() if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoseek"
+    if env:
+        return Path(env).expanduser() / "kernels"
+    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoseek"
     return root / "kernels"
 
 
@@ -93,7 +95,8 @@ def _build(compiler: str) -> Path:
         done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True,
                               timeout=600)
         if done.returncode != 0:
-            raise OSError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+            raise OSError(f"{compiler} failed: {last}")
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
@@ -148,7 +151,7 @@ def causal_attention_bf16(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tupl
 
 def _check(q: Tensor, k: Tensor, v: Tensor, scale: float) -> None:
     """What the kernel assumes, as one-line errors (it reads raw memory)."""
-    if not (q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == k.device.type == v.device.type == "cpu"):
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (q, k, v)):
         raise TypeError(f"causal_attention_bf16 takes bf16 CPU tensors, got {q.dtype}/{k.dtype}/{v.dtype} on "
                         f"{q.device}/{k.device}/{v.device}")
     if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3] or v.dim() != 4:

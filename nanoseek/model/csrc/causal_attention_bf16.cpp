@@ -1,13 +1,14 @@
 // Fused causal attention for bf16 on CPUs with AVX-512 bf16 dot products (vdpbf16ps): the forward and the
 // backward of softmax(scale q k^T + causal mask) v without writing the (T x T) scores to memory, in the manner
-// of FlashAttention-2 (Dao 2023): 64 x 64 tiles of scores in fp32, an online softmax in the forward, the
-// log-sum-exp kept for the backward, which recomputes the probabilities tile by tile.
+// of FlashAttention-2 (Dao 2023). The forward takes 64 queries at a time against all their causal keys (their
+// fp32 scores, 64 x T, stay in the cache: 128 KiB at T = 512, 32 MiB at 128K) and keeps each row's log-sum-exp;
+// the backward recomputes the probabilities in 64 x 64 tiles from it.
 //
 // Built and loaded by nanoseek/model/cpu_attention.py (g++ at first use, cached; no torch headers, called through
-// ctypes). Tensors are contiguous (N, T, d) with N = batch x heads; every (batch, head) row is independent, so
-// threads split N. Products take bf16 operands and accumulate in fp32, as oneDNN's bf16 products do; the
-// probabilities and their gradients are rounded to bf16 before the products that read them (as in
-// FlashAttention on GPUs).
+// ctypes). Tensors are contiguous (B, T, H, d): each (batch, head) is T rows H x d elements apart, independent of
+// the others, so threads split the B x H of them. Products take bf16 operands and accumulate in fp32, as oneDNN's
+// bf16 products do; the probabilities and their gradients are rounded to bf16 before the products that read them
+// (as in FlashAttention on GPUs).
 //
 // Every product here is C (M x N, fp32) (+)= A (M x 2P, bf16, row-major) . B, with B "pair-packed":
 // B[p][n][r] = b[2p + r][n], so that one vdpbf16ps multiplies a broadcast pair (a[m][2p], a[m][2p + 1]) with
@@ -129,7 +130,8 @@ void pack_pairs_over_rows(const bf16* x, int64_t ld, int64_t T, int64_t Tp, int6
                                : _mm256_setzero_si256();
       const __m256i r1 = t + 1 < T ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + (t + 1) * ld + c))
                                    : _mm256_setzero_si256();
-      _mm512_storeu_si512(out + t * d + 2 * c, interleave_halves(_mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1)));
+      const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(r0), r1, 1);  // (r0, r1)
+      _mm512_storeu_si512(out + t * d + 2 * c, interleave_halves(both));
     }
 }
 
@@ -198,9 +200,8 @@ struct Forward {
   std::vector<bf16> k_packed, v_packed, p;
   std::vector<float> s, o, inv_sum;
 
-  // the scores of one block of 64 queries against all its keys (64 x Tp fp32: 128 KiB at T = 512) stay in the
-  // cache, so the softmax takes two passes over them (max, then exponentials and sum) instead of rescaling
-  // online tile by tile
+  // the scores of one block of 64 queries against all its keys stay in the cache, so the softmax takes two passes
+  // over them (max, then exponentials and sum) instead of rescaling online tile by tile
   Forward(int64_t T_, int64_t dk_, int64_t dv_, float scale)
       : T(T_), Tp((T_ + BLOCK - 1) / BLOCK * BLOCK), dk(dk_), dv(dv_), scale_log2(scale * 1.4426950408889634f),
         k_packed(dk_ * Tp), v_packed(Tp * dv_), p(BLOCK * Tp), s(BLOCK * Tp), o(BLOCK * dv_), inv_sum(BLOCK) {}
@@ -229,7 +230,8 @@ struct Forward {
         __m512 sum = _mm512_setzero_ps();
         for (int64_t c = 0; c < keys / 16; ++c) {
           __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr + 16 * c), _mm512_set1_ps(scale_log2), _mm512_set1_ps(m));
-          if (c >= full) x = _mm512_mask_mov_ps(x, later_keys(r, static_cast<int>(c - full)), _mm512_set1_ps(-INFINITY));
+          if (c >= full)
+            x = _mm512_mask_mov_ps(x, later_keys(r, static_cast<int>(c - full)), _mm512_set1_ps(-INFINITY));
           const __m512 pc = exp2_ps(x);
           sum = _mm512_add_ps(sum, pc);
           store_bf16_row(p.data() + r * keys + 16 * c, pc);
@@ -319,8 +321,8 @@ struct Backward {
       }
       const int64_t cols = std::min(BLOCK, T - j0);
       // dK^T, dV^T tiles (features x 64 keys) -> rows of dk, dv
-      const __m512i features = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                  _mm512_set1_epi32(BLOCK));
+      const __m512i features = _mm512_mullo_epi32(
+          _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(BLOCK));
       for (int64_t c = 0; c < cols; ++c) {
         for (int64_t e = 0; e < dk; e += 16)
           store_bf16_row(dk_out + (j0 + c) * ld_k + e,
@@ -332,7 +334,8 @@ struct Backward {
     }
     for (int64_t t = 0; t < T; ++t)
       for (int64_t e = 0; e < dk; e += 16)
-        store_bf16_row(dq_out + t * ld_k + e, _mm512_mul_ps(_mm512_loadu_ps(dq.data() + t * dk + e), _mm512_set1_ps(scale)));
+        store_bf16_row(dq_out + t * ld_k + e,
+                       _mm512_mul_ps(_mm512_loadu_ps(dq.data() + t * dk + e), _mm512_set1_ps(scale)));
   }
 };
 
