@@ -803,3 +803,25 @@ def test_data_preparation_and_saving_longer_than_the_collective_timeout(referenc
     steps = run_spawned(_slow_rank0_worker, 2, base_config(cache, steps=1, eval_batches=1).to_dict(),
                         str(root / "slow_data"), timeout_s=5)  # 5 s: a margin for a loaded machine
     assert steps == [1, -1]
+
+
+def test_a_ctrl_c_under_torchrun_says_how_to_resume_with_the_layout(monkeypatch, capsys, tmp_path):
+    """The interrupted message's resume command under torchrun names the layout flags: without them the command
+    it gave fails (torchrun's ranks need a layout)."""
+    import nanoseek.distributed.train as dist_train
+    import nanoseek.train.checkpoint as checkpoint
+    from nanoseek.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dist_train, "train_distributed", interrupted)
+    monkeypatch.setattr(checkpoint, "current_checkpoint", lambda out: out / "checkpoint")
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--ep", "2", "--dp", "2", "--steps", "2"]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; continue with: nanoseek train --resume {out} --ep 2 --dp 2 (under torchrun" in err, err

@@ -267,6 +267,7 @@ def _parallel_settings(args: argparse.Namespace):
 def _train(args: argparse.Namespace, cmd: str, cfg: TrainConfig, out: Path, resume: bool, overwrite: bool) -> int | None:
     from .loop import TrainingError, train
 
+    parallel = None
     try:
         parallel = _parallel_settings(args)
         if parallel is not None:
@@ -292,6 +293,10 @@ def _train(args: argparse.Namespace, cmd: str, cfg: TrainConfig, out: Path, resu
             how = "it stopped before its first checkpoint; run the same command again to start over"
         else:
             how = "continue with: " + ("nanoseek demo" if cmd == "demo" else f"nanoseek train --resume {out}")
+            if parallel is not None:  # under torchrun the layout must be given again
+                from ..distributed.train import layout_flags
+
+                how += f" {layout_flags(parallel.layout)} (under torchrun, as before)"
         if on_rank0():  # under torchrun every rank is interrupted
             print(f"\nnanoseek {cmd}: interrupted; {how}", file=sys.stderr)
         return 130
