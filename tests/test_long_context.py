@@ -759,3 +759,25 @@ def test_eval_long_end_to_end(extended, capsys, monkeypatch):
     for png in ("loss_by_position.png", "passkey.png"):
         assert (out / png).stat().st_size > 1000
     assert "Passkey accuracy" in capsys.readouterr().out
+
+
+def test_extend_shows_progress_while_it_makes_the_passkey_examples(extended, monkeypatch):
+    """Making a stage's passkey examples takes ~0.5 s each at 16K-32K tokens: with progress on, a bar says so (the
+    step was silent for half a minute)."""
+    import tqdm.auto
+
+    from nanoseek.train.extend import extend
+
+    root, _ = extended
+    bars: list[tuple[str, bool]] = []
+    real = tqdm.auto.tqdm
+
+    def recording(*args, **kwargs):
+        bars.append((kwargs.get("desc"), kwargs.get("disable", False)))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", recording)
+    # another passkey fraction: a corpus not cached by the fixture's run
+    extend(root / "base", root / "progress", [4], steps=1, passkey_fraction=0.3, threads=1, progress=True,
+           log=lambda s: None)
+    assert ("stage 1: passkey examples", False) in bars

@@ -184,8 +184,9 @@ def sample_documents(docs: list, max_chars: int | None) -> list:
 
 
 def stage_corpus(stage: Stage, base: TrainConfig, base_dir: Path, passkey_fraction: float,
-                 log: Callable[[str], None]) -> tuple[Path, dict[str, Any]]:
-    """Write (or reuse) the stage's JSONL corpus: passkey examples first, then base training documents."""
+                 log: Callable[[str], None], progress: bool = False) -> tuple[Path, dict[str, Any]]:
+    """Write (or reuse) the stage's JSONL corpus: passkey examples first, then base training documents. With
+    ``progress``, a bar while the passkey examples are made (each is tokenized to fit; ~0.5 s apiece at 16K-32K)."""
     from .data import cache_dir, load_corpus
     from .tokenizer_train import load_tokenizer
 
@@ -215,7 +216,10 @@ def stage_corpus(stage: Stage, base: TrainConfig, base_dir: Path, passkey_fracti
     rng = random.Random(f"extend:{cfg.seed}:{T}")
     maker = PasskeyMaker(tokenizer) if n_passkey else None  # --passkey-fraction 0: no passkey set-up at all
     passkeys = []
-    for _ in range(n_passkey):
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(n_passkey), desc=f"stage {stage.index}: passkey examples", unit="example", file=sys.stderr,
+                  dynamic_ncols=True, leave=False, disable=not progress or n_passkey < 2):
         depth = rng.choice(TRAIN_DEPTHS)
         ex = maker.make(T, depth, str(rng.randrange(10000, 100000)), phase=rng.randrange(len(maker.words)))
         passkeys.append(ex)
@@ -345,7 +349,7 @@ def extend(run_dir: str | Path, out: str | Path, multiples: list[int] = (4, 16),
         if done:
             log(f"stage {st.index}: {st.run_dir} already finished")
             continue
-        corpus, meta = stage_corpus(st, base, run_dir, passkey_fraction, log)
+        corpus, meta = stage_corpus(st, base, run_dir, passkey_fraction, log, progress=st.config.progress)
         st.config = st.config.replace(data=[str(corpus)], text_field="text", max_corpus_mb=None,
                                       tokenizer=str((run_dir / "tokenizer.json").resolve()))
         if meta["passkey_examples"]:
