@@ -2,6 +2,7 @@
 log-sum-exp and gradients against fp32 attention on the same bf16 inputs, MLA's use of it (eager and compiled),
 and its fallbacks."""
 
+import contextlib
 import math
 import os
 
@@ -61,6 +62,28 @@ def test_kernel_matches_fp32_attention(B, T, H, dk, dv):
         assert a.grad.dtype == torch.bfloat16, name
         torch.testing.assert_close(a.grad.float(), b.grad, atol=0.02 * b.grad.abs().max().item() + 1e-6, rtol=0.03,
                                    msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def _reference_suffix(q, k, v, scale):
+    """fp32 attention of T queries at the last T of S positions (query t sees keys 0 .. S - T + t)."""
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, ., d)
+    T, S = q.shape[1], k.shape[1]
+    scores = scale * qf @ kf.transpose(-1, -2)  # (B, H, T, S)
+    scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool).tril(S - T), float("-inf"))
+    return (scores.softmax(-1) @ vf).transpose(1, 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("T,S", [(1, 1), (1, 37), (5, 100), (64, 64), (70, 200), (130, 131), (3, 300)])
+def test_kernel_queries_after_a_prefix(T, S):
+    """Forward of a chunk of T queries after S - T cached positions (a prefill chunk), against fp32; its first
+    T queries' causal self-attention (S = T) is the same code."""
+    q = _inputs(2, T, 2, 48, 32)[0]
+    _, k, v = _inputs(2, S, 2, 48, 32, seed=1)
+    scale = 48 ** -0.5
+    out, _ = cpu_attention.causal_attention_bf16(q, k, v, scale)
+    assert out.shape == (2, T, 2, 32)
+    torch.testing.assert_close(out.float(), _reference_suffix(q, k, v, scale), atol=0.02, rtol=0.02)
 
 
 @needs_kernel
@@ -228,9 +251,51 @@ def test_bad_inputs_are_one_line_errors():
     q, k, v = _inputs(1, 8, 2, 48, 32)
     with pytest.raises(TypeError, match="bf16 CPU tensors"):
         cpu_attention.causal_attention_bf16(q.float(), k, v, 0.1)
-    with pytest.raises(ValueError, match=r"q, k \(B, T, H, d_k\)"):
-        cpu_attention.causal_attention_bf16(q, k[:, :4], v, 0.1)
+    with pytest.raises(ValueError, match=r"k \(B, S, H, d_k\) .* with S >= T"):
+        cpu_attention.causal_attention_bf16(q, k[:, :4], v[:, :4], 0.1)  # fewer keys than queries
+    with pytest.raises(ValueError, match=r"v \(B, S, H, d_v\)"):
+        cpu_attention.causal_attention_bf16(q, k, v[:, :4], 0.1)
     with pytest.raises(ValueError, match="multiples of 16"):
         cpu_attention.causal_attention_bf16(q[..., :40], k[..., :40], v, 0.1)
     with pytest.raises(ValueError, match="positive softmax scale"):
         cpu_attention.causal_attention_bf16(q, k, v, -0.1)
+
+
+@needs_kernel
+def test_mla_prefill_chunk_over_the_cache_runs_the_kernel(monkeypatch):
+    """forward_cached's up-projected path (a prefill chunk) in bf16 takes the kernel when its mask is plain
+    causal, and agrees with the other path; not with gradients on, and not for a mask that is not causal."""
+    from nanoseek.inference.cache import LatentCacheLayer
+    from nanoseek.model.attention import causal_suffix
+
+    attn, x, cos, sin = _mla(monkeypatch)
+    calls = _count_kernel_calls(monkeypatch)
+
+    def new_cache():
+        return LatentCacheLayer(torch.zeros(2, 70, attn.kv_lora_rank + attn.qk_rope_head_dim, dtype=torch.bfloat16))
+
+    def prefill(layer_cache, start, stop, mask=None):
+        pos = torch.arange(start, stop)[None].expand(2, -1)  # (B, T)
+        if mask is None:
+            mask = (torch.arange(stop) <= pos[..., None]).unsqueeze(1)  # (B, 1, T, S): cache_mask's
+        return attn.forward_cached(x[:, start:stop], cos[:, start:stop].expand(2, -1, -1),
+                                   sin[:, start:stop].expand(2, -1, -1), layer_cache, pos, mask, absorb=False)
+
+    outs = {}
+    for fused in (True, False):
+        layer_cache = new_cache()
+        with torch.no_grad(), (contextlib.nullcontext() if fused else cpu_attention.disabled()):
+            outs[fused] = torch.cat([prefill(layer_cache, 0, 30), prefill(layer_cache, 30, 70)], 1)
+    assert len(calls) == 2
+    torch.testing.assert_close(outs[True].float(), outs[False].float(), atol=0.02 * outs[False].abs().max().item(),
+                               rtol=0.02)
+    mask = (torch.arange(70) <= torch.arange(30, 70)[:, None])[None, None].expand(2, 1, -1, -1)
+    assert causal_suffix(mask) and causal_suffix(mask[:, :, 1:]) and not causal_suffix(mask[..., :-1])
+    assert not causal_suffix(~mask) and not causal_suffix(mask.float())
+    layer_cache = new_cache()
+    prefill(layer_cache, 0, 70)  # gradients on: the kernel's backward is self-attention's
+    with torch.no_grad():
+        odd = (torch.arange(70) <= torch.arange(30, 70)[:, None] - 1)[None, None].expand(2, 1, -1, -1).clone()
+        odd[..., 0] = True
+        prefill(layer_cache, 30, 70, mask=odd)  # sees one key fewer: not plain causal
+    assert len(calls) == 2

@@ -63,6 +63,16 @@ def causal_attention_lowp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sca
     return torch.cat(blocks, 1).unflatten(0, (B, H))  # (B, H, T, d_v)
 
 
+def causal_suffix(mask: torch.Tensor) -> bool:
+    """Whether a bool mask (B, 1, T, S) is plain causal attention for queries at the last T of S positions: query
+    t sees keys 0 .. S - T + t, in every row (a prefill chunk after a cached prefix, as cache_mask builds it)."""
+    T, S = mask.shape[-2:]
+    if S < T or mask.dtype != torch.bool:
+        return False
+    causal = torch.ones(T, S, dtype=torch.bool, device=mask.device).tril(S - T)  # (T, S)
+    return torch.equal(mask, causal.expand_as(mask))
+
+
 def select_positions(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """t (B, T, C) at positions ``index`` (B, T') of each row: (B, T', C)."""
     return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))  # index (B, T') -> (B, T', C)
@@ -152,8 +162,7 @@ class MultiHeadLatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, d_h + d_h^R)  eq. 40
         k_rope_heads = k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)  # k^R (B, S, d_R) -> (B, S, H, d_R)
         k = torch.cat((k_nope, k_rope_heads), dim=-1)  # (B, S, H, d_h + d_h^R)  eq. 44
-        if (attn_mask is None and compute_dtype(q) == torch.bfloat16 and low_precision_cpu(q)
-                and cpu_attention.shapes_supported(self.qk_head_dim, self.v_head_dim) and cpu_attention.available()):
+        if self._fused_cpu_attention(q, attn_mask):
             with torch.autocast("cpu", enabled=False):  # fused CPU kernel: scores never leave the cache
                 o = cpu_attention.causal_attention(q.to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16),
                                                    self.softmax_scale)  # (B, T, H, d_v)
@@ -177,6 +186,17 @@ class MultiHeadLatentAttention(nn.Module):
         o = o[..., : self.v_head_dim]  # (B, H, T, d_v)
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim)  # (B, H, T, d_v) -> (B, T, H*d_v)
         return self.o_proj(o)  # eq. 47
+
+    def _fused_cpu_attention(self, q: torch.Tensor, attn_mask: torch.Tensor | None) -> bool:
+        """Whether attention runs in nanoseek's fused bf16 CPU kernel (cpu_attention): causal self-attention
+        (training, validation), or a prefill chunk over the cache whose mask is plain causal (inference only: the
+        kernel's backward is self-attention's; eager only: the mask is checked, and compiled graphs keep one path)."""
+        if not (compute_dtype(q) == torch.bfloat16 and low_precision_cpu(q)
+                and cpu_attention.shapes_supported(self.qk_head_dim, self.v_head_dim) and cpu_attention.available()):
+            return False
+        if attn_mask is None:
+            return True
+        return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and causal_suffix(attn_mask)
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, kv: torch.Tensor,
                          attn_mask: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,7 @@ def _library() -> ctypes.CDLL | None:
     if not lib.nanoseek_cpu_supported():
         return None
     ptr, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-    lib.nanoseek_causal_attention_forward.argtypes = [ptr] * 5 + [i64] * 5 + [f32, c_int]
+    lib.nanoseek_causal_attention_forward.argtypes = [ptr] * 5 + [i64] * 6 + [f32, c_int]
     lib.nanoseek_causal_attention_forward.restype = None
     lib.nanoseek_causal_attention_backward.argtypes = [ptr] * 9 + [i64] * 5 + [f32, c_int]
     lib.nanoseek_causal_attention_backward.restype = None
@@ -136,16 +136,18 @@ def _threads() -> int:
 
 @torch.library.custom_op("nanoseek::causal_attention_bf16", mutates_args=())
 def causal_attention_bf16(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
-    """softmax(scale q k^T + causal mask) v for q, k (B, T, H, d), v (B, T, H, d_v) in bf16: the output
-    (B, T, H, d_v) and the log2 of each row's softmax denominator (B, H, T, fp32), which the backward reads."""
+    """softmax(scale q k^T + causal mask) v for q (B, T, H, d), k (B, S, H, d), v (B, S, H, d_v) in bf16, the
+    queries at the last T of the S positions (T = S: causal self-attention; T < S: a chunk after a cached prefix):
+    the output (B, T, H, d_v) and the log2 of each row's softmax denominator (B, H, T, fp32), which the backward
+    (T = S only) reads."""
     _check(q, k, v, scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, T, H, dk = q.shape
-    dv = v.shape[-1]
+    S, dv = k.shape[1], v.shape[-1]
     out = q.new_empty(B, T, H, dv)
     lse2 = q.new_empty(B, H, T, dtype=torch.float32)
     _library().nanoseek_causal_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                                  lse2.data_ptr(), B, T, H, dk, dv, scale, _threads())
+                                                  lse2.data_ptr(), B, T, S, H, dk, dv, scale, _threads())
     return out, lse2
 
 
@@ -154,9 +156,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, scale: float) -> None:
     if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" for t in (q, k, v)):
         raise TypeError(f"causal_attention_bf16 takes bf16 CPU tensors, got {q.dtype}/{k.dtype}/{v.dtype} on "
                         f"{q.device}/{k.device}/{v.device}")
-    if q.dim() != 4 or q.shape != k.shape or v.shape[:3] != q.shape[:3] or v.dim() != 4:
-        raise ValueError(f"causal_attention_bf16 wants q, k (B, T, H, d_k) and v (B, T, H, d_v), got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if (q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or k.shape[1] < q.shape[1] or v.shape[:3] != k.shape[:3]
+            or (k.shape[0], k.shape[2], k.shape[3]) != (q.shape[0], q.shape[2], q.shape[3])):
+        raise ValueError(f"causal_attention_bf16 wants q (B, T, H, d_k), k (B, S, H, d_k) and v (B, S, H, d_v) with "
+                         f"S >= T, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if not shapes_supported(q.shape[-1], v.shape[-1]):
         raise ValueError(f"causal_attention_bf16 needs head widths that are multiples of 16, got d_k = {q.shape[-1]}, "
                          f"d_v = {v.shape[-1]}")
@@ -202,6 +205,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, d_out: Tensor, _d_lse2: Tensor):
     q, k, v, out, lse2 = ctx.saved_tensors
+    if k.shape[1] != q.shape[1]:
+        raise NotImplementedError("the fused CPU attention's backward takes causal self-attention only (as many "
+                                  "queries as keys)")
     if d_out is None:
         return None, None, None, None
     dq, dk, dv = causal_attention_bf16_backward(q, k, v, out, d_out.to(out.dtype), lse2, ctx.scale)
@@ -212,5 +218,6 @@ causal_attention_bf16.register_autograd(_backward, setup_context=_setup_context)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
-    """softmax(scale q k^T + causal mask) v for q, k (B, T, H, d), v (B, T, H, d_v) in bf16: (B, T, H, d_v)."""
+    """softmax(scale q k^T + causal mask) v for q (B, T, H, d), k (B, S, H, d), v (B, S, H, d_v) in bf16, the
+    queries at the last T of the S positions: (B, T, H, d_v)."""
     return causal_attention_bf16(q, k, v, scale)[0]

@@ -176,11 +176,11 @@ inline __m512 exp2_ps(__m512 x) {
   return _mm512_scalef_ps(y, n);
 }
 
-// columns c of a tile with key j0 + c later than query i0 + r: masked (only in the diagonal tile, i0 == j0)
-inline __mmask16 later_keys(int64_t r, int v) {
-  const __m512i cols = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                        _mm512_set1_epi32(16 * v));
-  return _mm512_cmpgt_epi32_mask(cols, _mm512_set1_epi32(static_cast<int32_t>(r)));
+// keys (16 of them from key0) later than query position pos: masked
+inline __mmask16 keys_after(int64_t key0, int64_t pos) {
+  const __m512i keys = _mm512_add_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                        _mm512_set1_epi32(static_cast<int32_t>(key0)));
+  return _mm512_cmpgt_epi32_mask(keys, _mm512_set1_epi32(static_cast<int32_t>(pos)));
 }
 
 // two rows of fp32 (16 columns each) -> 32 bf16 interleaved by row: out[2c + r] = row_r[c]
@@ -195,43 +195,45 @@ inline void store_bf16_row(bf16* out, __m512 x) {
 // ---- forward ----------------------------------------------------------------------------------------------
 
 struct Forward {
-  int64_t T, Tp, dk, dv;
+  int64_t T, S, Sp, dk, dv;  // T queries at positions S - T .. S - 1 over S keys (T = S in training)
   float scale_log2;  // softmax scale x log2(e): probabilities as powers of 2
   std::vector<bf16> k_packed, v_packed, p;
   std::vector<float> s, o, inv_sum;
 
   // the scores of one block of 64 queries against all its keys stay in the cache, so the softmax takes two passes
   // over them (max, then exponentials and sum) instead of rescaling online tile by tile
-  Forward(int64_t T_, int64_t dk_, int64_t dv_, float scale)
-      : T(T_), Tp((T_ + BLOCK - 1) / BLOCK * BLOCK), dk(dk_), dv(dv_), scale_log2(scale * 1.4426950408889634f),
-        k_packed(dk_ * Tp), v_packed(Tp * dv_), p(BLOCK * Tp), s(BLOCK * Tp), o(BLOCK * dv_), inv_sum(BLOCK) {}
+  Forward(int64_t T_, int64_t S_, int64_t dk_, int64_t dv_, float scale)
+      : T(T_), S(S_), Sp((S_ + BLOCK - 1) / BLOCK * BLOCK), dk(dk_), dv(dv_),
+        scale_log2(scale * 1.4426950408889634f), k_packed(dk_ * Sp), v_packed(Sp * dv_), p(BLOCK * Sp),
+        s(BLOCK * Sp), o(BLOCK * dv_), inv_sum(BLOCK) {}
 
-  // one (batch, head): q, k (T x dk, rows ld_k apart), v (T x dv, rows ld_v apart) -> out (T x dv, rows ld_v
-  // apart), lse2 (T): log2 of the softmax denominators
+  // one (batch, head): q (T x dk, rows ld_k apart), k (S x dk, rows ld_k apart), v (S x dv, rows ld_v apart) ->
+  // out (T x dv, rows ld_v apart), lse2 (T): log2 of the softmax denominators
   void run(const bf16* q, const bf16* k, const bf16* v, int64_t ld_k, int64_t ld_v, bf16* out, float* lse2) {
-    pack_pairs_over_columns(k, ld_k, T, Tp, dk, k_packed.data());  // k^T's operand: [dk/2][Tp][2]
-    pack_pairs_over_rows(v, ld_v, T, Tp, dv, v_packed.data());     // [Tp/2][dv][2]
+    pack_pairs_over_columns(k, ld_k, S, Sp, dk, k_packed.data());  // k^T's operand: [dk/2][Sp][2]
+    pack_pairs_over_rows(v, ld_v, S, Sp, dv, v_packed.data());     // [Sp/2][dv][2]
+    const int64_t offset = S - T;  // query i sits at position offset + i
     for (int64_t i0 = 0; i0 < T; i0 += BLOCK) {
       const int64_t rows = std::min(BLOCK, T - i0);
-      const int64_t keys = i0 + BLOCK;  // the causal keys of this block, the last 64 masked by position
+      // the block's causal keys (up to its last query's position), in whole vectors; later ones masked
+      const int64_t keys = (offset + i0 + rows + 15) / 16 * 16;
+      const int64_t full = (offset + i0) / 16;  // vectors of keys no query of the block is before: never masked
       // scores q k^T: (rows x keys), row stride keys
-      gemm(rows, keys, dk / 2, q + i0 * ld_k, ld_k, k_packed.data(), 2 * Tp, s.data(), keys, false);
+      gemm(rows, keys, dk / 2, q + i0 * ld_k, ld_k, k_packed.data(), 2 * Sp, s.data(), keys, false);
       for (int64_t r = 0; r < rows; ++r) {
         float* sr = s.data() + r * keys;
-        const int64_t full = i0 / 16;  // vectors of keys before the diagonal tile: never masked
+        const int64_t pos = offset + i0 + r;
         // the row's largest score (scale > 0: the largest scaled one too), then 2^(scale' s - max) in one pass
         __m512 mx = _mm512_set1_ps(-INFINITY);
         for (int64_t c = 0; c < keys / 16; ++c) {
           const __m512 x = _mm512_loadu_ps(sr + 16 * c);
-          mx = c < full ? _mm512_max_ps(mx, x)
-                        : _mm512_mask_max_ps(mx, ~later_keys(r, static_cast<int>(c - full)), mx, x);
+          mx = c < full ? _mm512_max_ps(mx, x) : _mm512_mask_max_ps(mx, ~keys_after(16 * c, pos), mx, x);
         }
         const float m = _mm512_reduce_max_ps(mx) * scale_log2;
         __m512 sum = _mm512_setzero_ps();
         for (int64_t c = 0; c < keys / 16; ++c) {
           __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(sr + 16 * c), _mm512_set1_ps(scale_log2), _mm512_set1_ps(m));
-          if (c >= full)
-            x = _mm512_mask_mov_ps(x, later_keys(r, static_cast<int>(c - full)), _mm512_set1_ps(-INFINITY));
+          if (c >= full) x = _mm512_mask_mov_ps(x, keys_after(16 * c, pos), _mm512_set1_ps(-INFINITY));
           const __m512 pc = exp2_ps(x);
           sum = _mm512_add_ps(sum, pc);
           store_bf16_row(p.data() + r * keys + 16 * c, pc);
@@ -302,7 +304,7 @@ struct Backward {
               const int64_t row = r + h;
               __m512 x = _mm512_fmsub_ps(_mm512_loadu_ps(s.data() + row * BLOCK + 16 * c),
                                          _mm512_set1_ps(scale_log2), _mm512_set1_ps(lse[i0 + row]));
-              if (diagonal) x = _mm512_mask_mov_ps(x, later_keys(row, c), _mm512_set1_ps(-INFINITY));
+              if (diagonal) x = _mm512_mask_mov_ps(x, keys_after(16 * c, row), _mm512_set1_ps(-INFINITY));
               p2[h] = exp2_ps(x);  // P = exp(scale q.k - lse)
               // dS = P o (dP - D)  (scale applied to dq, dk at the end)
               ds2[h] = _mm512_mul_ps(p2[h], _mm512_sub_ps(_mm512_loadu_ps(dp.data() + row * BLOCK + 16 * c),
@@ -362,15 +364,17 @@ int nanoseek_cpu_supported() {
          __builtin_cpu_supports("avx512bf16");
 }
 
-// q, k (B, T, H, dk), v (B, T, H, dv) bf16, contiguous -> out (B, T, H, dv) bf16, lse2 (B, H, T) fp32 (log2 units,
-// for the backward)
+// q (B, T, H, dk), k (B, S, H, dk), v (B, S, H, dv) bf16, contiguous, S >= T: the queries are the last T of the S
+// positions (T = S: causal self-attention) -> out (B, T, H, dv) bf16, lse2 (B, H, T) fp32 (log2 units, for the
+// backward)
 void nanoseek_causal_attention_forward(const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse2, int64_t B,
-                                       int64_t T, int64_t H, int64_t dk, int64_t dv, float scale, int n_threads) {
+                                       int64_t T, int64_t S, int64_t H, int64_t dk, int64_t dv, float scale,
+                                       int n_threads) {
   split_rows(B * H, n_threads, [&](int64_t begin, int64_t end) {
-    Forward f(T, dk, dv, scale);
+    Forward f(T, S, dk, dv, scale);
     for (int64_t n = begin; n < end; ++n) {
-      const int64_t b = n / H, h = n % H;  // (b, h)'s rows start at b T H d + h d, H d apart
-      f.run(q + (b * T * H + h) * dk, k + (b * T * H + h) * dk, v + (b * T * H + h) * dv, H * dk, H * dv,
+      const int64_t b = n / H, h = n % H;  // (b, h)'s rows start at b T H d + h d (b S H d + h d), H d apart
+      f.run(q + (b * T * H + h) * dk, k + (b * S * H + h) * dk, v + (b * S * H + h) * dv, H * dk, H * dv,
             out + (b * T * H + h) * dv, lse2 + n * T);
     }
   });
