@@ -8,7 +8,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nanoseek import ModelConfig
 from nanoseek.model import cpu_attention
