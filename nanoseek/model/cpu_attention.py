@@ -3,7 +3,8 @@
 The training forward's attention (causal, no other mask) in bf16 on such a CPU runs here instead of as explicit
 score products (attention.causal_attention_lowp): softmax(scale q k^T + causal mask) v and its backward in 64 x 64
 tiles that stay in the cache, FlashAttention-2's algorithm. The (T x T) scores, probabilities and their gradients,
-which the explicit form writes and reads about eleven times per layer, are never written to memory.
+which the explicit form writes and reads about eleven times per layer, are never written to memory. Prefill chunks
+over the latent cache whose mask is plain causal (queries after a cached prefix) run its forward too.
 
 The kernel is compiled with the system's C++ compiler (``$CXX``, else g++ / c++) at first use and cached under
 $NANOSEEK_CACHE (else ~/.cache/nanoseek) / kernels, keyed by the source and the flags. It runs through ctypes and
@@ -59,8 +60,8 @@ def _library() -> ctypes.CDLL | None:
         path = _build(compiler)
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.SubprocessError) as e:
-        warnings.warn(f"nanoseek: the fused CPU attention kernel was not built ({e}); attention runs as explicit "
-                      "products", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"nanoseek: the fused CPU attention kernel was not built ({e}); attention takes PyTorch's "
+                      "paths", RuntimeWarning, stacklevel=2)
         return None
     if not lib.nanoseek_cpu_supported():
         return None
