@@ -148,7 +148,8 @@ def compute_dtype(args) -> torch.dtype:
 
 
 def autocast_ctx(args, device: torch.device, name: str = ""):
-    if args.dtype == "bf16" and (args.bf16_mode == "autocast" or (args.bf16_mode == "master" and not name.startswith("nanoseek"))):
+    nanoseek = name.startswith("nanoseek")
+    if args.dtype == "bf16" and (args.bf16_mode == "autocast" or (args.bf16_mode == "master" and not nanoseek)):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
