@@ -25,11 +25,12 @@ def _inputs(B, T, H, dk, dv, seed=0):
 
 
 def _reference(q, k, v, scale):
-    """fp32 causal attention of the (B, T, H, d) bf16 inputs, and each row's natural log-sum-exp (B, H, T)."""
-    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, T, d)
-    scores = scale * qf @ kf.transpose(-1, -2)
-    T = q.shape[1]
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    """fp32 attention of the bf16 queries q (B, T, H, d) at the last T of the S positions of k, v (B, S, H, .): query
+    t sees keys 0 .. S - T + t (S = T: causal self-attention); and each row's natural log-sum-exp (B, H, T)."""
+    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, ., d)
+    T, S = q.shape[1], k.shape[1]
+    scores = scale * qf @ kf.transpose(-1, -2)  # (B, H, T, S)
+    scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool).tril(S - T), float("-inf"))
     return (scores.softmax(-1) @ vf).transpose(1, 2), scores.logsumexp(-1)
 
 
@@ -63,15 +64,6 @@ def test_kernel_matches_fp32_attention(B, T, H, dk, dv):
                                    msg=lambda m, name=name: f"d{name}: {m}")
 
 
-def _reference_suffix(q, k, v, scale):
-    """fp32 attention of T queries at the last T of S positions (query t sees keys 0 .. S - T + t)."""
-    qf, kf, vf = (t.float().transpose(1, 2) for t in (q, k, v))  # (B, H, ., d)
-    T, S = q.shape[1], k.shape[1]
-    scores = scale * qf @ kf.transpose(-1, -2)  # (B, H, T, S)
-    scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool).tril(S - T), float("-inf"))
-    return (scores.softmax(-1) @ vf).transpose(1, 2)
-
-
 @needs_kernel
 @pytest.mark.parametrize("T,S", [(1, 1), (1, 37), (5, 100), (64, 64), (70, 200), (130, 131), (3, 300)])
 def test_kernel_queries_after_a_prefix(T, S):
@@ -82,7 +74,7 @@ def test_kernel_queries_after_a_prefix(T, S):
     scale = 48 ** -0.5
     out, _ = cpu_attention.causal_attention_bf16(q, k, v, scale)
     assert out.shape == (2, T, 2, 32)
-    torch.testing.assert_close(out.float(), _reference_suffix(q, k, v, scale), atol=0.02, rtol=0.02)
+    torch.testing.assert_close(out.float(), _reference(q, k, v, scale)[0], atol=0.02, rtol=0.02)
 
 
 @needs_kernel

@@ -23,13 +23,15 @@ import os
 import platform
 import shutil
 import subprocess
-import uuid
 import warnings
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import Tensor
+
+from ..atomic import atomic_path
+from ..paths import cache_root
 
 SOURCE = Path(__file__).parent / "csrc" / "causal_attention_bf16.cpp"
 FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
@@ -73,34 +75,23 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-def _kernel_dir() -> Path:
-    env = os.environ.get("NANOSEEK_CACHE")
-    if env:
-        return Path(env).expanduser() / "kernels"
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoseek"
-    return root / "kernels"
-
-
 def _build(compiler: str) -> Path:
-    """The compiled library, built once per source, flags and compiler; written under a temporary name and renamed,
-    so concurrent builds (the ranks of a torchrun job) each leave a whole file."""
+    """The compiled library, built once per source, flags and compiler, under cache_root() / kernels; written under
+    a temporary name and renamed (nanoseek.atomic), so concurrent builds (the ranks of a torchrun job) each leave a
+    whole file."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [compiler, version]).encode()).hexdigest()[:16]
-    directory = _kernel_dir()
+    directory = cache_root() / "kernels"
     target = directory / f"causal_attention_bf16-{key}.so"
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / f".{target.name}.{uuid.uuid4().hex}"
-    try:
+    with atomic_path(target, suffix=".so") as partial:
         done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True,
                               timeout=600)
         if done.returncode != 0:
             last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
             raise OSError(f"{compiler} failed: {last}")
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
     return target
 
 

@@ -31,6 +31,7 @@ import torch
 
 from ..atomic import atomic_open, atomic_write_text
 from ..config import ModelConfig
+from ..paths import cache_root
 
 TOKEN_FORMAT = 1  # bump when the packing below changes: invalidates the token cache
 ENCODE_CHUNK = 512  # documents per encode_batch call
@@ -308,20 +309,11 @@ def corpus_key(docs: list[Document]) -> str:
 def cache_dir(configured: str | None = None) -> Path:
     """The tokenizer and token cache, created: ``configured`` (--cache-dir), else $NANOSEEK_CACHE, else
     $XDG_CACHE_HOME/nanoseek or ~/.cache/nanoseek. A one-line ValueError naming it when it cannot be used."""
-    root = _cache_path(configured)
+    root = cache_root(configured)
     problem = _unusable(root)
     if problem:
         raise ValueError(f"cache directory {root} (--cache-dir / $NANOSEEK_CACHE) is not usable: {problem}")
     return root
-
-
-def _cache_path(configured: str | None) -> Path:
-    if configured:
-        return Path(configured).expanduser()
-    env = os.environ.get("NANOSEEK_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoseek"
 
 
 def _unusable(directory: Path) -> str | None:

@@ -187,6 +187,8 @@ def stage_corpus(stage: Stage, base: TrainConfig, base_dir: Path, passkey_fracti
                  log: Callable[[str], None], progress: bool = False) -> tuple[Path, dict[str, Any]]:
     """Write (or reuse) the stage's JSONL corpus: passkey examples first, then base training documents. With
     ``progress``, a bar while the passkey examples are made (each is tokenized to fit; ~0.5 s apiece at 16K-32K)."""
+    from tqdm.auto import tqdm
+
     from .data import cache_dir, load_corpus
     from .tokenizer_train import load_tokenizer
 
@@ -216,8 +218,6 @@ def stage_corpus(stage: Stage, base: TrainConfig, base_dir: Path, passkey_fracti
     rng = random.Random(f"extend:{cfg.seed}:{T}")
     maker = PasskeyMaker(tokenizer) if n_passkey else None  # --passkey-fraction 0: no passkey set-up at all
     passkeys = []
-    from tqdm.auto import tqdm
-
     for _ in tqdm(range(n_passkey), desc=f"stage {stage.index}: passkey examples", unit="example", file=sys.stderr,
                   dynamic_ncols=True, leave=False, disable=not progress or n_passkey < 2):
         depth = rng.choice(TRAIN_DEPTHS)
