@@ -11,7 +11,8 @@ backward, AdamW step, zero_grad.
   * transformers runs its default implementation (in 5.24: experts ``grouped_mm``, attention ``sdpa``); the
     implementation it actually used is read back from ``model.config._experts_implementation`` /
     ``_attn_implementation``. ``--impls nanoseek,hf,hf-eager`` adds transformers with the per-expert loop;
-    ``nanoseek-explicit-attn`` is nanoseek without its fused CPU attention kernel (nanoseek.model.cpu_attention).
+    ``nanoseek-explicit-attn`` is nanoseek without its fused CPU attention kernel (nanoseek.model.cpu_attention);
+    ``nanoseek-fp32-moments`` is nanoseek with fp32 AdamW moments whatever ``--optimizer-states`` says.
   * Precision (``--dtype``): ``fp32``; ``bf16`` with ``--bf16-mode autocast`` (default: fp32 master weights and
     AdamW state, forward under ``torch.autocast(bfloat16)`` on both sides, the realistic training setup) or
     ``--bf16-mode weights`` (bf16 parameters, gradients and AdamW state on both sides; routers stay fp32, as
@@ -66,7 +67,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "train_step.md"
-IMPLS = ("nanoseek", "nanoseek-explicit-attn", "hf", "hf-eager")
+IMPLS = ("nanoseek", "nanoseek-explicit-attn", "nanoseek-fp32-moments", "hf", "hf-eager")
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -81,6 +82,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="with --dtype bf16: autocast (fp32 master weights, default), bf16 weights, or master: "
                         "each side's own mixed precision, nanoseek --dtype bf16-weights (bf16 weights, fp32 master "
                         "copies) against transformers under autocast (fp32 weights)")
+    p.add_argument("--optimizer-states", choices=("fp32", "bf16"), default="fp32",
+                   help="with --bf16-mode master: nanoseek's AdamW moments (as `nanoseek train --optimizer-states`; "
+                        "bf16 is DeepSeek-V3's); nanoseek-fp32-moments keeps them in fp32")
     p.add_argument("--steps", type=int, default=4, help="timed steps per implementation (after warmup)")
     p.add_argument("--warmup", type=int, default=1, help="discarded steps per implementation")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads (CPU)")
@@ -341,7 +345,9 @@ class Impl:
             from nanoseek.train.precision import MasterWeights
 
             # bf16 weights; fp32 copies stepped by AdamW, with --compile in one compiled pass per weight (as train)
-            self.masters = MasterWeights(model, fused=args.compile)
+            bf16_moments = args.optimizer_states == "bf16" and name != "nanoseek-fp32-moments"
+            self.masters = MasterWeights(model, fused=args.compile,
+                                         states_dtype=torch.bfloat16 if bf16_moments else torch.float32)
             params = [p for _, p in self.masters.named_parameters()]
         self.opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, **impl_kw)
         self.args, self.device = args, device
@@ -422,6 +428,10 @@ class Impl:
     def state_bytes(self) -> int:
         """Parameters + gradients + AdamW moments (what a step holds besides activations)."""
         n = 0
+        if self.masters is not None:  # bf16 weight and gradient, fp32 master, two moments (fp32 or bf16)
+            moments = 2 * torch.finfo(self.masters.states_dtype).bits // 8
+            return sum(p.numel() * (2 * p.element_size() + 4 + moments)
+                       for p in self.model.parameters() if p.requires_grad)
         for p in self.model.parameters():
             if p.requires_grad:
                 n += 4 * p.numel() * p.element_size()  # param, grad, exp_avg, exp_avg_sq (same dtype)
@@ -438,10 +448,12 @@ def load_impl(name: str, ckpt: Path, args, device: torch.device) -> Impl:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = load_pretrained(ckpt, dtype=wd, device=device)
-        fused = name == "nanoseek" and args.dtype == "bf16" and cpu_attention.available()
+        fused = name != "nanoseek-explicit-attn" and args.dtype == "bf16" and cpu_attention.available()
         attention = "fused CPU attention kernel (bf16)" if fused else "F.sdpa / explicit bf16 scores"
+        bf16_moments = (args.dtype == "bf16" and args.bf16_mode == "master" and args.optimizer_states == "bf16"
+                        and name != "nanoseek-fp32-moments")
         return Impl(name, model, args, device, f"grouped experts (torch._grouped_mm when eligible), {attention}"
-                    + (", torch.compile" if args.compile else ""))
+                    + (", torch.compile" if args.compile else "") + (", bf16 AdamW moments" if bf16_moments else ""))
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -490,7 +502,8 @@ def run_mem_children(args, ckpt: Path) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_mem-child", name, "--_ckpt", str(ckpt),
                "--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq), "--dtype", args.dtype,
                "--bf16-mode", args.bf16_mode, "--threads", str(args.threads), "--lr", str(args.lr),
-               "--seed", str(args.seed), "--device", args.device, "--adamw", args.adamw, "--malloc", args.malloc]
+               "--seed", str(args.seed), "--device", args.device, "--adamw", args.adamw, "--malloc", args.malloc,
+               "--optimizer-states", args.optimizer_states]
         print(f"[mem] {name}: fresh process, load + 2 steps ...", flush=True)
         r = subprocess.run(cmd, capture_output=True, text=True)
         lines = [l for l in r.stdout.splitlines() if l.startswith("{")]

@@ -6,11 +6,9 @@ tiles that stay in the cache, FlashAttention-2's algorithm. The (T x T) scores, 
 which the explicit form writes and reads about eleven times per layer, are never written to memory. Prefill chunks
 over the latent cache whose mask is plain causal (queries after a cached prefix) run its forward too.
 
-The kernel is compiled with the system's C++ compiler (``$CXX``, else g++ / c++) at first use and cached under
-$NANOSEEK_CACHE (else ~/.cache/nanoseek) / kernels, keyed by the source and the flags. It runs through ctypes and
-needs no torch headers (a build takes a few seconds). Where it cannot run (another CPU, no compiler, a failed
-build, ``NANOSEEK_CPU_KERNELS=0``) :func:`available` is False and the callers keep their other paths; a failed
-build says why once.
+The kernel is compiled at first use and cached (nanoseek.cpu_kernels). Where it cannot run (another CPU, no
+compiler, a failed build, ``NANOSEEK_CPU_KERNELS=0``) :func:`available` is False and the callers keep their other
+paths; a failed build says why once.
 
 No ``from __future__ import annotations`` here: torch.library reads the ops' schemas from the annotations.
 """
@@ -18,24 +16,15 @@ No ``from __future__ import annotations`` here: torch.library reads the ops' sch
 import contextlib
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import warnings
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_path
-from ..paths import cache_root
+from .. import cpu_kernels
 
 SOURCE = Path(__file__).parent / "csrc" / "causal_attention_bf16.cpp"
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
-         "-mavx512bf16", "-mfma"]
 
 
 def shapes_supported(dk: int, dv: int) -> bool:
@@ -45,27 +34,8 @@ def shapes_supported(dk: int, dv: int) -> bool:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("NANOSEEK_CPU_KERNELS", "1") == "0":
-        return None
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return None
-    if "avx512_bf16" not in flags or "avx512bw" not in flags:
-        return None
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if not compiler:
-        return None
-    try:
-        path = _build(compiler)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        warnings.warn(f"nanoseek: the fused CPU attention kernel was not built ({e}); attention takes PyTorch's "
-                      "paths", RuntimeWarning, stacklevel=2)
-        return None
-    if not lib.nanoseek_cpu_supported():
+    lib = cpu_kernels.library(SOURCE, "the fused CPU attention kernel", "attention takes PyTorch's paths")
+    if lib is None:
         return None
     ptr, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
     lib.nanoseek_causal_attention_forward.argtypes = [ptr] * 5 + [i64] * 6 + [f32, c_int]
@@ -73,26 +43,6 @@ def _library() -> ctypes.CDLL | None:
     lib.nanoseek_causal_attention_backward.argtypes = [ptr] * 9 + [i64] * 5 + [f32, c_int]
     lib.nanoseek_causal_attention_backward.restype = None
     return lib
-
-
-def _build(compiler: str) -> Path:
-    """The compiled library, built once per source, flags and compiler, under cache_root() / kernels; written under
-    a temporary name and renamed (nanoseek.atomic), so concurrent builds (the ranks of a torchrun job) each leave a
-    whole file."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS + [compiler, version]).encode()).hexdigest()[:16]
-    directory = cache_root() / "kernels"
-    target = directory / f"causal_attention_bf16-{key}.so"
-    if target.exists():
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(target, suffix=".so") as partial:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(partial)], capture_output=True, text=True,
-                              timeout=600)
-        if done.returncode != 0:
-            last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
-            raise OSError(f"{compiler} failed: {last}")
-    return target
 
 
 _disabled = 0  # > 0 inside disabled()

@@ -21,6 +21,7 @@ from ..atomic import atomic_write_json
 
 BALANCE_MODES = ("bias", "aux", "none")
 DTYPES = ("bf16", "bf16-weights", "fp32", "fp8")
+OPTIMIZER_STATES = ("fp32", "bf16")
 MIN_VOCAB = 258  # 256 byte tokens + bos + eos
 MAX_VOCAB = 1 << 20
 MIN_SEQ_LEN = 8
@@ -92,6 +93,8 @@ class TrainConfig:
     # weights and optimizer (train/precision.py); fp32: fp32 throughout; fp8: V3's FP8 products of the linear
     # layers emulated, fp32 elsewhere (train/fp8_mixed.py)
     dtype: str = "bf16"
+    # AdamW's moments with --dtype bf16-weights: fp32, or bf16 as DeepSeek-V3 keeps them (V3 report §3.3.3)
+    optimizer_states: str = "fp32"
     device: str | None = None  # None: cuda if available, else cpu
     compile: bool = False
     activation_checkpointing: bool = False
@@ -148,6 +151,12 @@ class TrainConfig:
             raise ValueError(f"--balance must be one of {', '.join(BALANCE_MODES)}, got {self.balance!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.optimizer_states not in OPTIMIZER_STATES:
+            raise ValueError(f"--optimizer-states must be one of {', '.join(OPTIMIZER_STATES)}, got "
+                             f"{self.optimizer_states!r}")
+        if self.optimizer_states == "bf16" and self.dtype != "bf16-weights":
+            raise ValueError("--optimizer-states bf16 keeps the moments of the fp32 master weights' AdamW in bf16: it "
+                             f"needs --dtype bf16-weights, not --dtype {self.dtype}")
         if self.dtype == "fp8" and (self.compile or self.activation_checkpointing):
             raise ValueError("--dtype fp8 emulates FP8 products in eager mode, without recomputation: leave out "
                              + ("--compile" if self.compile else "--activation-checkpointing"))

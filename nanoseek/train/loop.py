@@ -395,7 +395,9 @@ class Trainer:
         est = check_memory(mc, cfg, device)
         model = build_model(cfg, mc, device, resumed.checkpoint if resumed else None, self.log, data.tokenizer)
         # bf16 weights, fp32 masters; with --compile they are stepped by one compiled pass per weight
-        masters = MasterWeights(model, fused=cfg.compile) if cfg.dtype == "bf16-weights" else None
+        states = torch.bfloat16 if cfg.optimizer_states == "bf16" else torch.float32  # AdamW's moments
+        masters = MasterWeights(model, fused=cfg.compile, states_dtype=states) if cfg.dtype == "bf16-weights" \
+            else None
         optimizer = build_optimizer(masters.named_parameters() if masters else model, cfg)
         progress = Progress()
         if resumed:
@@ -447,7 +449,9 @@ class Trainer:
         self.log(f"model: preset {cfg.preset}, {n_params / 1e6:.2f} M parameters ({mc.num_hidden_layers} layers, "
                  f"d {mc.hidden_size}, {experts}, "
                  f"MTP depth {mc.num_nextn_predict_layers}, vocabulary {mc.vocab_size}); {device.type}, "
-                 f"{precision_note(cfg.dtype, device)}, {torch.get_num_threads()} threads")
+                 f"{precision_note(cfg.dtype, device)}"
+                 + (", bf16 AdamW moments" if cfg.optimizer_states == "bf16" else "")
+                 + f", {torch.get_num_threads()} threads")
         alpha = cfg.effective_balance_alpha
         self.log(f"training: {cfg.steps} steps of {cfg.batch_size} x {cfg.grad_accum} x {cfg.seq_len} = "
                  f"{cfg.tokens_per_step:,} tokens" + batch_warmup_note(cfg) + f", lr {cfg.lr:g}, balance "
