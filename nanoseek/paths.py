@@ -1,5 +1,5 @@
 """Where nanoseek keeps what it caches: tokenizers and token arrays (nanoseek.train.data) and compiled kernels
-(nanoseek.model.cpu_attention)."""
+(nanoseek.cpu_kernels)."""
 
 from __future__ import annotations
 
