@@ -12,6 +12,7 @@ backward, AdamW step, zero_grad.
     implementation it actually used is read back from ``model.config._experts_implementation`` /
     ``_attn_implementation``. ``--impls nanoseek,hf,hf-eager`` adds transformers with the per-expert loop;
     ``nanoseek-explicit-attn`` is nanoseek without its fused CPU attention kernel (nanoseek.model.cpu_attention);
+    ``nanoseek-torch-grouped-mm`` is nanoseek without its grouped expert kernel (nanoseek.model.cpu_grouped_mm);
     ``nanoseek-fp32-moments`` is nanoseek with fp32 AdamW moments whatever ``--optimizer-states`` says.
   * Precision (``--dtype``): ``fp32``; ``bf16`` with ``--bf16-mode autocast`` (default: fp32 master weights and
     AdamW state, forward under ``torch.autocast(bfloat16)`` on both sides, the realistic training setup) or
@@ -67,7 +68,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "train_step.md"
-IMPLS = ("nanoseek", "nanoseek-explicit-attn", "nanoseek-fp32-moments", "hf", "hf-eager")
+IMPLS = ("nanoseek", "nanoseek-explicit-attn", "nanoseek-torch-grouped-mm", "nanoseek-fp32-moments", "hf",
+         "hf-eager")
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -362,11 +364,16 @@ class Impl:
         self.state = self.state_bytes()
 
     def routes(self):
-        """nanoseek-explicit-attn: nanoseek without its fused CPU attention kernel (traced without it, too)."""
+        """nanoseek-explicit-attn: nanoseek without its fused CPU attention kernel; nanoseek-torch-grouped-mm: without
+        its grouped expert kernel (traced without it, too)."""
         if self.name == "nanoseek-explicit-attn":
             from nanoseek.model import cpu_attention
 
             return cpu_attention.disabled()
+        if self.name == "nanoseek-torch-grouped-mm":
+            from nanoseek.model import cpu_grouped_mm
+
+            return cpu_grouped_mm.disabled()
         return contextlib.nullcontext()
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -442,8 +449,7 @@ def load_impl(name: str, ckpt: Path, args, device: torch.device) -> Impl:
     wd = weight_dtype(args)
     if name.startswith("nanoseek"):
         from nanoseek.hf import load_pretrained
-        from nanoseek.model import cpu_attention
-
+        from nanoseek.model import cpu_attention, cpu_grouped_mm
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -452,7 +458,9 @@ def load_impl(name: str, ckpt: Path, args, device: torch.device) -> Impl:
         attention = "fused CPU attention kernel (bf16)" if fused else "F.sdpa / explicit bf16 scores"
         bf16_moments = (args.dtype == "bf16" and args.bf16_mode == "master" and args.optimizer_states == "bf16"
                         and name != "nanoseek-fp32-moments")
-        return Impl(name, model, args, device, f"grouped experts (torch._grouped_mm when eligible), {attention}"
+        own_grouped = name != "nanoseek-torch-grouped-mm" and args.dtype == "bf16" and cpu_grouped_mm.available()
+        grouped = "nanoseek's bf16 CPU kernel" if own_grouped else "torch._grouped_mm when eligible"
+        return Impl(name, model, args, device, f"grouped experts ({grouped}), {attention}"
                     + (", torch.compile" if args.compile else "") + (", bf16 AdamW moments" if bf16_moments else ""))
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging

@@ -2,7 +2,8 @@
 built and loaded.
 
 Each kernel is one C++ source next to its Python caller (model/csrc/causal_attention_bf16.cpp, used by
-model/cpu_attention.py; train/csrc/master_adamw.cpp, used by train/precision.py). It is compiled with the system's
+model/cpu_attention.py; model/csrc/grouped_mm_bf16.cpp, used by model/cpu_grouped_mm.py; train/csrc/master_adamw.cpp,
+used by train/precision.py). It is compiled with the system's
 C++ compiler (``$CXX``, else g++ / c++) at first use, a few seconds, and cached under $NANOSEEK_CACHE (else
 ~/.cache/nanoseek) / kernels, keyed by the source, the flags and the compiler. It needs no torch headers and runs
 through ctypes; OpenMP comes from libgomp.so.1, which a torch process already holds, so a kernel shares torch's

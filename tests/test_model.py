@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import nanoseek.model.experts as experts_mod
 import nanoseek.model.moe as moe_mod
 from nanoseek.config import ModelConfig
-from nanoseek.model import DeepSeekV3, count_parameters, kv_cache_elements_per_token
+from nanoseek.model import DeepSeekV3, count_parameters, cpu_grouped_mm, kv_cache_elements_per_token
 from nanoseek.model.attention import MultiHeadLatentAttention, causal_attention_lowp
 from nanoseek.model.layers import Linear, RMSNorm, linear
 from nanoseek.model.moe import MoE, RoutedExperts, Router
@@ -653,6 +653,15 @@ def test_one_token_runs_its_experts_in_turn_with_the_same_result():
     torch.testing.assert_close(low, out, atol=0.05 * out.abs().max().item(), rtol=0.05)
 
 
+def observe_grouped_products(monkeypatch, record) -> None:
+    """record(rows, offs) at each grouped product of expert_ffn's forward, whichever runs it: torch._grouped_mm,
+    or nanoseek's bf16 CPU kernel (cpu_grouped_mm) where it runs."""
+    real, real_kernel = torch._grouped_mm, cpu_grouped_mm.grouped_mm_bf16
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, *r, **k: record(a, k["offs"]) or real(a, *r, **k))
+    monkeypatch.setattr(cpu_grouped_mm, "grouped_mm_bf16",
+                        lambda x, w, offs: record(x, offs) or real_kernel(x, w, offs))
+
+
 def four_routed_experts() -> RoutedExperts:
     """Routed experts of the padding tests: 4 experts (d 32, width 16, top-2, one group), weights N(0, 0.3^2)."""
     cfg = small_config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
@@ -736,9 +745,7 @@ def test_compiled_padded_experts_are_one_graph_with_eager_results(monkeypatch):
     w, idx = torch.rand(70, 2), torch.stack([torch.randperm(4)[:2] for _ in range(70)])
     idx[:20] = torch.tensor([0, 1])  # uneven loads
     offsets, rows = [], []
-    real = torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda a, *r, **k: offsets.append(k["offs"].tolist())
-                        or rows.append(a.shape[0]) or real(a, *r, **k))
+    observe_grouped_products(monkeypatch, lambda a, offs: offsets.append(offs.tolist()) or rows.append(a.shape[0]))
     results = []
     for fn in (experts, torch.compile(experts, fullgraph=True, backend="aot_eager")):
         x.grad = None
@@ -769,8 +776,7 @@ def test_padded_expert_groups_give_the_unpadded_result(mode, monkeypatch):
     idx = torch.stack([torch.randperm(4)[:K] for _ in range(T)])
     idx[:5] = torch.tensor([0, 1])  # uneven loads
     offsets = []
-    real = torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: offsets.append(k["offs"].tolist()) or real(*a, **k))
+    observe_grouped_products(monkeypatch, lambda a, offs: offsets.append(offs.tolist()))
 
     def run():
         x.grad = None
@@ -880,8 +886,7 @@ def test_compiled_permutations_gather_in_backward(monkeypatch):
 def test_fp32_and_decoding_rows_are_not_padded(monkeypatch):
     experts = four_routed_experts()
     offsets = []
-    real = torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: offsets.append(k["offs"][-1].item()) or real(*a, **k))
+    observe_grouped_products(monkeypatch, lambda a, offs: offsets.append(offs[-1].item()))
     idx = torch.stack([torch.randperm(4)[:2] for _ in range(70)])
     experts(torch.randn(70, 32), torch.rand(70, 2), idx)  # fp32: no padding
     experts.to(torch.bfloat16)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_grouped_mm
 from .grouped_mm import grouped_mm
 from .layers import EMULATED_ROWS, emulated_low_precision, linear, low_precision_cpu
 
@@ -29,6 +30,12 @@ def _grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
     size = x.element_size()
     return all((w.shape[-1] * size) % 16 == 0 and (w.shape[-2] * size) % 16 == 0 for w in weights) and all(
         w.dtype == x.dtype for w in weights)
+
+
+def _cpu_kernel_ok(x_SD: torch.Tensor, gate_up_EFD: torch.Tensor, down_EDF: torch.Tensor) -> bool:
+    """Whether both projections take nanoseek's grouped bf16 CPU kernel (cpu_grouped_mm) instead of
+    torch._grouped_mm: bf16 on a CPU where it runs, and not inside cpu_grouped_mm.disabled()."""
+    return cpu_grouped_mm.supported(x_SD, gate_up_EFD, down_EDF) and cpu_grouped_mm.available()
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -65,6 +72,10 @@ def expert_ffn(x_SD: torch.Tensor, counts_E: torch.Tensor, gate_up_EFD: torch.Te
     # used experts is faster below about E / 8 rows (measured on CPU from 16 to 256 experts, fp32 and bf16)
     if 8 * x_SD.shape[0] >= gate_up.shape[0] and _grouped_mm_ok(x_SD, gate_up, down):
         offsets = counts_E.cumsum(0).to(torch.int32)
+        if _cpu_kernel_ok(x_SD, gate_up, down):  # bf16 on a CPU with AVX-512 bf16: nanoseek's grouped kernel
+            h_SF2 = cpu_grouped_mm.grouped_mm_bf16(x_SD, gate_up, offsets)  # (S, 2F)
+            gate, up = h_SF2.chunk(2, dim=-1)
+            return cpu_grouped_mm.grouped_mm_bf16(F.silu(gate) * up, down, offsets)  # (S, D)
         mm = _grouped_mm
         if x_SD.dtype == torch.float32 and torch.compiler.is_compiling():
             mm = grouped_mm  # torch 2.13 traces grouped_mm in bf16 only: the same kernel as a custom op
