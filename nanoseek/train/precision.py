@@ -78,9 +78,9 @@ def squared_norm(grad: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _kernel() -> ctypes.CDLL | None:
     """csrc/master_adamw.cpp: adamw_update as one pass of AVX-512 code (nanoseek.cpu_kernels; None elsewhere).
-    torch.compile's code for it moves bf16 in half-filled vectors: for the bench preset's 143 M parameters on one
-    thread of the AMD EPYC of benchmarks/results, 25 M-element steps took 13.0 ms here against 19.9 compiled with
-    fp32 moments, and 9.7 against 44.1 with bf16 moments."""
+    torch.compile's code for it moves bf16 through half-filled, masked vectors: on one thread of the AMD EPYC of
+    benchmarks/results, a 25 M-element step took 13.0 ms here against 19.9 ms compiled with fp32 moments, and
+    9.7 against 44.1 ms with bf16 moments."""
     lib = cpu_kernels.library(KERNEL_SOURCE, "the fused AdamW kernel", "the master weights take torch.compile's step")
     if lib is None:
         return None
@@ -125,7 +125,7 @@ def _compiled_squared_norm():
 
 class MasterWeights:
     """Cast ``model`` to ``dtype`` in place and keep fp32 master copies of the weights that were cast.
-    ``fused``: step with the compiled single-pass AdamW (needs a C++ compiler, as torch.compile on the CPU does).
+    ``fused``: step with the single-pass AdamW, the C++ kernel or torch.compile's (either needs a C++ compiler).
     ``states_dtype``: AdamW's moments in fp32 (torch's) or bf16 (DeepSeek-V3's)."""
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, fused: bool = False,
