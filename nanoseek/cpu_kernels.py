@@ -9,11 +9,12 @@ C++ compiler (``$CXX``, else g++ / c++) at first use, a few seconds, and cached 
 through ctypes; OpenMP comes from libgomp.so.1, which a torch process already holds, so a kernel shares torch's
 threads. Where a kernel cannot run (not Linux on x86-64, a CPU without avx512_bf16, no compiler, a failed build,
 ``NANOSEEK_CPU_KERNELS=0``), :func:`library` returns None and the caller keeps its other path; a failed build says
-why once.
+why once. Each kernel can be switched off for a block (:func:`disabled`), e.g. to compare with PyTorch's path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -22,6 +23,9 @@ import shutil
 import subprocess
 import warnings
 from pathlib import Path
+from typing import Iterator
+
+import torch
 
 from .atomic import atomic_path
 from .paths import cache_root
@@ -73,3 +77,29 @@ def build(source: Path, compiler: str) -> Path:
             last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
             raise OSError(f"{compiler} failed: {last}")
     return target
+
+
+# > 0 inside disabled(kernel). A dict of module globals: torch.compile guards on the value it reads, so a graph traced
+# inside disabled() is not reused outside it
+_disabled = {"attention": 0, "grouped_mm": 0}
+
+
+@contextlib.contextmanager
+def disabled(kernel: str) -> Iterator[None]:
+    """Inside this block ``kernel`` ("attention", "grouped_mm") is not taken (compiled models: those traced inside
+    it); its callers take PyTorch's path."""
+    _disabled[kernel] += 1
+    try:
+        yield
+    finally:
+        _disabled[kernel] -= 1
+
+
+def enabled(kernel: str) -> bool:
+    """Not inside :func:`disabled` for ``kernel``."""
+    return not _disabled[kernel]
+
+
+def threads() -> int:
+    """Threads of a kernel call: torch's intra-op threads (the kernels run on the same OpenMP team)."""
+    return max(1, torch.get_num_threads())

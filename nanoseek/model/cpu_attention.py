@@ -17,7 +17,6 @@ import contextlib
 import ctypes
 import functools
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -45,35 +44,23 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-_disabled = 0  # > 0 inside disabled()
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
+def disabled() -> contextlib.AbstractContextManager:
     """Attention takes its other paths inside this block (compiled models: those traced inside it), e.g. to
     compare the two."""
-    global _disabled
-    _disabled += 1
-    try:
-        yield
-    finally:
-        _disabled -= 1
+    return cpu_kernels.disabled("attention")
 
 
 def available() -> bool:
     """Whether attention takes the kernel: it runs on this machine (built on the first call) and is not
     :func:`disabled`. torch.compile guards on the latter, so a graph traced inside ``disabled()`` is not reused
     outside it."""
-    return not _disabled and _loaded()
+    return cpu_kernels.enabled("attention") and _loaded()
 
 
 @torch.compiler.assume_constant_result  # a compiled model takes the same route as an eager one
 def _loaded() -> bool:
     return _library() is not None
 
-
-def _threads() -> int:
-    return max(1, torch.get_num_threads())
 
 
 @torch.library.custom_op("nanoseek::causal_attention_bf16", mutates_args=())
@@ -89,7 +76,7 @@ def causal_attention_bf16(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tupl
     out = q.new_empty(B, T, H, dv)
     lse2 = q.new_empty(B, H, T, dtype=torch.float32)
     _library().nanoseek_causal_attention_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-                                                  lse2.data_ptr(), B, T, S, H, dk, dv, scale, _threads())
+                                                  lse2.data_ptr(), B, T, S, H, dk, dv, scale, cpu_kernels.threads())
     return out, lse2
 
 
@@ -127,7 +114,7 @@ def causal_attention_bf16_backward(q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     dq, dk_, dv_ = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     _library().nanoseek_causal_attention_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
                                                    d_out.data_ptr(), lse2.contiguous().data_ptr(), dq.data_ptr(),
-                                                   dk_.data_ptr(), dv_.data_ptr(), B, T, H, dk, dv, scale, _threads())
+                                                   dk_.data_ptr(), dv_.data_ptr(), B, T, H, dk, dv, scale, cpu_kernels.threads())
     return dq, dk_, dv_
 
 

@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import functools
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -39,26 +38,17 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
-_disabled = 0  # > 0 inside disabled()
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
+def disabled() -> contextlib.AbstractContextManager:
     """The experts take torch._grouped_mm inside this block (compiled models: those traced inside it), e.g. to
     compare the two."""
-    global _disabled
-    _disabled += 1
-    try:
-        yield
-    finally:
-        _disabled -= 1
+    return cpu_kernels.disabled("grouped_mm")
 
 
 def available() -> bool:
     """Whether the experts take the kernel: it runs on this machine (built on the first call) and is not
     :func:`disabled`. torch.compile guards on the latter, so a graph traced inside ``disabled()`` is not reused
     outside it."""
-    return not _disabled and _loaded()
+    return cpu_kernels.enabled("grouped_mm") and _loaded()
 
 
 @torch.compiler.assume_constant_result  # a compiled model takes the same route as an eager one
@@ -90,9 +80,6 @@ def _check(name: str, x: Tensor, w_or_rows: Tensor, offs: Tensor) -> None:
         raise RuntimeError(f"{name}: the grouped CPU kernel does not run on this machine (cpu_grouped_mm.available())")
 
 
-def _threads() -> int:
-    return max(1, torch.get_num_threads())  # the kernel runs on torch's OpenMP team
-
 
 @torch.library.custom_op("nanoseek::grouped_mm_bf16", mutates_args=())
 def grouped_mm_bf16(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
@@ -106,7 +93,7 @@ def grouped_mm_bf16(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     (S, K), (E, N, _) = x.shape, w.shape
     y = x.new_empty(S, N)
     _library().nanoseek_grouped_mm_forward(x.data_ptr(), w.data_ptr(), offs.data_ptr(), y.data_ptr(), S, E, N, K,
-                                           _threads())
+                                           cpu_kernels.threads())
     return y
 
 
@@ -126,7 +113,7 @@ def grouped_mm_bf16_data_grad(dy: Tensor, w: Tensor, offs: Tensor) -> Tensor:
     (S, N), K = dy.shape, w.shape[2]
     dx = dy.new_empty(S, K)
     _library().nanoseek_grouped_mm_data_grad(dy.data_ptr(), w.data_ptr(), offs.data_ptr(), dx.data_ptr(), S,
-                                             w.shape[0], N, K, _threads())
+                                             w.shape[0], N, K, cpu_kernels.threads())
     return dx
 
 
@@ -147,7 +134,7 @@ def grouped_mm_bf16_weight_grad(dy: Tensor, x: Tensor, offs: Tensor) -> Tensor:
     E, N, K = offs.shape[0], dy.shape[1], x.shape[1]
     dw = dy.new_empty(E, N, K)
     _library().nanoseek_grouped_mm_weight_grad(dy.data_ptr(), x.data_ptr(), offs.data_ptr(), dw.data_ptr(), E, N, K,
-                                               _threads())
+                                               cpu_kernels.threads())
     return dw
 
 

@@ -107,7 +107,7 @@ def _kernel_update(master: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tens
     _kernel().nanoseek_master_adamw(
         master.data_ptr(), grad.data_ptr(), int(grad.dtype == torch.bfloat16), exp_avg.data_ptr(),
         exp_avg_sq.data_ptr(), int(exp_avg.dtype == torch.bfloat16), weight.data_ptr() if weight is not None else None,
-        master.numel(), hyper.data_ptr(), max(1, torch.get_num_threads()))
+        master.numel(), hyper.data_ptr(), cpu_kernels.threads())
 
 
 @functools.cache
